@@ -1,0 +1,3 @@
+from fapc.cli import main
+
+main()

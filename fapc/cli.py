@@ -1,0 +1,192 @@
+"""The ``fapc`` command line: a thin layer of typer commands over the library."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fapc import __version__
+from fapc.errors import FapcError
+
+app = typer.Typer(
+    name="fapc",
+    help="Point-cloud normals with Euclidean-equivariant frame-averaging networks.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=True,
+)
+err = Console(stderr=True)
+out = Console()
+
+
+def _setup_logging(verbose: bool = False, quiet: bool = False) -> None:
+    level = logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    logging.basicConfig(level=level, force=True, handlers=[handler])
+    logging.addLevelName(logging.WARNING, "warning")
+    logging.addLevelName(logging.ERROR, "error")
+
+
+def _fail(message: str, code: int = 1) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"fapc {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """fapc: point-cloud geometry toolkit."""
+
+
+@app.command()
+def normals(
+    inputs: Annotated[list[str], typer.Argument(help="Files, directories or globs.",
+                                                show_default=False)],
+    output: Annotated[Optional[str], typer.Option(
+        "-o", "--output", help="Output file, or directory (exists, ends with '/', or several "
+        "inputs). Default: INPUT.normals.EXT beside each input.")] = None,
+    method: Annotated[str, typer.Option(help="Estimator: pca.")] = "pca",
+    k: Annotated[int, typer.Option("--k", help="Neighbourhood size.")] = 30,
+    from_mesh: Annotated[Optional[str], typer.Option(
+        help="For meshes: 'vertices' or 'sample:N' (area-uniform samples).")] = None,
+    fields: Annotated[str, typer.Option(
+        help="Comma-separated outputs: normals,confidence,curvature.")] = "normals,confidence,"
+    "curvature",
+    recursive: Annotated[bool, typer.Option("--recursive", "-r",
+                                            help="Descend into sub-directories.")] = False,
+    drop_invalid: Annotated[bool, typer.Option(help="Remove NaN/inf points.")] = False,
+    strict: Annotated[bool, typer.Option(help="Refuse files with NaN/inf points.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing outputs.")] = False,
+    ascii: Annotated[bool, typer.Option("--ascii", help="ASCII PLY/PCD output.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Summary as JSON on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="More logging.")] = False,
+    debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
+) -> None:
+    """Estimate normals (plus confidence and curvature) for every input cloud.
+
+    Example: fapc normals scans/ -o out/ --method pca --k 30
+    """
+    from fapc.pipeline import ALL_FIELDS, NormalsOptions, run_normals
+
+    _setup_logging(verbose, quiet)
+    chosen = tuple(f.strip() for f in fields.split(",") if f.strip())
+    bad = [f for f in chosen if f not in ALL_FIELDS]
+    if bad or not chosen:
+        _fail(f"--fields takes {','.join(ALL_FIELDS)}, got {fields!r}", 2)
+    if k < 3:
+        _fail(f"--k must be at least 3, got {k}", 2)
+    if method not in ("pca",):
+        _fail(f"--method must be pca, got {method!r}", 2)
+    opts = NormalsOptions(method=method, k=k, from_mesh=from_mesh, fields=chosen,
+                          drop_invalid=drop_invalid, strict=strict, overwrite=overwrite,
+                          ascii=ascii, debug=debug)
+
+    def report(r) -> None:
+        if r.status == "failed":
+            err.print(f"[bold red]error:[/] {r.input}: {r.message}", highlight=False,
+                      soft_wrap=True)
+        elif r.status == "skipped" and not quiet:
+            err.print(f"[yellow]skipped:[/] {r.input}: {r.message}", highlight=False,
+                      soft_wrap=True)
+        elif not quiet:
+            err.print(f"[green]wrote[/] {r.output} ({r.points:,} points, {r.seconds:.2f} s)",
+                      highlight=False, soft_wrap=True)
+
+    results = run_normals(inputs, opts, output=output, recursive=recursive, on_result=report)
+    _summary(results, as_json=as_json, quiet=quiet)
+    if any(r.status == "failed" for r in results):
+        raise typer.Exit(1)
+
+
+def _summary(results, *, as_json: bool, quiet: bool) -> None:
+    counts = {s: sum(r.status == s for r in results) for s in ("ok", "skipped", "failed")}
+    pts = sum(r.points for r in results)
+    secs = sum(r.seconds for r in results)
+    if as_json:
+        out.print_json(json.dumps({
+            "files": [r.__dict__ for r in results],
+            "ok": counts["ok"], "skipped": counts["skipped"], "failed": counts["failed"],
+            "points": pts, "seconds": round(secs, 4)}))
+        return
+    if quiet:
+        return
+    t = Table(title="fapc normals", show_edge=False)
+    for col in ("files ok", "skipped", "failed", "points", "seconds"):
+        t.add_column(col, justify="right")
+    t.add_row(str(counts["ok"]), str(counts["skipped"]), str(counts["failed"]), f"{pts:,}",
+              f"{secs:.2f}")
+    err.print(t)
+
+
+@app.command()
+def info(
+    file: Annotated[Path, typer.Argument(help="A point-cloud or mesh file.")],
+    from_mesh: Annotated[Optional[str], typer.Option(help="vertices or sample:N")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
+    debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
+) -> None:
+    """Points, bounding box, attributes and normals of FILE."""
+    import numpy as np
+
+    from fapc.io import read_cloud, sniff_format
+
+    try:
+        cloud = read_cloud(file, from_mesh=from_mesh)
+    except FapcError as e:
+        if debug:
+            raise
+        _fail(str(e))
+    pts = cloud.points
+    finite = np.isfinite(pts).all(axis=1)
+    lo = pts[finite].min(0).tolist() if finite.any() else [float("nan")] * 3
+    hi = pts[finite].max(0).tolist() if finite.any() else [float("nan")] * 3
+    data = {
+        "file": str(file), "format": sniff_format(str(file)).lstrip("."),
+        "points": len(cloud), "non_finite": int((~finite).sum()),
+        "dtype": str(pts.dtype), "bbox_min": lo, "bbox_max": hi,
+        "normals": cloud.normals is not None, "faces": 0 if cloud.faces is None else len(cloud.faces),
+        "attributes": {k: f"{v.dtype}{'' if v.ndim == 1 else f'x{v.shape[1]}'}"
+                       for k, v in cloud.attributes.items()},
+    }
+    if as_json:
+        out.print_json(json.dumps(data))
+        return
+    t = Table(title=str(file), show_header=False)
+    t.add_column("", style="bold")
+    t.add_column("")
+    for key in ("format", "points", "non_finite", "dtype", "normals", "faces"):
+        t.add_row(key, f"{data[key]:,}" if isinstance(data[key], int) and not
+                  isinstance(data[key], bool) else str(data[key]))
+    t.add_row("bbox min", " ".join(f"{v:.6g}" for v in lo))
+    t.add_row("bbox max", " ".join(f"{v:.6g}" for v in hi))
+    t.add_row("attributes", ", ".join(f"{k} ({v})" for k, v in data["attributes"].items()) or "-")
+    out.print(t)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
