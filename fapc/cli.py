@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -58,12 +58,12 @@ def _root(
 def normals(
     inputs: Annotated[list[str], typer.Argument(help="Files, directories or globs.",
                                                 show_default=False)],
-    output: Annotated[Optional[str], typer.Option(
+    output: Annotated[str | None, typer.Option(
         "-o", "--output", help="Output file, or directory (exists, ends with '/', or several "
         "inputs). Default: INPUT.normals.EXT beside each input.")] = None,
     method: Annotated[str, typer.Option(help="Estimator: pca.")] = "pca",
     k: Annotated[int, typer.Option("--k", help="Neighbourhood size.")] = 30,
-    from_mesh: Annotated[Optional[str], typer.Option(
+    from_mesh: Annotated[str | None, typer.Option(
         help="For meshes: 'vertices' or 'sample:N' (area-uniform samples).")] = None,
     fields: Annotated[str, typer.Option(
         help="Comma-separated outputs: normals,confidence,curvature.")] = "normals,confidence,"
@@ -138,7 +138,7 @@ def _summary(results, *, as_json: bool, quiet: bool) -> None:
 @app.command()
 def info(
     file: Annotated[Path, typer.Argument(help="A point-cloud or mesh file.")],
-    from_mesh: Annotated[Optional[str], typer.Option(help="vertices or sample:N")] = None,
+    from_mesh: Annotated[str | None, typer.Option(help="vertices or sample:N")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
     debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
 ) -> None:

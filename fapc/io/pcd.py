@@ -96,13 +96,14 @@ def read_pcd(path: str | os.PathLike) -> PointCloud:
         else:
             npts = int(h["WIDTH"][0]) * int(h.get("HEIGHT", ["1"])[0])
         mode = h["DATA"][0].lower()
-        dtypes = [np.dtype({"F": "f", "I": "i", "U": "u"}[t] + str(s)) for t, s in zip(types, sizes)]
+        kinds = {"F": "f", "I": "i", "U": "u"}
+        dtypes = [np.dtype(kinds[t] + str(s)) for t, s in zip(types, sizes, strict=False)]
     except (KeyError, ValueError, IndexError, TypeError):
         raise FormatError("bad PCD header (FIELDS/SIZE/TYPE/COUNT/POINTS)", path=path) from None
     if not (len(fields) == len(sizes) == len(types) == len(counts)) or npts < 0 or min(counts) < 1:
         raise FormatError("PCD header: FIELDS, SIZE, TYPE and COUNT disagree", path=path)
     cols: dict[str, np.ndarray] = {}
-    row_bytes = sum(dt.itemsize * c for dt, c in zip(dtypes, counts))
+    row_bytes = sum(dt.itemsize * c for dt, c in zip(dtypes, counts, strict=False))
     if mode == "ascii":
         text = data[offset:].decode("latin-1").split()
         ncol = sum(counts)
@@ -117,7 +118,7 @@ def read_pcd(path: str | os.PathLike) -> PointCloud:
         except ValueError:
             raise FormatError("non-numeric value in PCD data", path=path) from None
         j = 0
-        for name, dt, c in zip(fields, dtypes, counts):
+        for name, dt, c in zip(fields, dtypes, counts, strict=False):
             cols[name] = table[:, j:j + c].astype(dt).reshape(npts, c) if c > 1 else \
                 table[:, j].astype(dt)
             j += c
@@ -127,9 +128,9 @@ def read_pcd(path: str | os.PathLike) -> PointCloud:
             raise FormatError(f"truncated: header declares {npts} points ({need} bytes), "
                               f"{len(data) - offset} bytes follow", path=path)
         dt = np.dtype([(f"f{i}", "<" + d.str[1:], (c,)) for i, (d, c) in
-                       enumerate(zip(dtypes, counts))])
+                       enumerate(zip(dtypes, counts, strict=False))])
         rows = np.frombuffer(data, dt, npts, offset)
-        for i, (name, c) in enumerate(zip(fields, counts)):
+        for i, (name, c) in enumerate(zip(fields, counts, strict=False)):
             v = np.ascontiguousarray(rows[f"f{i}"])
             cols[name] = v if c > 1 else v[:, 0]
     elif mode == "binary_compressed":
@@ -146,7 +147,7 @@ def read_pcd(path: str | os.PathLike) -> PointCloud:
         except ValueError as e:
             raise FormatError(f"corrupt compressed PCD data ({e})", path=path) from None
         pos = 0
-        for name, d, c in zip(fields, dtypes, counts):  # column-major blocks
+        for name, d, c in zip(fields, dtypes, counts, strict=False):  # column-major blocks
             n_bytes = npts * d.itemsize * c
             v = np.frombuffer(raw, "<" + d.str[1:], npts * c, pos).reshape(npts, c)
             pos += n_bytes

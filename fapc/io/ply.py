@@ -124,7 +124,7 @@ def _binary_element(
             np.all(rows[f"_n{i}"] == c)
             for (i, p), c in zip(
                 [(i, p) for i, p in enumerate(el.props) if p.count_dtype is not None],
-                first_counts,
+                first_counts, strict=False,
             )
         )
         if ok:

@@ -57,7 +57,7 @@ def read_text(path: str | os.PathLike) -> PointCloud:
     body = "\n".join(lines[start:])
     if sep_comma:
         body = body.replace(",", " ")
-    first = next((ln.split() for ln in lines[start:] if ln.strip()), None)
+    first = next((ln.replace(",", " ").split() for ln in lines[start:] if ln.strip()), None)
     if first is None:
         raise FormatError("no points in the file", path=path)
     ncol = len(first)

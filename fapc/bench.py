@@ -1,0 +1,170 @@
+"""Benchmarks behind ``make bench`` and ``fapc bench``: speed of the PCA baseline against
+open3d, throughput of the FA core, and (when ``../shared/data`` exists) accuracy tables.
+
+Run ``python -m fapc.bench all`` (or a section: ``pca``, ``core``). Results print as rich
+tables; ``--json FILE`` also writes them as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+log = logging.getLogger(__name__)
+console = Console()
+
+
+def synthetic_surface(n: int, *, seed: int = 0, noise: float = 0.0) -> np.ndarray:
+    """``(n, 3)`` float64 samples of a smooth closed surface (a bumpy sphere), radius ~1."""
+    rng = np.random.default_rng(seed)
+    d = rng.normal(size=(n, 3))
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    r = 1 + 0.1 * np.sin(5 * d[:, 0]) * np.cos(4 * d[:, 1])
+    return d * r[:, None] + rng.normal(scale=noise, size=(n, 3))
+
+
+def _timed(fn: Callable[[], Any], repeat: int = 1) -> tuple[float, Any]:
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def bench_pca(n: int = 1_000_000, k: int = 30) -> dict[str, Any]:
+    """PCA normals on ``n`` points vs open3d ``estimate_normals`` (same k), estimation alone
+    and end to end (read + estimate + write a binary PLY)."""
+    from fapc.cloud import PointCloud
+    from fapc.io import write_cloud
+    from fapc.normals import estimate_normals
+    from fapc.pipeline import Job, NormalsOptions, process_file
+
+    pts = synthetic_surface(n, seed=1, noise=1e-3)
+    res: dict[str, Any] = {"points": n, "k": k}
+    res["fapc_estimate_s"], _ = _timed(lambda: estimate_normals(pts, method="pca", k=k))
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "cloud.ply")
+        write_cloud(src, PointCloud(points=pts.astype(np.float32)))
+        job = Job(src, os.path.join(tmp, "out.ply"))
+        res["fapc_file_s"], r = _timed(lambda: process_file(job, NormalsOptions(
+            method="pca", k=k, overwrite=True)))
+        assert r.status == "ok", r.message
+        try:
+            import open3d as o3d
+        except ImportError as e:  # no open3d (e.g. a GPU host): report fapc alone
+            res["open3d"] = f"not importable ({e})"
+            return res
+        pc = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(pts))
+        res["open3d_estimate_s"], _ = _timed(
+            lambda: pc.estimate_normals(o3d.geometry.KDTreeSearchParamKNN(k)))
+
+        def o3d_file() -> None:
+            c = o3d.io.read_point_cloud(src)
+            c.estimate_normals(o3d.geometry.KDTreeSearchParamKNN(k))
+            o3d.io.write_point_cloud(os.path.join(tmp, "o3d.ply"), c)
+
+        res["open3d_file_s"], _ = _timed(o3d_file)
+    res["ratio_estimate"] = res["fapc_estimate_s"] / res["open3d_estimate_s"]
+    res["ratio_file"] = res["fapc_file_s"] / res["open3d_file_s"]
+    return res
+
+
+def bench_core(n: int = 1_000_000, *, device: str = "cpu", k: int = 32) -> dict[str, Any]:
+    """Eigensolver and frame construction throughput on ``n`` neighbourhoods (float32)."""
+    from fapc.eigen import sym3_eigh
+    from fapc.frames import local_frames
+
+    dev = torch.device(device)
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, 3, 3, generator=g)
+    cov = (a @ a.transpose(-1, -2)).to(dev)
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    def eig() -> None:
+        sym3_eigh(cov)
+        sync()
+
+    eig()  # warm-up
+    t_eig, _ = _timed(eig, repeat=3)
+    m = min(n, 1_000_000 if dev.type == "cuda" else 250_000)
+    patches = torch.randn(m, k, 3, generator=g).to(dev)
+
+    def frames() -> None:
+        local_frames(patches, group="SO3")
+        sync()
+
+    frames()
+    t_fr, _ = _timed(frames, repeat=3)
+    return {"device": device, "matrices": n, "eigh_s": t_eig, "eigh_per_s": n / t_eig,
+            "frame_neighbourhoods": m, "k": k, "frames_s": t_fr, "frames_per_s": m / t_fr}
+
+
+def _table(title: str, rows: dict[str, Any]) -> None:
+    t = Table(title=title, show_header=False)
+    t.add_column("", style="bold")
+    t.add_column("", justify="right")
+    for key, v in rows.items():
+        if isinstance(v, float):
+            v = f"{v:,.3f}" if v < 1e4 else f"{v:,.0f}"
+        t.add_row(key, str(v))
+    console.print(t)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fapc.bench", description=__doc__)
+    p.add_argument("section", nargs="?", default="all", choices=["all", "pca", "core"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--points", type=int, default=1_000_000)
+    p.add_argument("--json", dest="json_path", default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    results: dict[str, Any] = {}
+    if args.section in ("all", "core"):
+        results["core"] = bench_core(args.points, device=args.device)
+        _table(f"FA core ({args.device}, float32)", results["core"])
+        results["degeneracy"] = bench_degeneracy()
+        t = Table(title="Frame degeneracy: FA axis output change under rotation (planar patches)")
+        for col in ("in-plane ratio", "stability", "median change (deg)", "max change (deg)"):
+            t.add_column(col, justify="right")
+        for row in results["degeneracy"]:
+            t.add_row(f"{row['ratio']:.3f}", f"{row['stability']:.4f}",
+                      f"{row['median_change']:.3f}", f"{row['max_change']:.3f}")
+        console.print(t)
+    if args.section in ("all", "pca"):
+        results["pca"] = bench_pca(args.points)
+        _table("PCA normals vs open3d estimate_normals", results["pca"])
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+def bench_degeneracy() -> list[dict[str, float]]:
+    """Output change under rotation vs frame stability, for an FA-PointNet axis model."""
+    from fapc.models import FrameAveraging, PointNet
+    from fapc.testing import degeneracy_sweep
+
+    torch.manual_seed(0)
+    fa = FrameAveraging(PointNet(widths=(32, 64), head=(32,), out_dim=3), group="SO3",
+                        output="axis").eval()
+    with torch.no_grad():
+        return degeneracy_sweep(fa)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

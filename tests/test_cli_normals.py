@@ -1,0 +1,190 @@
+"""`fapc normals` and `fapc info` end to end: outputs, batches and every bad-input case."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import angle_deg, sphere_points
+from typer.testing import CliRunner
+
+from fapc.cli import app
+from fapc.cloud import PointCloud
+from fapc.io import read_cloud, write_cloud
+
+runner = CliRunner()
+
+
+def run(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def _files(folder) -> list[str]:
+    return sorted(os.listdir(folder))
+
+
+def test_normals_keeps_every_input_value_and_order(tmp_path, rich_cloud):
+    src = tmp_path / "scan.ply"
+    write_cloud(src, rich_cloud)
+    r = run("normals", str(src), "--method", "pca", "--k", "16")
+    assert r.exit_code == 0, r.output
+    out = read_cloud(tmp_path / "scan.normals.ply")
+    np.testing.assert_array_equal(out.points, rich_cloud.points)
+    assert out.points.dtype == np.float64
+    for k, v in rich_cloud.attributes.items():
+        np.testing.assert_array_equal(out.attributes[k], v)
+        assert out.attributes[k].dtype == v.dtype
+    assert list(out.attributes)[: len(rich_cloud.attributes)] == list(rich_cloud.attributes)
+    assert out.normals.dtype == np.float32
+    assert out.attributes["confidence"].dtype == np.float32
+    assert "curvature" in out.attributes
+    # sphere: normal is radial
+    radial = rich_cloud.points - rich_cloud.points.mean(0)
+    assert np.median(angle_deg(out.normals, radial)) < 8.0  # 500 points: coarse patches
+
+
+def test_output_directory_mirrors_names_and_skips_existing(tmp_path):
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    for name in ("a.ply", "b.pcd", "sub/c.xyz"):
+        write_cloud(src / name, PointCloud(points=sphere_points(200, seed=len(name))))
+    r = run("normals", str(src), "-o", str(tmp_path / "out") + "/", "--recursive")
+    assert r.exit_code == 0, r.output
+    assert _files(tmp_path / "out") == ["a.ply", "b.pcd", "sub"]
+    assert _files(tmp_path / "out" / "sub") == ["c.xyz"]
+    assert read_cloud(tmp_path / "out" / "b.pcd").normals is not None
+    r = run("normals", str(src), "-o", str(tmp_path / "out") + "/", "--recursive", "--json")
+    summary = json.loads(r.stdout)
+    assert summary["skipped"] == 3 and summary["ok"] == 0 and r.exit_code == 0
+    r = run("normals", str(src), "-o", str(tmp_path / "out"), "-r", "--overwrite", "--json")
+    assert json.loads(r.stdout)["ok"] == 3
+
+
+def test_glob_and_single_output_file(tmp_path):
+    for i in range(2):
+        write_cloud(tmp_path / f"s{i}.npz", PointCloud(points=sphere_points(100, seed=i)))
+    r = run("normals", str(tmp_path / "s*.npz"), "-o", str(tmp_path / "o"))
+    assert r.exit_code == 0
+    assert _files(tmp_path / "o") == ["s0.npz", "s1.npz"]
+    r = run("normals", str(tmp_path / "s0.npz"), "-o", str(tmp_path / "one.pcd"))
+    assert r.exit_code == 0 and read_cloud(tmp_path / "one.pcd").normals is not None
+
+
+def test_mesh_input_writes_ply(tmp_path):
+    (tmp_path / "t.obj").write_text(
+        "v 0 0 0\nv 1 0 0\nv 0 1 0\nv 0 0 1\nf 1 3 2\nf 1 2 4\nf 1 4 3\nf 2 3 4\n")
+    r = run("normals", str(tmp_path / "t.obj"), "--from-mesh", "sample:500")
+    assert r.exit_code == 0, r.output
+    assert len(read_cloud(tmp_path / "t.normals.ply")) == 500
+
+
+def _bad(tmp_path, name: str, content: bytes | None):
+    p = tmp_path / name
+    if content is not None:
+        p.write_bytes(content)
+    return p
+
+
+_PLY_HEAD = b"ply\nformat ascii 1.0\nelement vertex %d\nproperty float x\nproperty float y\n" \
+    b"property float z\nend_header\n"
+
+
+@pytest.mark.parametrize("name,content,reason", [
+    ("missing.ply", None, "no such file"),
+    ("empty.ply", b"", "empty file"),
+    ("trunc.ply", _PLY_HEAD % 5 + b"0 0 0\n1 0 0\n", "truncated"),
+    ("lies.ply", _PLY_HEAD % 2 + b"0 0 0\n1 0 0\n0 1 0\n1 1 1\n", "header does not match"),
+    ("allnan.xyz", b"nan nan nan\ninf 0 0\n", "no finite point"),
+    ("few.xyz", b"0 0 0\n1 0 0\n0 1 0\n1 1 0\n", "fewer than k"),
+    ("what.abc", b"0 0 0\n", "unknown format"),
+])
+def test_each_bad_input_is_one_line_nonzero_and_no_output(tmp_path, name, content, reason):
+    good = tmp_path / "good.ply"
+    write_cloud(good, PointCloud(points=sphere_points(100)))
+    bad = _bad(tmp_path, name, content)
+    r = run("normals", str(bad), str(good), "-o", str(tmp_path / "out"))
+    assert r.exit_code == 1
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and reason in lines[0] and name in lines[0], r.stderr
+    assert "Traceback" not in r.output
+    # the good file of the batch was still processed; nothing partial for the bad one
+    assert _files(tmp_path / "out") == ["good.ply"]
+
+
+def test_directory_with_no_clouds(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.md").write_text("hi")
+    r = run("normals", str(tmp_path / "empty"))
+    assert r.exit_code == 1 and "holds no point-cloud files" in r.stderr
+
+
+def test_unwritable_output_leaves_nothing(tmp_path):
+    write_cloud(tmp_path / "a.ply", PointCloud(points=sphere_points(100)))
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    blocker = tmp_path / "file"
+    blocker.write_text("x")  # a file where a directory is needed: fails even as root
+    r = run("normals", str(tmp_path / "a.ply"), "-o", str(blocker / "out.ply"))
+    assert r.exit_code == 1 and "cannot write output" in r.stderr
+    assert _files(tmp_path) == ["a.ply", "file", "ro"]
+
+
+def test_never_overwrites_input(tmp_path):
+    p = tmp_path / "a.ply"
+    write_cloud(p, PointCloud(points=sphere_points(100)))
+    before = p.read_bytes()
+    r = run("normals", str(p), "-o", str(p), "--overwrite")
+    assert r.exit_code == 1 and "overwrite the input" in r.stderr
+    assert p.read_bytes() == before
+
+
+def test_nan_points_kept_dropped_or_refused(tmp_path):
+    pts = sphere_points(300)
+    pts[[5, 17]] = np.nan
+    pts[40, 1] = np.inf
+    write_cloud(tmp_path / "n.ply", PointCloud(points=pts))
+    r = run("normals", str(tmp_path / "n.ply"), "-o", str(tmp_path / "keep.ply"))
+    assert r.exit_code == 0 and "3 points with NaN/inf" in r.stderr
+    out = read_cloud(tmp_path / "keep.ply")
+    assert len(out) == 300
+    np.testing.assert_array_equal(out.normals[[5, 17, 40]], 0)
+    np.testing.assert_array_equal(out.attributes["confidence"][[5, 17, 40]], 0)
+    good = np.isfinite(pts).all(1)
+    np.testing.assert_allclose(np.linalg.norm(out.normals[good], axis=1), 1, atol=1e-5)
+    r = run("normals", str(tmp_path / "n.ply"), "-o", str(tmp_path / "drop.ply"),
+            "--drop-invalid")
+    assert r.exit_code == 0 and len(read_cloud(tmp_path / "drop.ply")) == 297
+    r = run("normals", str(tmp_path / "n.ply"), "-o", str(tmp_path / "strict.ply"), "--strict")
+    assert r.exit_code == 1 and "--strict" in r.stderr
+    assert not (tmp_path / "strict.ply").exists()
+
+
+def test_duplicate_points_give_no_nan(tmp_path):
+    pts = np.repeat(sphere_points(50), 40, axis=0)  # each point 40 times: k=30 sees copies only
+    write_cloud(tmp_path / "d.ply", PointCloud(points=pts))
+    r = run("normals", str(tmp_path / "d.ply"), "-o", str(tmp_path / "o.ply"))
+    assert r.exit_code == 0
+    out = read_cloud(tmp_path / "o.ply")
+    assert np.isfinite(out.normals).all() and np.isfinite(out.attributes["confidence"]).all()
+    np.testing.assert_allclose(np.linalg.norm(out.normals, axis=1), 1, atol=1e-5)
+
+
+def test_info_json(tmp_path, rich_cloud):
+    write_cloud(tmp_path / "a.pcd", rich_cloud)
+    r = run("info", str(tmp_path / "a.pcd"), "--json")
+    d = json.loads(r.stdout)
+    assert d["points"] == 500 and d["attributes"]["label"] == "int32" and not d["normals"]
+    r = run("info", str(tmp_path / "missing.pcd"))
+    assert r.exit_code == 1 and "no such file" in r.stderr
+
+
+def test_real_process_exit_code_and_no_traceback(tmp_path):
+    (tmp_path / "bad.ply").write_bytes(b"ply\ngarbage\n")
+    p = subprocess.run([sys.executable, "-m", "fapc", "normals", str(tmp_path / "bad.ply")],
+                       capture_output=True, text=True)
+    assert p.returncode == 1
+    assert "Traceback" not in p.stderr and "bad.ply" in p.stderr
