@@ -39,10 +39,47 @@ def sym3_eigh(
         raise ValueError(f"mats must have shape (..., 3, 3), got {tuple(mats.shape)}")
     if mats.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"mats must be float32 or float64, got {mats.dtype}")
+    sweeps = default_sweeps(mats.dtype) if sweeps is None else sweeps
+    if torch.is_grad_enabled() and mats.requires_grad:
+        return _Sym3Eigh.apply(mats, sweeps, chunk)
+    return _solve(mats, sweeps, chunk)
+
+
+class _Sym3Eigh(torch.autograd.Function):
+    """Analytic gradient: ``dA = V (diag(dw) + F o (V^T dV)) V^T`` with
+    ``F_ij = 1 / (w_j - w_i)``, the gaps clamped away from 0 (degenerate pairs get a large
+    but finite gradient instead of NaN)."""
+
+    @staticmethod
+    def forward(ctx, mats: torch.Tensor, sweeps: int, chunk: int):  # type: ignore[override]
+        w, v = _solve(mats.detach(), sweeps, chunk)
+        ctx.save_for_backward(w, v)
+        return w, v
+
+    @staticmethod
+    def backward(ctx, gw: torch.Tensor | None, gv: torch.Tensor | None):  # type: ignore[override]
+        w, v = ctx.saved_tensors
+        inner = torch.zeros_like(v)
+        if gv is not None:
+            diff = w.unsqueeze(-2) - w.unsqueeze(-1)  # (..., i, j) = w_j - w_i
+            scale = w.abs().amax(-1, keepdim=True).unsqueeze(-1).clamp_min(
+                torch.finfo(w.dtype).tiny)
+            rel, floor = (1e-6, 1e-30) if w.dtype == torch.float32 else (1e-12, 1e-200)
+            eps = (scale * rel).clamp_min(floor)
+            safe = torch.where(diff.abs() < eps, torch.where(diff < 0, -eps, eps), diff)
+            f = 1.0 / safe
+            f = f - torch.diag_embed(torch.diagonal(f, dim1=-2, dim2=-1))
+            inner = f * (v.transpose(-1, -2) @ gv)
+        if gw is not None:
+            inner = inner + torch.diag_embed(gw)
+        ga = v @ inner @ v.transpose(-1, -2)
+        return 0.5 * (ga + ga.transpose(-1, -2)), None, None
+
+
+def _solve(mats: torch.Tensor, sweeps: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     batch = mats.shape[:-2]
     flat = mats.reshape(-1, 3, 3)
     n = flat.shape[0]
-    sweeps = default_sweeps(mats.dtype) if sweeps is None else sweeps
     if mats.device.type != "cpu":
         chunk = max(chunk, 1 << 22)
     vals_out = torch.empty(n, 3, dtype=mats.dtype, device=mats.device)
@@ -66,6 +103,7 @@ def _jacobi(m: torch.Tensor, sweeps: int) -> tuple[torch.Tensor, torch.Tensor]:
     zero = torch.zeros_like(scale)
     v = [[one if i == j else zero for j in range(3)] for i in range(3)]  # v[row][col]
     tiny = torch.finfo(m.dtype).tiny
+    big = torch.finfo(m.dtype).max ** 0.5 / 4
     for _ in range(sweeps):
         for p, q in _PAIRS:
             r = 3 - p - q
@@ -73,9 +111,10 @@ def _jacobi(m: torch.Tensor, sweeps: int) -> tuple[torch.Tensor, torch.Tensor]:
             app, aqq = a[p][p], a[q][q]
             nz = apq.abs() > tiny
             apq_safe = torch.where(nz, apq, one)
-            theta = (aqq - app) / (2 * apq_safe)
+            # clamped so theta^2 stays finite: autograd through sqrt(inf) would give NaN
+            theta = ((aqq - app) / (2 * apq_safe)).clamp(-big, big)
             t = torch.sign(theta) / (theta.abs() + torch.sqrt(theta * theta + 1))
-            t = torch.where(nz & torch.isfinite(t), torch.where(theta == 0, one, t), zero)
+            t = torch.where(nz, torch.where(theta == 0, one, t), zero)
             c = torch.rsqrt(t * t + 1)
             s = t * c
             a[p][p] = app - t * apq

@@ -6,17 +6,21 @@ neighbourhood and get a zero normal, zero confidence and zero curvature.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from fapc.errors import FapcError
+from fapc.pca import pca_normals
 
 log = logging.getLogger(__name__)
 
-METHODS = ("pca",)
+METHODS = ("fa", "pca")
 
 
 @dataclass
@@ -51,22 +55,79 @@ def as_points(points: Any) -> np.ndarray:
     return arr
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``auto`` (or None) -> CUDA when available, else CPU."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise FapcError("--device cuda asked for, but no CUDA device is available")
+    return dev
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_model(path: str | None, device: str) -> tuple[Any, dict]:
+    from fapc.models.checkpoint import load_model
+
+    return load_model(path, device=device)
+
+
+def fa_normals(
+    points: np.ndarray,
+    model: Any,
+    *,
+    device: torch.device,
+    batch_size: int = 4096,
+    query_index: np.ndarray | None = None,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The FA network's normals at ``query_index`` (default all) of finite ``points (N, 3)``
+    float64. Patches are built on the CPU, the network runs on ``device``."""
+    from fapc.patches import PatchBuilder
+
+    builder = PatchBuilder(points, model.config.patch, seed=seed)
+    qi = np.arange(len(points)) if query_index is None else np.asarray(query_index)
+    n = len(qi)
+    normals = np.empty((n, 3), np.float32)
+    conf = np.empty(n, np.float32)
+    curv = np.empty(n, np.float32)
+    with torch.inference_mode():
+        for s in range(0, n, batch_size):
+            sl = slice(s, min(s + batch_size, n))
+            patches, _, _ = builder.patches(qi[sl])
+            out = model(torch.from_numpy(patches).to(device, non_blocking=True))
+            normals[sl] = out["normal"].float().cpu().numpy()
+            conf[sl] = out["confidence"].float().cpu().numpy()
+            curv[sl] = out["curvature"].float().cpu().numpy()
+    return normals, conf, curv
+
+
 def estimate_normals(
     points: Any,
     *,
-    method: str = "pca",
+    method: str = "fa",
     k: int = 30,
+    model: str | os.PathLike | Any | None = None,
+    device: str | torch.device | None = "auto",
+    batch_size: int = 4096,
+    query_index: np.ndarray | None = None,
 ) -> NormalsResult:
     """Estimate unoriented normals, a confidence and the curvature of every point.
 
     Args:
         points: ``(N, 3)`` array (float64 kept as float64 until each patch is centred),
             a torch tensor, a :class:`fapc.PointCloud` or an open3d ``PointCloud``.
-        method: ``"pca"`` (local PCA over ``k`` neighbours).
-        k: neighbourhood size.
+        method: ``"fa"`` (the frame-averaging network) or ``"pca"`` (local PCA over ``k``
+            neighbours).
+        k: PCA neighbourhood size (the FA model's patch size is part of the model).
+        model: for ``fa``: a ``.safetensors`` file, a run directory, a loaded ``NormalNet``,
+            or None for the shipped default model.
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+        batch_size: query points per network batch.
+        query_index: estimate only at these point indices (results are then ``(Q, ...)``).
 
     Raises:
-        FapcError: no finite point, or fewer finite points than ``k``.
+        FapcError: no finite point, or fewer finite points than a neighbourhood needs.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -77,18 +138,41 @@ def estimate_normals(
     n_valid = int(valid.sum())
     if n_valid == 0:
         raise FapcError("no finite point")
-    if n_valid < k:
-        raise FapcError(f"only {n_valid} finite points, fewer than k={k}")
-    finite = pts[valid] if n_valid < len(pts) else pts
+    net = None
+    if method == "fa":
+        dev = resolve_device(device)
+        if model is None or isinstance(model, (str, os.PathLike)):
+            net, _ = _cached_model(None if model is None else os.fspath(model), str(dev))
+        else:
+            net = model.to(dev).eval()
+        need = max(net.config.k_near, net.config.k_far)
+    else:
+        need = k
+    if n_valid < need:
+        raise FapcError(f"only {n_valid} finite points, fewer than the {need} a "
+                        f"neighbourhood needs (k={need})")
     # centre the whole cloud in float64 first: georeferenced coordinates keep their precision
-    finite = np.asarray(finite, np.float64)
+    finite = np.asarray(pts[valid] if n_valid < len(pts) else pts, np.float64)
     finite = finite - finite.mean(axis=0)
-    from fapc.pca import pca_normals
-
-    nrm, conf, curv = pca_normals(finite, k=k)
-    if n_valid == len(pts):
-        return NormalsResult(nrm, conf, curv, valid)
-    out = NormalsResult(np.zeros((len(pts), 3), np.float32), np.zeros(len(pts), np.float32),
-                        np.zeros(len(pts), np.float32), valid)
-    out.normals[valid], out.confidence[valid], out.curvature[valid] = nrm, conf, curv
+    if query_index is not None:
+        qi = np.asarray(query_index, np.int64)
+        if n_valid < len(pts):  # map to indices among the finite points
+            remap = np.cumsum(valid) - 1
+            ok = valid[qi]
+            qi_f = remap[qi[ok]]
+        else:
+            ok, qi_f = np.ones(len(qi), bool), qi
+    else:
+        qi_f, ok = None, valid
+    if method == "pca":
+        nrm, conf, curv = pca_normals(finite, k=k, query_index=qi_f)
+    else:
+        nrm, conf, curv = fa_normals(finite, net, device=dev, batch_size=batch_size,
+                                     query_index=qi_f)
+    m = len(pts) if query_index is None else len(query_index)
+    if ok.all():
+        return NormalsResult(nrm, conf, curv, ok)
+    out = NormalsResult(np.zeros((m, 3), np.float32), np.zeros(m, np.float32),
+                        np.zeros(m, np.float32), ok)
+    out.normals[ok], out.confidence[ok], out.curvature[ok] = nrm, conf, curv
     return out

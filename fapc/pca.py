@@ -39,6 +39,7 @@ def pca_normals(
     *,
     k: int = 30,
     neighbors: np.ndarray | None = None,
+    query_index: np.ndarray | None = None,
     chunk: int = 1 << 16,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """PCA normals of every point.
@@ -46,23 +47,25 @@ def pca_normals(
     Args:
         points: ``(N, 3)`` finite coordinates (float32 or float64).
         k: neighbourhood size (ignored when ``neighbors`` is given).
-        neighbors: ``(N, K)`` neighbour indices to reuse.
+        neighbors: ``(Q, K)`` neighbour indices to reuse.
+        query_index: ``(Q,)`` estimate only at these points (default: all).
         chunk: queries per step (bounds memory).
 
     Returns:
-        ``normals (N, 3)`` float32 unit (unoriented), ``confidence (N,)``, ``curvature (N,)``.
+        ``normals (Q, 3)`` float32 unit (unoriented), ``confidence (Q,)``, ``curvature (Q,)``.
     """
     if points.ndim != 2 or points.shape[1] != 3:
         raise ValueError(f"points must have shape (N, 3), got {points.shape}")
     pts = np.asarray(points, dtype=np.float64)
-    idx = knn(pts, k) if neighbors is None else neighbors
-    n = len(pts)
+    qi = np.arange(len(pts)) if query_index is None else np.asarray(query_index)
+    idx = knn(pts, k, queries=pts[qi]) if neighbors is None else neighbors
+    n = len(qi)
     normals = np.empty((n, 3), np.float32)
     conf = np.empty(n, np.float32)
     curv = np.empty(n, np.float32)
     for s in range(0, n, chunk):
         sl = slice(s, min(s + chunk, n))
-        local = (pts[idx[sl]] - pts[sl, None, :]).astype(np.float32)  # (C, K, 3), float64 centring
+        local = (pts[idx[sl]] - pts[qi[sl], None, :]).astype(np.float32)  # (C, K, 3), float64 centring
         nrm, c, cu = normals_from_covariance(patch_covariance(torch.from_numpy(local)))
         normals[sl], conf[sl], curv[sl] = nrm.numpy(), c.numpy(), cu.numpy()
     return normals, conf, curv

@@ -38,6 +38,7 @@ def equivariance_error(
     trials: int = 8,
     seed: int = 0,
     reflections: bool | None = None,
+    permute: bool = True,
 ) -> dict[str, float]:
     """Worst and median error of ``fn`` under random group elements and permutations.
 
@@ -50,6 +51,7 @@ def equivariance_error(
         per_point: the output's dim 1 indexes points (it is permuted with them).
         trials: how many random elements (half of them reflections when drawn).
         reflections: draw reflections (default: when ``group`` has them).
+        permute: also permute the points (off for inputs whose order carries meaning).
 
     Returns:
         ``{"worst": ..., "median": ...}``: max abs deviation per trial (for ``axis``:
@@ -65,7 +67,8 @@ def equivariance_error(
         q = q.to(points.device)
         shift = (torch.randn(3, generator=gen, dtype=points.dtype) * 10).to(points.device) \
             if has_translations(g) else torch.zeros(3, dtype=points.dtype, device=points.device)
-        perm = torch.randperm(points.shape[1], generator=gen).to(points.device)
+        perm = torch.randperm(points.shape[1], generator=gen).to(points.device) if permute \
+            else torch.arange(points.shape[1], device=points.device)
         moved = points[:, perm] @ q.T + shift
         got = fn(moved)
         want = base[:, perm] if per_point else base
@@ -75,7 +78,7 @@ def equivariance_error(
             err = torch.minimum((got - want).norm(dim=-1), (got + want).norm(dim=-1)).max()
         else:
             err = (got - want).abs().max()
-        errs.append(float(err))
+        errs.append(float(err.detach()))
     errs_t = torch.tensor(errs)
     return {"worst": float(errs_t.max()), "median": float(errs_t.median())}
 

@@ -1,0 +1,154 @@
+"""The default normal estimator: an FA-invariant network that weights a local PCA fit.
+
+For each query point, a two-scale patch (:mod:`fapc.patches`) is put into each of the 4
+SO(3) frame elements of its covariance about the query. A small PointNet-style backbone
+scores every neighbour (a logit per point, an invariant scalar); the logits are averaged over
+the frame elements, turned into weights, and the normal is the smallest-eigenvalue
+eigenvector of the weighted covariance. Because the weights are invariant and the weighted
+fit is equivariant, the normal is exactly equivariant (up to the sign, which a normal does not
+have), with no vector averaging that could cancel. With the default SO(3) frames (4
+elements) the output is exactly rotation-equivariant; a reflected input moves it slightly
+(about 1e-4 rad here) unless ``group="O3"`` (all 8 elements, twice the cost).
+
+Outputs per query: ``normal (B, 3)``, ``confidence (B,)`` in [0, 1] (how well the per-frame
+fits agree, times the weighted fit's planarity), ``curvature (B,)`` (surface variation of the
+weighted fit).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from fapc.eigen import sym3_eigh
+from fapc.frames import compute_frames, to_frames
+from fapc.models.fa import average_axes
+from fapc.patches import PatchSpec
+
+
+@dataclass
+class NormalNetConfig:
+    """Everything needed to rebuild the network (saved in the model file's metadata)."""
+
+    k_near: int = 32
+    k_far: int = 32
+    far_stride: int = 6
+    widths: tuple[int, ...] = (16, 32)
+    head: int = 16
+    group: str = "SO3"
+    fa: bool = True
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def patch(self) -> PatchSpec:
+        return PatchSpec(self.k_near, self.k_far, self.far_stride)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> NormalNetConfig:
+        d = json.loads(text)
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        if "widths" in known:
+            known["widths"] = tuple(known["widths"])
+        return cls(**known)
+
+
+class WeightBackbone(nn.Module):
+    """Per-point logits from local coordinates: ``(B', K, in_dim) -> (B', K)``.
+
+    A shared MLP ``in_dim -> w0 -> w1``, a max-pooled patch feature, and a head that scores
+    each point from its first-layer feature plus the patch feature. Not equivariant by
+    itself: :class:`NormalNet` feeds it frame coordinates.
+    """
+
+    def __init__(self, in_dim: int = 4, widths: tuple[int, ...] = (16, 32), head: int = 16) -> None:
+        super().__init__()
+        w0, w1 = widths
+        self.l1 = nn.Linear(in_dim, w0)
+        self.l2 = nn.Linear(w0, w1)
+        self.point = nn.Linear(w0, head, bias=False)
+        self.glob = nn.Linear(w1, head)
+        self.out = nn.Linear(head, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h1 = self.l1(x).relu_()  # (B', K, w0)
+        g = self.l2(h1).relu_().amax(dim=-2)  # (B', w1)
+        h = (self.point(h1) + self.glob(g).unsqueeze(-2)).relu_()  # (B', K, head)
+        return self.out(h).squeeze(-1)  # (B', K)
+
+
+def weighted_fit(patches: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted PCA: ``patches (..., K, 3)``, ``weights (..., K)`` -> eigenvalues ``(..., 3)``
+    ascending and eigenvectors ``(..., 3, 3)`` of the weighted covariance."""
+    w = weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
+    mean = (patches * w.unsqueeze(-1)).sum(-2, keepdim=True)
+    d = patches - mean
+    cov = torch.einsum("...ki,...kj->...ij", d * w.unsqueeze(-1), d)
+    return sym3_eigh(cov)
+
+
+class NormalNet(nn.Module):
+    """Patches ``(B, K, 3)`` (centred on the query, unit RMS radius; the first ``k_near``
+    rows the near scale) -> normal, confidence, curvature."""
+
+    def __init__(self, config: NormalNetConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or NormalNetConfig()
+        c = self.config
+        self.backbone = WeightBackbone(4, c.widths, c.head)
+        flags = torch.cat([torch.zeros(c.k_near), torch.ones(c.k_far)])
+        self.register_buffer("scale_flags", flags, persistent=False)
+        self.use_bf16 = False  # bf16 autocast for the backbone only (CUDA); frames stay float32
+
+    def logits(self, patches: torch.Tensor) -> torch.Tensor:
+        """Per-frame logits ``(B, F, K)`` (``F = 1`` without FA)."""
+        c = self.config
+        if patches.ndim != 3 or patches.shape[1:] != (c.k_near + c.k_far, 3):
+            raise ValueError(f"patches must have shape (B, {c.k_near + c.k_far}, 3), "
+                             f"got {tuple(patches.shape)}")
+        b, k, _ = patches.shape
+        if c.fa:
+            frames = compute_frames(patches, group=c.group,
+                                    center=torch.zeros(b, 3, dtype=patches.dtype,
+                                                       device=patches.device))
+            local = to_frames(patches, frames)  # (B, F, K, 3)
+        else:
+            local = patches.unsqueeze(1)  # (B, 1, K, 3)
+        f = local.shape[1]
+        flags = self.scale_flags.to(local.dtype).expand(b, f, k).unsqueeze(-1)
+        x = torch.cat([local, flags], -1).reshape(b * f, k, 4)
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16,
+                            enabled=self.use_bf16 and x.device.type == "cuda"):
+            out = self.backbone(x)
+        return out.to(patches.dtype).reshape(b, f, k)
+
+    def forward(self, patches: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self.logits(patches)  # (B, F, K)
+        weights = torch.sigmoid(logits.mean(1)) + 1e-4  # (B, K) invariant
+        vals, vecs = weighted_fit(patches, weights)
+        normal = vecs[..., 0]  # (B, 3)
+        vals = vals.clamp_min(0)
+        total = vals.sum(-1).clamp_min(1e-12)
+        curvature = vals[:, 0] / total
+        planarity = (vals[:, 1] - vals[:, 0]) / vals[:, 1].clamp_min(1e-12)
+        if logits.shape[1] > 1:
+            with torch.no_grad():
+                _, vf = weighted_fit(patches.unsqueeze(1).expand(-1, logits.shape[1], -1, -1),
+                                     torch.sigmoid(logits) + 1e-4)
+                _, agree = average_axes(vf[..., 0], dim=1)  # (B,) in [1/3, 1]
+            agreement = ((3 * agree - 1) / 2).clamp(0, 1)
+        else:
+            agreement = torch.ones_like(planarity)
+        return {"normal": normal, "confidence": (agreement * planarity).clamp(0, 1),
+                "curvature": curvature, "weights": weights}
+
+
+def unoriented_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean ``1 - (n . n_gt)^2`` = ``sin^2`` of the unoriented angle; ``(B, 3)`` each."""
+    t = target / target.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return (1 - (pred * t).sum(-1) ** 2).mean()

@@ -1,0 +1,296 @@
+"""``fapc train``: fit the normal network on meshes or clouds with ground truth.
+
+A run directory holds ``config.json``, ``log.csv``, ``best.safetensors`` (lowest validation
+RMSE), ``last.safetensors`` and ``state.pt`` (optimizer, step and RNG states for
+``--resume``; loaded with ``weights_only=True``). Under ``torchrun`` the run is data-parallel
+(DistributedDataParallel; gloo on CPU, NCCL on CUDA); rank 0 writes the files.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import numpy as np
+import torch
+
+from fapc.datasets import Shape, load_shapes, make_cloud, procedural_shapes
+from fapc.errors import FapcError
+from fapc.models.checkpoint import save_model
+from fapc.models.normal_net import NormalNet, NormalNetConfig, unoriented_loss
+from fapc.normals import resolve_device
+from fapc.patches import PatchBuilder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Settings of a training run (``fapc train --help`` documents each)."""
+
+    data: list[str] = field(default_factory=list)
+    out: str = "runs/normals"
+    epochs: int = 10
+    steps_per_epoch: int = 200
+    max_steps: int | None = None
+    batch_size: int = 256
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    device: str = "auto"
+    seed: int = 0
+    val_fraction: float = 0.2
+    val_queries: int = 500
+    noise: tuple[float, ...] = (0.0, 0.00125, 0.006, 0.012)
+    density_prob: float = 0.3
+    outliers: float = 0.0
+    points: int = 100_000
+    procedural: bool = True
+    pool: int = 6
+    refresh_every: int = 25
+    amp: bool = True
+    fa: bool = True
+    group: str = "SO3"
+    k_near: int = 32
+    k_far: int = 32
+    far_stride: int = 6
+    widths: tuple[int, ...] = (16, 32)
+    head: int = 16
+
+    def model_config(self) -> NormalNetConfig:
+        return NormalNetConfig(k_near=self.k_near, k_far=self.k_far, far_stride=self.far_stride,
+                               widths=tuple(self.widths), head=self.head, group=self.group,
+                               fa=self.fa)
+
+    @property
+    def total_steps(self) -> int:
+        total = self.epochs * self.steps_per_epoch
+        return min(total, self.max_steps) if self.max_steps else total
+
+    @classmethod
+    def from_toml(cls, path: str, **overrides: Any) -> TrainConfig:
+        import tomllib
+
+        with open(path, "rb") as f:
+            d = tomllib.load(f)
+        known = {f.name for f in fields(cls)}
+        bad = set(d) - known
+        if bad:
+            raise FapcError(f"unknown settings {sorted(bad)}", path=path)
+        d.update({k: v for k, v in overrides.items() if v is not None})
+        for key in ("noise", "widths"):
+            if key in d:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+
+class _Pool:
+    """Clouds currently sampled from, each with its patch builder; refreshed over time."""
+
+    def __init__(self, shapes: list[Shape], cfg: TrainConfig, spec, seed: int) -> None:
+        self.shapes, self.cfg, self.spec, self.seed = shapes, cfg, spec, seed
+        self.items: list[tuple[PatchBuilder, np.ndarray]] = []
+
+    def _make(self, draw: int) -> tuple[PatchBuilder, np.ndarray]:
+        rng = np.random.default_rng([self.seed, draw])
+        shape = self.shapes[rng.integers(len(self.shapes))]
+        noise = float(rng.choice(self.cfg.noise))
+        density = "uniform"
+        if rng.random() < self.cfg.density_prob:
+            density = str(rng.choice(["gradient", "stripe"]))
+        pts, nrm = make_cloud(shape, n=self.cfg.points, noise=noise, density=density,
+                              outliers=self.cfg.outliers, seed=int(rng.integers(1 << 31)))
+        pts = pts - pts.mean(0)
+        return PatchBuilder(pts, self.spec, seed=draw), nrm
+
+    def refresh(self, step: int) -> None:
+        """Deterministic in ``step``: a resumed run sees the same clouds."""
+        base = (step // self.cfg.refresh_every) * self.cfg.pool
+        if not self.items:
+            self.items = [self._make(base + i) for i in range(self.cfg.pool)]
+        else:
+            slot = (step // self.cfg.refresh_every) % self.cfg.pool
+            self.items[slot] = self._make(base + slot)
+
+    def batch(self, rng: np.random.Generator, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        per = np.full(len(self.items), size // len(self.items))
+        per[: size % len(self.items)] += 1
+        ps, ns = [], []
+        for (builder, nrm), m in zip(self.items, per, strict=True):
+            good = np.flatnonzero(np.abs(nrm).sum(1) > 0)
+            q = rng.choice(good, size=m, replace=len(good) < m)
+            p, _, _ = builder.patches(q)
+            ps.append(p)
+            ns.append(nrm[q].astype(np.float32))
+        return torch.from_numpy(np.concatenate(ps)), torch.from_numpy(np.concatenate(ns))
+
+
+def split_shapes(shapes: list[Shape], fraction: float, seed: int) -> tuple[list[Shape], list[Shape]]:
+    """Hold out whole shapes (by a seeded shuffle of names) for validation."""
+    names = sorted(s.name for s in shapes)
+    rng = random.Random(seed)
+    rng.shuffle(names)
+    n_val = min(len(names) - 1, max(1, round(fraction * len(names)))) if len(names) > 1 else 0
+    val = set(names[:n_val])
+    return [s for s in shapes if s.name not in val], [s for s in shapes if s.name in val]
+
+
+def validation_set(shapes: list[Shape], cfg: TrainConfig, spec) -> list[tuple[str, torch.Tensor,
+                                                                           torch.Tensor]]:
+    """Fixed patches: every validation shape at every noise level, ``val_queries`` each."""
+    out = []
+    for i, s in enumerate(shapes):
+        for j, noise in enumerate(cfg.noise):
+            pts, nrm = make_cloud(s, n=cfg.points, noise=noise, seed=10_000 + 97 * i + j)
+            pts = pts - pts.mean(0)
+            rng = np.random.default_rng(20_000 + 97 * i + j)
+            good = np.flatnonzero(np.abs(nrm).sum(1) > 0)
+            q = rng.choice(good, size=min(cfg.val_queries, len(good)), replace=False)
+            p, _, _ = PatchBuilder(pts, spec, seed=i).patches(q)
+            out.append((f"{s.name}@{noise:g}", torch.from_numpy(p),
+                        torch.from_numpy(nrm[q].astype(np.float32))))
+    return out
+
+
+def evaluate_patches(model: NormalNet, val, device: torch.device) -> dict[str, float]:
+    model.eval()
+    losses, errs = [], []
+    with torch.no_grad():
+        for _, p, n in val:
+            for s in range(0, len(p), 2048):
+                out = model(p[s:s + 2048].to(device))["normal"].float().cpu()
+                t = n[s:s + 2048]
+                losses.append(float(unoriented_loss(out, t)) * len(t))
+                cos = (out * t).sum(-1).abs().clamp(max=1)
+                errs.append(torch.rad2deg(torch.arccos(cos)))
+    model.train()
+    e = torch.cat(errs)
+    return {"val_loss": sum(losses) / len(e), "val_rmse": float(e.pow(2).mean().sqrt())}
+
+
+def _digest(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def train(cfg: TrainConfig, *, on_step: Callable[[int, int, dict[str, float]], None] | None = None,
+          resume: bool = False) -> dict[str, Any]:
+    """Run training; returns the final metrics. See the module docstring for the run files."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
+        dist.init_process_group(backend=backend)
+    device = resolve_device(cfg.device)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    shapes = load_shapes(cfg.data) if cfg.data else []
+    train_shapes, val_shapes = split_shapes(shapes, cfg.val_fraction, cfg.seed)
+    if cfg.procedural:
+        train_shapes = train_shapes + procedural_shapes()
+    if not train_shapes:
+        raise FapcError("no training shapes (give DATA, or keep --procedural)")
+    if not val_shapes:
+        log.warning("no shape left for validation: validating on procedural shapes")
+        val_shapes = procedural_shapes()[:2]
+    mcfg = cfg.model_config()
+    model = NormalNet(mcfg).to(device)
+    model.use_bf16 = cfg.amp and device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total = cfg.total_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    step, best = 0, float("inf")
+    rng = np.random.default_rng([cfg.seed, rank])
+    os.makedirs(cfg.out, exist_ok=True)
+    state_path = os.path.join(cfg.out, "state.pt")
+    if resume:
+        if not os.path.exists(state_path):
+            raise FapcError("nothing to resume (no state.pt)", path=cfg.out)
+        from fapc.models.checkpoint import load_model
+
+        loaded, _ = load_model(os.path.join(cfg.out, "last.safetensors"))
+        model.load_state_dict(loaded.state_dict())
+        state = torch.load(state_path, weights_only=True, map_location="cpu")
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step, best = int(state["step"]), float(state["best"])
+        torch.set_rng_state(state["torch_rng"])
+        rng = np.random.default_rng([cfg.seed, rank, step])
+    ddp = model
+    if world > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+    if rank == 0:
+        with open(os.path.join(cfg.out, "config.json"), "w") as f:
+            json.dump(asdict(cfg), f, indent=2)
+    val = validation_set(val_shapes, cfg, mcfg.patch) if rank == 0 else []
+    pool = _Pool(train_shapes, cfg, mcfg.patch, seed=cfg.seed * 1000 + rank)
+    log_path = os.path.join(cfg.out, "log.csv")
+    new_log = not (resume and os.path.exists(log_path))
+    t0 = time.perf_counter()
+    metrics: dict[str, float] = {}
+    model.train()
+    running = []
+    with open(log_path, "w" if new_log else "a", newline="") as logf:
+        writer = csv.writer(logf)
+        if new_log:
+            writer.writerow(["step", "epoch", "lr", "train_loss", "val_loss", "val_rmse", "seconds"])
+        while step < total:
+            if step % cfg.refresh_every == 0 or not pool.items:
+                pool.refresh(step)
+            patches, target = pool.batch(rng, cfg.batch_size)
+            patches, target = patches.to(device), target.to(device)
+            loss = unoriented_loss(ddp(patches)["normal"].float(), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            running.append(float(loss.detach()))
+            end_epoch = step % cfg.steps_per_epoch == 0 or step == total
+            if rank == 0 and end_epoch:
+                metrics = evaluate_patches(model, val, device)
+                metrics.update(train_loss=float(np.mean(running)), step=step,
+                               epoch=math.ceil(step / cfg.steps_per_epoch))
+                running = []
+                writer.writerow([step, metrics["epoch"], f"{sched.get_last_lr()[0]:.6g}",
+                                 f"{metrics['train_loss']:.6f}", f"{metrics['val_loss']:.6f}",
+                                 f"{metrics['val_rmse']:.4f}", f"{time.perf_counter() - t0:.1f}"])
+                logf.flush()
+                save_model(os.path.join(cfg.out, "last.safetensors"), model, metrics=metrics)
+                if metrics["val_rmse"] < best:
+                    best = metrics["val_rmse"]
+                    save_model(os.path.join(cfg.out, "best.safetensors"), model, metrics=metrics)
+                tmp = state_path + ".tmp"
+                torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                            "step": step, "best": best, "torch_rng": torch.get_rng_state()}, tmp)
+                os.replace(tmp, state_path)
+            if on_step and rank == 0:
+                on_step(step, total, {"loss": running[-1] if running else float("nan"), **metrics})
+    if world > 1:
+        digests = [None] * world
+        dist.all_gather_object(digests, _digest(model))
+        if rank == 0:
+            with open(os.path.join(cfg.out, "ddp_ranks.json"), "w") as f:
+                json.dump({"world_size": world, "digests": digests}, f)
+        dist.barrier()
+        dist.destroy_process_group()
+    metrics["best_val_rmse"] = best
+    return metrics
