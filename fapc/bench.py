@@ -43,8 +43,9 @@ def _timed(fn: Callable[[], Any], repeat: int = 1) -> tuple[float, Any]:
     return best, out
 
 
-def bench_pca(n: int = 1_000_000, k: int = 30) -> dict[str, Any]:
-    """PCA normals on ``n`` points vs open3d ``estimate_normals`` (same k), estimation alone
+def bench_pca(n: int = 1_000_000, k: int = 30, *, method: str = "pca",
+              device: str = "cpu") -> dict[str, Any]:
+    """``method`` normals on ``n`` points vs open3d ``estimate_normals`` (k), estimation alone
     and end to end (read + estimate + write a binary PLY)."""
     from fapc.cloud import PointCloud
     from fapc.io import write_cloud
@@ -52,14 +53,15 @@ def bench_pca(n: int = 1_000_000, k: int = 30) -> dict[str, Any]:
     from fapc.pipeline import Job, NormalsOptions, process_file
 
     pts = synthetic_surface(n, seed=1, noise=1e-3)
-    res: dict[str, Any] = {"points": n, "k": k}
-    res["fapc_estimate_s"], _ = _timed(lambda: estimate_normals(pts, method="pca", k=k))
+    res: dict[str, Any] = {"method": method, "device": device, "points": n, "k": k}
+    res["fapc_estimate_s"], _ = _timed(lambda: estimate_normals(pts, method=method, k=k,
+                                                                device=device))
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "cloud.ply")
         write_cloud(src, PointCloud(points=pts.astype(np.float32)))
         job = Job(src, os.path.join(tmp, "out.ply"))
         res["fapc_file_s"], r = _timed(lambda: process_file(job, NormalsOptions(
-            method="pca", k=k, overwrite=True)))
+            method=method, k=k, device=device, overwrite=True)))
         assert r.status == "ok", r.message
         try:
             import open3d as o3d
@@ -114,6 +116,52 @@ def bench_core(n: int = 1_000_000, *, device: str = "cpu", k: int = 32) -> dict[
             "frame_neighbourhoods": m, "k": k, "frames_s": t_fr, "frames_per_s": m / t_fr}
 
 
+def bench_accuracy(root: str | None = None, *, model: str | None = None,
+                   queries: int = 5000) -> dict[str, Any] | None:
+    """The accuracy table on the TEST split (``../shared/data``): the model and PCA with
+    k in 16..256, under no rotation and under random SO(3) poses. None when data is absent."""
+    from fapc.bench_data import find_root, test_clouds
+    from fapc.evaluate import evaluate, model_method, pca_method
+    from fapc.models.checkpoint import load_model
+
+    root = find_root(root)
+    if root is None:
+        return None
+    net, info = load_model(model)
+    clouds = test_clouds(root, queries=queries)
+    methods = {"fa": model_method(net, device="cpu")}
+    methods.update({f"pca-{k}": pca_method(k) for k in (16, 32, 64, 128, 256)})
+    rep = evaluate(clouds, methods, rotate="none")
+    rot = evaluate(clouds, {"fa": methods["fa"]}, rotate="so3")
+    rep["fa_so3"] = rot["table"]["fa"]
+    rep["fa_so3_avg"] = rot["avg"]["fa"]
+    rep["model"] = info["path"]
+    return rep
+
+
+def print_accuracy(rep: dict[str, Any]) -> None:
+    cols = rep["columns"]
+    noise = [c for c in ("none", "0.125%", "0.6%", "1.2%") if c in cols]
+    t = Table(title=f"TEST split, unoriented RMSE (deg); model {rep['model']}")
+    t.add_column("method")
+    for c in cols:
+        t.add_column(c, justify="right")
+    t.add_column("noise avg", justify="right")
+    rows = dict(rep["table"])
+    rows["fa (so3 poses)"] = rep["fa_so3"]
+    for m, row in rows.items():
+        t.add_row(m, *(f"{row[c]:.2f}" for c in cols),
+                  f"{np.mean([row[c] for c in noise]):.2f}")
+    console.print(t)
+    fa, best = rep["table"]["fa"], rep["table"]["pca-best"]
+    ratio = np.mean([fa[c] for c in noise]) / np.mean([best[c] for c in noise])
+    scans = fa.get("scans", float("nan")) / best.get("scans", float("nan"))
+    drift = max(abs(rep["fa_so3"][c] - fa[c]) for c in cols)
+    console.print(f"fa / best-k PCA: noise columns {ratio:.3f}x, noiseless "
+                  f"{fa['none'] / best['none']:.3f}x, scans {scans:.3f}x; "
+                  f"max |so3 - none| {drift:.4f} deg")
+
+
 def _table(title: str, rows: dict[str, Any]) -> None:
     t = Table(title=title, show_header=False)
     t.add_column("", style="bold")
@@ -127,7 +175,10 @@ def _table(title: str, rows: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fapc.bench", description=__doc__)
-    p.add_argument("section", nargs="?", default="all", choices=["all", "pca", "core"])
+    p.add_argument("section", nargs="?", default="all",
+                   choices=["all", "pca", "fa", "core", "accuracy"])
+    p.add_argument("--data", default=None, help="the shared data folder (default ../shared/data)")
+    p.add_argument("--model", default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--points", type=int, default=1_000_000)
     p.add_argument("--json", dest="json_path", default=None)
@@ -148,6 +199,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.section in ("all", "pca"):
         results["pca"] = bench_pca(args.points)
         _table("PCA normals vs open3d estimate_normals", results["pca"])
+    if args.section in ("all", "fa"):
+        results["fa"] = bench_pca(args.points, method="fa", device=args.device)
+        _table(f"FA normals ({args.device}) vs open3d estimate_normals", results["fa"])
+    if args.section in ("all", "accuracy"):
+        rep = bench_accuracy(args.data, model=args.model)
+        if rep is None:
+            console.print("[yellow]accuracy: ../shared/data not found (set FAPC_DATA or "
+                          "--data); skipped[/]")
+        else:
+            print_accuracy(rep)
+            results["accuracy"] = {k: v for k, v in rep.items() if k != "rows"}
     if args.json_path:
         with open(args.json_path, "w") as f:
             json.dump(results, f, indent=2)

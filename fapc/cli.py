@@ -61,13 +61,20 @@ def normals(
     output: Annotated[str | None, typer.Option(
         "-o", "--output", help="Output file, or directory (exists, ends with '/', or several "
         "inputs). Default: INPUT.normals.EXT beside each input.")] = None,
-    method: Annotated[str, typer.Option(help="Estimator: pca.")] = "pca",
-    k: Annotated[int, typer.Option("--k", help="Neighbourhood size.")] = 30,
+    method: Annotated[str, typer.Option(help="Estimator: fa (the network) or pca.")] = "fa",
+    k: Annotated[int, typer.Option("--k", help="PCA neighbourhood size.")] = 30,
+    model: Annotated[str | None, typer.Option(
+        help="FA model: .safetensors file or run directory [the shipped model].")] = None,
+    device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda.")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Query points per network batch.")] = 4096,
     from_mesh: Annotated[str | None, typer.Option(
         help="For meshes: 'vertices' or 'sample:N' (area-uniform samples).")] = None,
     fields: Annotated[str, typer.Option(
         help="Comma-separated outputs: normals,confidence,curvature.")] = "normals,confidence,"
     "curvature",
+    orient: Annotated[str, typer.Option(
+        help="none, mst (consistent over the surface), outward, viewpoint[:x,y,z] (PCD's "
+        "VIEWPOINT when no coordinates).")] = "none",
     recursive: Annotated[bool, typer.Option("--recursive", "-r",
                                             help="Descend into sub-directories.")] = False,
     drop_invalid: Annotated[bool, typer.Option(help="Remove NaN/inf points.")] = False,
@@ -92,9 +99,27 @@ def normals(
         _fail(f"--fields takes {','.join(ALL_FIELDS)}, got {fields!r}", 2)
     if k < 3:
         _fail(f"--k must be at least 3, got {k}", 2)
-    if method not in ("pca",):
-        _fail(f"--method must be pca, got {method!r}", 2)
-    opts = NormalsOptions(method=method, k=k, from_mesh=from_mesh, fields=chosen,
+    from fapc.orient import parse_orient
+
+    try:
+        parse_orient(orient)
+    except ValueError as e:
+        _fail(str(e), 2)
+    if method not in ("fa", "pca"):
+        _fail(f"--method must be fa or pca, got {method!r}", 2)
+    if method == "fa":
+        from fapc.models.checkpoint import load_model
+        from fapc.normals import resolve_device
+
+        try:  # refuse a bad model or device once, before any file
+            resolve_device(device)
+            load_model(model)
+        except FapcError as e:
+            if debug:
+                raise
+            _fail(str(e))
+    opts = NormalsOptions(method=method, k=k, model=model, device=device, orient=orient,
+                          batch_size=batch_size, from_mesh=from_mesh, fields=chosen,
                           drop_invalid=drop_invalid, strict=strict, overwrite=overwrite,
                           ascii=ascii, debug=debug)
 
@@ -187,6 +212,8 @@ def main() -> None:
         err.print("interrupted")
         sys.exit(130)
 
+
+from fapc import cli_train  # noqa: E402,F401  (registers sample, train, eval)
 
 if __name__ == "__main__":
     main()

@@ -114,9 +114,9 @@ def load_shapes(paths: list[str] | str) -> list[Shape]:
     return shapes
 
 
-def procedural_shapes() -> list[Shape]:
+def procedural_shapes(names: tuple[str, ...] | list[str] | None = None) -> list[Shape]:
     """Primitives with sharp edges and smooth patches (boxes, cylinders, cones, spheres,
-    capsules, tori, a box union), built with trimesh."""
+    capsules, tori, a box union), built with trimesh; ``names`` picks some (``box``...)."""
     import trimesh
 
     c = trimesh.creation
@@ -135,6 +135,8 @@ def procedural_shapes() -> list[Shape]:
     meshes["cross"] = trimesh.util.concatenate([a, b])
     out = []
     for name, m in meshes.items():
+        if names and name not in names:
+            continue
         out.append(Shape(f"proc_{name}", np.asarray(m.vertices, np.float64),
                          faces=np.asarray(m.faces, np.int64)))
     return out

@@ -27,9 +27,13 @@ ALL_FIELDS = ("normals", "confidence", "curvature")
 class NormalsOptions:
     """Settings of one ``fapc normals`` run (see ``fapc normals --help``)."""
 
-    method: str = "pca"
+    method: str = "fa"
     k: int = 30
+    model: str | None = None
+    device: str = "auto"
+    batch_size: int = 4096
     from_mesh: str | None = None
+    orient: str = "none"
     fields: tuple[str, ...] = ALL_FIELDS
     drop_invalid: bool = False
     strict: bool = False
@@ -166,9 +170,20 @@ def process_file(job: Job, opts: NormalsOptions) -> FileResult:
         from fapc.normals import estimate_normals
 
         try:
-            est = estimate_normals(cloud.points, method=opts.method, k=opts.k)
+            est = estimate_normals(cloud.points, method=opts.method, k=opts.k, model=opts.model,
+                                   device=opts.device, batch_size=opts.batch_size)
         except FapcError as e:
             raise FapcError(e.reason, path=job.input) from None
+        if opts.orient != "none":
+            from fapc.orient import orient, parse_orient
+
+            mode, vp = parse_orient(opts.orient)
+            if mode == "viewpoint" and vp is None:
+                vp = cloud.viewpoint if cloud.viewpoint is not None else np.zeros(3)
+            ok = est.valid
+            pts64 = cloud.points[ok].astype(np.float64)
+            vp64 = None if vp is None else np.asarray(vp, np.float64)
+            est.normals[ok] = orient(pts64, est.normals[ok], mode, viewpoint=vp64)
         if "normals" in opts.fields:
             cloud.normals = est.normals
         if "confidence" in opts.fields:

@@ -54,6 +54,7 @@ class TrainConfig:
     outliers: float = 0.0
     points: int = 100_000
     procedural: bool = True
+    procedural_names: tuple[str, ...] = ()
     pool: int = 6
     refresh_every: int = 25
     amp: bool = True
@@ -64,11 +65,12 @@ class TrainConfig:
     far_stride: int = 6
     widths: tuple[int, ...] = (16, 32)
     head: int = 16
+    fit: str = "jet2"
 
     def model_config(self) -> NormalNetConfig:
         return NormalNetConfig(k_near=self.k_near, k_far=self.k_far, far_stride=self.far_stride,
                                widths=tuple(self.widths), head=self.head, group=self.group,
-                               fa=self.fa)
+                               fa=self.fa, fit=self.fit)
 
     @property
     def total_steps(self) -> int:
@@ -86,7 +88,7 @@ class TrainConfig:
         if bad:
             raise FapcError(f"unknown settings {sorted(bad)}", path=path)
         d.update({k: v for k, v in overrides.items() if v is not None})
-        for key in ("noise", "widths"):
+        for key in ("noise", "widths", "procedural_names"):
             if key in d:
                 d[key] = tuple(d[key])
         return cls(**d)
@@ -203,7 +205,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, int, dict[str, float]], N
     shapes = load_shapes(cfg.data) if cfg.data else []
     train_shapes, val_shapes = split_shapes(shapes, cfg.val_fraction, cfg.seed)
     if cfg.procedural:
-        train_shapes = train_shapes + procedural_shapes()
+        train_shapes = train_shapes + procedural_shapes(cfg.procedural_names or None)
     if not train_shapes:
         raise FapcError("no training shapes (give DATA, or keep --procedural)")
     if not val_shapes:

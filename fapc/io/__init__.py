@@ -100,9 +100,12 @@ def read_cloud(
         raise FapcError("permission denied", path=path) from None
     except MemoryError:
         raise FormatError("file needs more memory than is available", path=path) from None
-    except (ValueError, IndexError, OverflowError, UnicodeError) as e:
+    except FapcError:
+        raise
+    except Exception as e:
         # a guard the format modules missed: still one line, still this file
-        raise FormatError(f"corrupt or unsupported file ({e})", path=path) from None
+        msg = f"corrupt or unsupported file ({type(e).__name__}: {e})".splitlines()[0]
+        raise FormatError(msg[:300], path=path) from None
     if len(cloud) == 0:
         raise FormatError("no points in the file", path=path)
     return cloud

@@ -7,7 +7,6 @@ per-point array as an attribute. Loading never unpickles (``allow_pickle=False``
 from __future__ import annotations
 
 import os
-import zipfile
 
 import numpy as np
 
@@ -27,8 +26,8 @@ def read_npy(path: str | os.PathLike) -> PointCloud:
     path = os.fspath(path)
     try:
         a = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise FormatError(f"not a readable .npy array ({e})", path=path) from None
+    except Exception as e:  # numpy raises many types on a corrupt header (even TokenError)
+        raise FormatError(f"not a readable .npy array ({type(e).__name__})", path=path) from None
     a = _check_points(a, path)
     if a.shape[1] >= 6:
         return PointCloud(points=a[:, :3], normals=a[:, 3:6],
@@ -42,8 +41,8 @@ def read_npz(path: str | os.PathLike) -> PointCloud:
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        raise FormatError(f"not a readable .npz archive ({e})", path=path) from None
+    except Exception as e:  # zip and header errors of every kind
+        raise FormatError(f"not a readable .npz archive ({type(e).__name__})", path=path) from None
     key = next((k for k in _POINT_KEYS if k in arrays), None)
     if key is None:
         raise FormatError(f"no points array (one of {', '.join(_POINT_KEYS)})", path=path)

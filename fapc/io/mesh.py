@@ -13,10 +13,44 @@ from fapc.errors import FormatError
 MESH_EXTENSIONS = (".obj", ".stl", ".off", ".glb", ".gltf")
 
 
+def read_obj(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Vertices and triangles of a Wavefront OBJ (``v`` and ``f`` lines; polygons fanned;
+    negative indices; materials and textures ignored, so no image library is needed)."""
+    path = os.fspath(path)
+    verts: list[list[float]] = []
+    tris: list[list[int]] = []
+    with open(path, encoding="latin-1") as fh:
+        for ln, line in enumerate(fh, 1):
+            if line.startswith("v "):
+                parts = line.split()
+                if len(parts) < 4:
+                    raise FormatError(f"line {ln}: vertex with fewer than 3 coordinates", path=path)
+                try:
+                    verts.append([float(parts[1]), float(parts[2]), float(parts[3])])
+                except ValueError:
+                    raise FormatError(f"line {ln}: non-numeric vertex", path=path) from None
+            elif line.startswith("f "):
+                try:
+                    idx = [int(tok.split("/")[0]) for tok in line.split()[1:]]
+                except ValueError:
+                    raise FormatError(f"line {ln}: bad face", path=path) from None
+                idx = [i - 1 if i > 0 else len(verts) + i for i in idx]
+                tris += [[idx[0], idx[j], idx[j + 1]] for j in range(1, len(idx) - 1)]
+    v = np.asarray(verts, np.float64).reshape(-1, 3)
+    f = np.asarray(tris, np.int64).reshape(-1, 3)
+    if len(v) == 0:
+        raise FormatError("mesh has no vertices", path=path)
+    if len(f) and (f.min() < 0 or f.max() >= len(v)):
+        raise FormatError("face indices out of range", path=path)
+    return v, f
+
+
 def load_mesh_trimesh(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """Vertices ``(V, 3)`` float64 and triangles ``(F, 3)`` int64 of a mesh file (all
     geometry of a scene concatenated in world coordinates)."""
     path = os.fspath(path)
+    if path.lower().endswith(".obj"):
+        return read_obj(path)
     try:
         import trimesh
     except ImportError:  # pragma: no cover - trimesh is a dependency

@@ -40,6 +40,7 @@ class NormalNetConfig:
     head: int = 16
     group: str = "SO3"
     fa: bool = True
+    fit: str = "jet2"
     extra: dict = field(default_factory=dict)
 
     @property
@@ -132,6 +133,8 @@ class NormalNet(nn.Module):
         weights = torch.sigmoid(logits.mean(1)) + 1e-4  # (B, K) invariant
         vals, vecs = weighted_fit(patches, weights)
         normal = vecs[..., 0]  # (B, 3)
+        if self.config.fit == "jet2":
+            normal = jet_normal(patches, weights, vecs)
         vals = vals.clamp_min(0)
         total = vals.sum(-1).clamp_min(1e-12)
         curvature = vals[:, 0] / total
@@ -146,6 +149,55 @@ class NormalNet(nn.Module):
             agreement = torch.ones_like(planarity)
         return {"normal": normal, "confidence": (agreement * planarity).clamp(0, 1),
                 "curvature": curvature, "weights": weights}
+
+
+def spd_solve(m: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Solve ``m x = b`` for symmetric positive-definite ``m (B, n, n)``, ``b (B, n)`` by an
+    unrolled Cholesky factorisation in plain torch (any device, differentiable)."""
+    n = m.shape[-1]
+    low: list[list[torch.Tensor | None]] = [[None] * n for _ in range(n)]
+    for j in range(n):
+        s = m[:, j, j] - sum((low[j][k] ** 2 for k in range(j)), torch.zeros_like(m[:, 0, 0]))
+        low[j][j] = s.clamp_min(1e-12).sqrt()
+        for i in range(j + 1, n):
+            s = m[:, i, j] - sum((low[i][k] * low[j][k] for k in range(j)),
+                                 torch.zeros_like(m[:, 0, 0]))
+            low[i][j] = s / low[j][j]
+    y: list[torch.Tensor] = []
+    for i in range(n):  # L y = b
+        s = b[:, i] - sum((low[i][k] * y[k] for k in range(i)), torch.zeros_like(b[:, 0]))
+        y.append(s / low[i][i])
+    x: list[torch.Tensor | None] = [None] * n
+    for i in reversed(range(n)):  # L^T x = y
+        s = y[i] - sum((low[k][i] * x[k] for k in range(i + 1, n)), torch.zeros_like(b[:, 0]))
+        x[i] = s / low[i][i]
+    return torch.stack(x, -1)  # type: ignore[arg-type]
+
+
+def jet_normal(patches: torch.Tensor, weights: torch.Tensor, axes: torch.Tensor,
+               *, ridge: float = 1e-3) -> torch.Tensor:
+    """Normal at the query (the origin) of a weighted quadratic height field.
+
+    ``patches (B, K, 3)``, ``weights (B, K)``, ``axes (B, 3, 3)`` (columns: height axis first,
+    then two tangent axes, e.g. the eigenvectors of the weighted covariance). Fits
+    ``h = c0 + c1 u + c2 v + c3 u^2 + c4 u v + c5 v^2`` by weighted least squares (a small
+    ridge on the quadratic terms) and returns the unit normal ``(B, 3)`` at ``u = v = 0``.
+    A full quadratic is closed under rotations and reflections of ``(u, v)``, so the normal
+    does not depend on how the tangent axes turn: it is as equivariant as the height axis.
+    """
+    local = patches @ axes  # (B, K, 3): h, u, v
+    h, u, v = local.unbind(-1)
+    one = torch.ones_like(u)
+    basis = torch.stack([one, u, v, u * u, u * v, v * v], -1)  # (B, K, 6)
+    w = weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
+    bw = basis * w.unsqueeze(-1)
+    m = bw.transpose(1, 2) @ basis  # (B, 6, 6)
+    reg = torch.tensor([1e-6, 1e-6, 1e-6, ridge, ridge, ridge], dtype=m.dtype, device=m.device)
+    m = m + torch.diag_embed(reg.expand(m.shape[0], 6))
+    c = spd_solve(m, (bw * h.unsqueeze(-1)).sum(1))  # (B, 6)
+    n_local = torch.stack([torch.ones_like(c[:, 0]), -c[:, 1], -c[:, 2]], -1)  # (h, u, v)
+    n = (axes @ n_local.unsqueeze(-1)).squeeze(-1)
+    return n / n.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def unoriented_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

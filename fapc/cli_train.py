@@ -1,0 +1,204 @@
+"""``fapc sample``, ``fapc train`` and ``fapc eval``: thin typer commands over
+:mod:`fapc.datasets`, :mod:`fapc.train` and :mod:`fapc.evaluate`."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from fapc.cli import _fail, _setup_logging, app, err, out
+from fapc.errors import FapcError
+
+
+@app.command()
+def sample(
+    meshes: Annotated[list[str], typer.Argument(help="Mesh files or directories.")],
+    output: Annotated[str, typer.Option("-o", "--output", help="Output directory.")] = "samples",
+    n: Annotated[int, typer.Option("-n", help="Points per cloud.")] = 100_000,
+    noise: Annotated[float, typer.Option(help="Gaussian noise, fraction of the bbox diagonal.")] = 0.0,
+    density: Annotated[str, typer.Option(help="uniform, gradient or stripe.")] = "uniform",
+    outliers: Annotated[float, typer.Option(help="Fraction of uniform outliers.")] = 0.0,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    fmt: Annotated[str, typer.Option("--format", help="ply, pcd, npz or xyzn.")] = "ply",
+) -> None:
+    """Sample meshes into clouds with ground-truth normals (for training or evaluation).
+
+    Example: fapc sample parts/ -n 100000 --noise 0.006 --density gradient -o clouds/
+    """
+    import numpy as np
+
+    from fapc.cloud import PointCloud
+    from fapc.datasets import DENSITIES, discover, load_shape, make_cloud
+    from fapc.io import write_cloud
+
+    _setup_logging()
+    if density not in DENSITIES:
+        _fail(f"--density takes {', '.join(DENSITIES)}", 2)
+    failed = 0
+    for f in discover(meshes):
+        try:
+            shape = load_shape(f)
+            if not shape.is_mesh:
+                raise FapcError("not a mesh", path=f)
+            pts, nrm = make_cloud(shape, n=n, noise=noise, density=density, outliers=outliers,
+                                  seed=seed)
+            dest = os.path.join(output, f"{shape.name}.{fmt}")
+            write_cloud(dest, PointCloud(points=pts, normals=nrm.astype(np.float32)))
+            err.print(f"[green]wrote[/] {dest} ({len(pts):,} points)", highlight=False)
+        except FapcError as e:
+            failed += 1
+            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def train(
+    data: Annotated[list[str] | None, typer.Argument(
+        help="Meshes, clouds with normals, PCPNet lists or directories.")] = None,
+    out_dir: Annotated[str, typer.Option("--out", help="Run directory.")] = "runs/normals",
+    config: Annotated[str | None, typer.Option(help="TOML file of settings (flags win).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs [10].")] = None,
+    steps_per_epoch: Annotated[int | None, typer.Option(help="Steps per epoch [200].")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Patches per step [256].")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate [3e-3].")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda [auto].")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed [0].")] = None,
+    val_fraction: Annotated[float | None, typer.Option(
+        help="Share of shapes held out for validation [0.2].")] = None,
+    noise: Annotated[str | None, typer.Option(
+        help="Noise levels (fractions of the diagonal) [0,0.00125,0.006,0.012].")] = None,
+    points: Annotated[int | None, typer.Option(help="Points per training cloud [100000].")] = None,
+    procedural: Annotated[bool | None, typer.Option(
+        "--procedural/--no-procedural", help="Add procedural primitives [on].")] = None,
+    fa: Annotated[bool | None, typer.Option(
+        "--fa/--no-fa", help="Frame averaging (off: the same backbone, not equivariant).")] = None,
+    group: Annotated[str | None, typer.Option(help="SO3 (4 frames) or O3 (8) [SO3].")] = None,
+    amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="bf16 on CUDA [on].")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out.")] = False,
+    debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
+) -> None:
+    """Train the normal network; the run directory gets best/last.safetensors, state.pt,
+    config.json and log.csv.
+
+    Example: fapc train meshes/ --out runs/mine --epochs 20 --device cuda
+    """
+    from fapc.train import TrainConfig
+    from fapc.train import train as run_train
+
+    _setup_logging()
+    given = {"out": out_dir, "epochs": epochs, "steps_per_epoch": steps_per_epoch,
+             "max_steps": max_steps, "batch_size": batch_size, "lr": lr, "device": device,
+             "seed": seed, "val_fraction": val_fraction, "points": points,
+             "procedural": procedural, "fa": fa, "group": group, "amp": amp}
+    if data:
+        given["data"] = list(data)
+    if noise is not None:
+        try:
+            given["noise"] = tuple(float(x) for x in noise.split(","))
+        except ValueError:
+            _fail(f"--noise takes comma-separated numbers, got {noise!r}", 2)
+    try:
+        if config:
+            cfg = TrainConfig.from_toml(config, **given)
+        elif resume and os.path.exists(os.path.join(out_dir, "config.json")):
+            with open(os.path.join(out_dir, "config.json")) as f:
+                d = json.load(f)
+            d.update({k: v for k, v in given.items() if v is not None})
+            for key in ("noise", "widths", "procedural_names"):
+                d[key] = tuple(d[key])
+            cfg = TrainConfig(**d)
+        else:
+            cfg = TrainConfig(**{k: v for k, v in given.items() if v is not None})
+        with Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/"
+                      "{task.total}"), TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+                      console=err, transient=False) as prog:
+            task = prog.add_task("train", total=cfg.total_steps, info="")
+
+            def on_step(step: int, total: int, m: dict) -> None:
+                info = f"loss {m['loss']:.4f}"
+                if "val_rmse" in m:
+                    info += f"  val {m['val_rmse']:.2f} deg"
+                prog.update(task, completed=step, info=info)
+
+            metrics = run_train(cfg, on_step=on_step, resume=resume)
+    except FapcError as e:
+        if debug:
+            raise
+        _fail(str(e))
+    err.print(f"best validation RMSE {metrics['best_val_rmse']:.3f} deg; model: "
+              f"{os.path.join(cfg.out, 'best.safetensors')}", highlight=False)
+
+
+@app.command(name="eval")
+def eval_cmd(
+    data: Annotated[list[str], typer.Argument(help="Meshes, clouds with normals, PCPNet lists.")],
+    model: Annotated[str | None, typer.Option(
+        help="Model .safetensors or run directory [the shipped model].")] = None,
+    rotate: Annotated[str, typer.Option(help="none, so3 or o3: random pose per cloud.")] = "none",
+    columns: Annotated[str, typer.Option(help="Mesh columns.")] = "none,0.125%,0.6%,1.2%",
+    pca_k: Annotated[str, typer.Option(help="PCA baselines' k.")] = "16,32,64,128,256",
+    points: Annotated[int, typer.Option(help="Points per mesh cloud.")] = 100_000,
+    queries: Annotated[int, typer.Option(help="Query points per cloud (no .pidx).")] = 5000,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed for sampling, noise, queries, poses.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Full report as JSON on stdout.")] = False,
+    debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
+) -> None:
+    """Unoriented RMSE (deg), PGP5 and PGP10 per column for a model and PCA baselines.
+
+    Example: fapc eval test_meshes/ --model runs/mine --rotate so3
+    """
+    from fapc.datasets import load_shapes
+    from fapc.evaluate import build_clouds, evaluate, model_method, pca_method
+    from fapc.models.checkpoint import load_model
+    from fapc.normals import resolve_device
+
+    _setup_logging()
+    try:
+        cols = tuple(c.strip() for c in columns.split(",") if c.strip())
+        ks = [int(k) for k in pca_k.split(",") if k.strip()]
+        dev = resolve_device(device)
+        net, info = load_model(model, device=dev)
+        shapes = load_shapes(data)
+        if not shapes:
+            raise FapcError("no usable shapes (meshes or clouds with normals)")
+        clouds = build_clouds(shapes, columns=cols, points=points, queries=queries, seed=seed)
+        methods = {"fa" if net.config.fa else "no-fa": model_method(net, device=str(dev))}
+        methods.update({f"pca-{k}": pca_method(k) for k in ks})
+        with Progress(TextColumn("[bold]eval"), BarColumn(), TextColumn("{task.completed}/"
+                      "{task.total} clouds"), TimeRemainingColumn(), console=err) as prog:
+            task = prog.add_task("eval", total=len(clouds))
+            report = evaluate(clouds, methods, rotate=rotate, seed=seed,
+                              on_cloud=lambda c: prog.advance(task))
+    except (FapcError, ValueError) as e:
+        if debug:
+            raise
+        _fail(str(e))
+    report["model"] = info["path"]
+    report["rotate"] = rotate
+    if as_json:
+        out.print_json(json.dumps(report))
+        return
+    print_report(report, title=f"RMSE (deg), rotate={rotate}, model={info['path']}")
+
+
+def print_report(report: dict, *, title: str) -> None:
+    t = Table(title=title)
+    t.add_column("method")
+    for c in report["columns"]:
+        t.add_column(c, justify="right")
+    t.add_column("avg", justify="right")
+    t.add_column("PGP5/PGP10", justify="right")
+    for m, row in report["table"].items():
+        p5 = sum(report["pgp5"][m].values()) / len(row)
+        p10 = sum(report["pgp10"][m].values()) / len(row)
+        t.add_row(m, *(f"{row[c]:.2f}" for c in report["columns"]), f"{report['avg'][m]:.2f}",
+                  f"{p5:.2f}/{p10:.2f}")
+    out.print(t)

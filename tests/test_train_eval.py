@@ -1,0 +1,167 @@
+"""Training, checkpoints, resume, DDP, evaluation and refusal of pickled models (small, CPU)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fapc.cli import app
+from fapc.datasets import Shape, procedural_shapes
+from fapc.errors import FapcError
+from fapc.evaluate import build_clouds, evaluate, model_method, pca_method
+from fapc.models.checkpoint import load_model, save_model
+from fapc.models.normal_net import NormalNet, NormalNetConfig
+from fapc.train import TrainConfig, train
+
+runner = CliRunner()
+
+TINY = dict(points=4000, k_near=16, k_far=16, far_stride=4, batch_size=64, val_queries=100,
+            procedural_names=("sphere", "box"), pool=2, refresh_every=10, noise=(0.0, 0.003),
+            lr=1e-2)
+
+
+def _log(run) -> list[dict]:
+    with open(os.path.join(run, "log.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def test_training_lowers_validation_loss_and_writes_the_run(tmp_path):
+    torch.manual_seed(0)
+    cfg = TrainConfig(out=str(tmp_path / "run"), epochs=4, steps_per_epoch=10, **TINY)
+    model0 = NormalNet(cfg.model_config())
+    from fapc.train import evaluate_patches, validation_set
+
+    val = validation_set(procedural_shapes(("box", "cube")), cfg, cfg.model_config().patch)
+    torch.manual_seed(cfg.seed)
+    before = evaluate_patches(NormalNet(cfg.model_config()), val, torch.device("cpu"))
+    del model0
+    train(cfg)
+    rows = _log(tmp_path / "run")
+    assert [int(r["step"]) for r in rows] == [10, 20, 30, 40]
+    assert float(rows[-1]["val_loss"]) < before["val_loss"]
+    for name in ("best.safetensors", "last.safetensors", "state.pt", "config.json"):
+        assert (tmp_path / "run" / name).exists()
+
+
+def test_save_load_gives_identical_outputs(tmp_path):
+    torch.manual_seed(1)
+    m = NormalNet(NormalNetConfig(k_near=8, k_far=8)).eval()
+    p = torch.randn(20, 16, 3)
+    save_model(tmp_path / "m.safetensors", m, metrics={"val_rmse": 1.5})
+    m2, info = load_model(tmp_path / "m.safetensors")
+    assert info["metrics"]["val_rmse"] == 1.5 and info["config"].k_near == 8
+    assert info["fapc_version"]
+    with torch.no_grad():
+        a, b = m(p), m2(p)
+    for k in ("normal", "confidence", "curvature"):
+        assert torch.equal(a[k], b[k])
+
+
+def test_resume_continues_from_the_step_it_stopped(tmp_path):
+    run = str(tmp_path / "run")
+    train(TrainConfig(out=run, epochs=4, steps_per_epoch=10, max_steps=20, **TINY))
+    assert [int(r["step"]) for r in _log(run)] == [10, 20]
+    state = torch.load(os.path.join(run, "state.pt"), weights_only=True)
+    assert state["step"] == 20
+    train(TrainConfig(out=run, epochs=4, steps_per_epoch=10, **TINY), resume=True)
+    assert [int(r["step"]) for r in _log(run)] == [10, 20, 30, 40]
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {os.environ['FAPC_EVIL_MARK']}",))
+
+
+@pytest.mark.parametrize("name", ["evil.safetensors", "evil.pt"])
+def test_pickled_model_is_refused_and_never_run(tmp_path, monkeypatch, name):
+    mark = tmp_path / "pwned"
+    monkeypatch.setenv("FAPC_EVIL_MARK", str(mark))
+    evil = tmp_path / name
+    with open(evil, "wb") as f:
+        pickle.dump(_Evil(), f)
+    with pytest.raises(FapcError, match="safetensors"):
+        load_model(evil)
+    r = runner.invoke(app, ["normals", "--model", str(evil), str(tmp_path / "x.ply")])
+    assert r.exit_code == 1 and "safetensors" in r.stderr
+    torch.save({"x": _Evil()}, tmp_path / "zip.safetensors")
+    with pytest.raises(FapcError, match="zip archive"):
+        load_model(tmp_path / "zip.safetensors")
+    assert not mark.exists()  # nothing was unpickled
+    # the test can fail: unpickling it really would have run the command
+    with open(evil, "rb") as f:
+        pickle.load(f)
+    assert mark.exists()
+
+
+def test_pca_baseline_near_zero_on_noiseless_plane_and_sphere():
+    import trimesh
+
+    sphere = trimesh.creation.icosphere(subdivisions=6)
+    plane = trimesh.creation.box(extents=(2, 2, 0.001))
+    shapes = [Shape("sphere", np.asarray(sphere.vertices), faces=np.asarray(sphere.faces))]
+    clouds = build_clouds(shapes, columns=("none",), points=30_000, queries=500)
+    rng = np.random.default_rng(0)
+    pts = np.column_stack([rng.uniform(-1, 1, 20_000), rng.uniform(-1, 1, 20_000),
+                           np.zeros(20_000)])
+    flat = Shape("plane", pts, normals=np.tile([0.0, 0.0, 1.0], (20_000, 1)))
+    clouds += build_clouds([flat], queries=500)
+    del plane
+    rep = evaluate(clouds, {"pca-16": pca_method(16)}, rotate="so3")
+    assert rep["table"]["pca-16"]["given"] < 0.01
+    assert rep["table"]["pca-16"]["none"] < 0.5
+
+
+def test_eval_rotation_fa_unchanged_no_fa_reported(tmp_path):
+    torch.manual_seed(0)
+    shapes = procedural_shapes(("cube", "cylinder"))
+    clouds = build_clouds(shapes, columns=("none", "0.6%"), points=6000, queries=300)
+    fa = NormalNet(NormalNetConfig(k_near=16, k_far=16, far_stride=4)).eval()
+    torch.manual_seed(0)
+    nofa = NormalNet(NormalNetConfig(k_near=16, k_far=16, far_stride=4, fa=False)).eval()
+    # an untrained weight net is a fine stand-in: equivariance does not depend on training
+    res = {rot: evaluate(clouds, {"fa": model_method(fa, device="cpu"),
+                                  "no-fa": model_method(nofa, device="cpu")}, rotate=rot)
+           for rot in ("none", "so3")}
+    d_fa = abs(res["so3"]["avg"]["fa"] - res["none"]["avg"]["fa"])
+    d_nofa = abs(res["so3"]["avg"]["no-fa"] - res["none"]["avg"]["no-fa"])
+    assert d_fa < 0.01, d_fa
+    assert d_nofa > d_fa
+
+
+def test_cli_train_and_eval_json(tmp_path):
+    run = tmp_path / "run"
+    r = runner.invoke(app, ["train", "--out", str(run), "--epochs", "1", "--steps-per-epoch",
+                            "5", "--points", "3000", "--batch-size", "32", "--noise", "0"])
+    assert r.exit_code == 0, r.output
+    (tmp_path / "t.obj").write_text(
+        "v 0 0 0\nv 1 0 0\nv 0 1 0\nv 0 0 1\nf 1 3 2\nf 1 2 4\nf 1 4 3\nf 2 3 4\n")
+    r = runner.invoke(app, ["eval", str(tmp_path / "t.obj"), "--model", str(run), "--points",
+                            "3000", "--queries", "100", "--columns", "none", "--pca-k", "16,32",
+                            "--json", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert set(rep["table"]) == {"fa", "pca-16", "pca-32", "pca-best"}
+    assert rep["best_k"]["none"] in (16, 32)
+
+
+def test_ddp_two_processes_gloo_identical_weights(tmp_path):
+    run = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", "29517", "-m", "fapc", "train", "--out", str(run), "--device",
+           "cpu", "--epochs", "1", "--steps-per-epoch", "6", "--points", "3000",
+           "--batch-size", "32", "--noise", "0"]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    ranks = json.loads((run / "ddp_ranks.json").read_text())
+    assert ranks["world_size"] == 2
+    assert ranks["digests"][0] == ranks["digests"][1]
