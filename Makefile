@@ -18,6 +18,7 @@ if ! ldconfig -p 2>/dev/null | grep -q 'libusb-1.0.so.0'; then \
   else echo "note: open3d needs libusb-1.0: run 'sudo apt-get install -y libusb-1.0-0'"; fi; \
 fi
 endef
+SHELL := /bin/bash
 .PHONY: help install demo test lint bench gpu-check clean
 
 help: ## list targets
@@ -46,8 +47,8 @@ bench: $(STAMP) ## speed + accuracy benchmarks (reads ../shared/data when presen
 
 gpu-check: ## on a GPU host without .venv: CUDA tests + 1M/10M benchmark, logs in OUT
 	@mkdir -p $(OUT)
-	PYTHONPATH=. $(PYTHON) -m pytest -q -p no:cacheprovider -m cuda tests 2>&1 | tee $(OUT)/cuda-tests.log
-	PYTHONPATH=. $(PYTHON) -m fapc.bench core --device cuda --json $(OUT)/bench-core.json 2>&1 | tee $(OUT)/bench-core.log
+	set -o pipefail; PYTHONPATH=. $(PYTHON) -m pytest -q -p no:cacheprovider -m cuda tests 2>&1 | tee $(OUT)/cuda-tests.log
+	set -o pipefail; PYTHONPATH=. PYTHONUNBUFFERED=1 $(PYTHON) -m fapc.gpu_check --out $(OUT) 2>&1 | tee $(OUT)/gpu-check.log
 
 clean: ## remove build outputs (keeps .venv)
 	rm -rf out build dist *.egg-info .pytest_cache .ruff_cache

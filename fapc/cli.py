@@ -134,8 +134,11 @@ def normals(
             err.print(f"[green]wrote[/] {r.output} ({r.points:,} points, {r.seconds:.2f} s)",
                       highlight=False, soft_wrap=True)
 
+    from fapc.pipeline import distributed_rank
+
     results = run_normals(inputs, opts, output=output, recursive=recursive, on_result=report)
-    _summary(results, as_json=as_json, quiet=quiet)
+    if distributed_rank()[1] == 0:  # under torchrun, rank 0 prints the merged summary
+        _summary(results, as_json=as_json, quiet=quiet)
     if any(r.status == "failed" for r in results):
         raise typer.Exit(1)
 

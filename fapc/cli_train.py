@@ -63,24 +63,24 @@ def train(
         help="Meshes, clouds with normals, PCPNet lists or directories.")] = None,
     out_dir: Annotated[str, typer.Option("--out", help="Run directory.")] = "runs/normals",
     config: Annotated[str | None, typer.Option(help="TOML file of settings (flags win).")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Epochs [10].")] = None,
-    steps_per_epoch: Annotated[int | None, typer.Option(help="Steps per epoch [200].")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs (default 10).")] = None,
+    steps_per_epoch: Annotated[int | None, typer.Option(help="Steps per epoch (default 200).")] = None,
     max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Patches per step [256].")] = None,
-    lr: Annotated[float | None, typer.Option(help="Peak learning rate [3e-3].")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda [auto].")] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed [0].")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Patches per step (default 256).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (default 3e-3).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda (default auto).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed (default 0).")] = None,
     val_fraction: Annotated[float | None, typer.Option(
-        help="Share of shapes held out for validation [0.2].")] = None,
+        help="Share of shapes held out for validation (default 0.2).")] = None,
     noise: Annotated[str | None, typer.Option(
-        help="Noise levels (fractions of the diagonal) [0,0.00125,0.006,0.012].")] = None,
-    points: Annotated[int | None, typer.Option(help="Points per training cloud [100000].")] = None,
+        help="Noise levels (fractions of the diagonal) (default 0,0.00125,0.006,0.012).")] = None,
+    points: Annotated[int | None, typer.Option(help="Points per training cloud (default 100000).")] = None,
     procedural: Annotated[bool | None, typer.Option(
-        "--procedural/--no-procedural", help="Add procedural primitives [on].")] = None,
+        "--procedural/--no-procedural", help="Add procedural primitives (default on).")] = None,
     fa: Annotated[bool | None, typer.Option(
         "--fa/--no-fa", help="Frame averaging (off: the same backbone, not equivariant).")] = None,
-    group: Annotated[str | None, typer.Option(help="SO3 (4 frames) or O3 (8) [SO3].")] = None,
-    amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="bf16 on CUDA [on].")] = None,
+    group: Annotated[str | None, typer.Option(help="SO3 (4 frames) or O3 (8) (default SO3).")] = None,
+    amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="bf16 on CUDA (default on).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out.")] = False,
     debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
 ) -> None:
@@ -140,7 +140,7 @@ def train(
 def eval_cmd(
     data: Annotated[list[str], typer.Argument(help="Meshes, clouds with normals, PCPNet lists.")],
     model: Annotated[str | None, typer.Option(
-        help="Model .safetensors or run directory [the shipped model].")] = None,
+        help="Model .safetensors or run directory (default the shipped model).")] = None,
     rotate: Annotated[str, typer.Option(help="none, so3 or o3: random pose per cloud.")] = "none",
     columns: Annotated[str, typer.Option(help="Mesh columns.")] = "none,0.125%,0.6%,1.2%",
     pca_k: Annotated[str, typer.Option(help="PCA baselines' k.")] = "16,32,64,128,256",
@@ -148,6 +148,9 @@ def eval_cmd(
     queries: Annotated[int, typer.Option(help="Query points per cloud (no .pidx).")] = 5000,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed for sampling, noise, queries, poses.")] = 0,
+    plots: Annotated[str | None, typer.Option(
+        help="Directory for an error histogram per column and an error-coloured render per "
+        "cloud.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Full report as JSON on stdout.")] = False,
     debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
 ) -> None:
@@ -175,8 +178,33 @@ def eval_cmd(
         with Progress(TextColumn("[bold]eval"), BarColumn(), TextColumn("{task.completed}/"
                       "{task.total} clouds"), TimeRemainingColumn(), console=err) as prog:
             task = prog.add_task("eval", total=len(clouds))
+            hists: dict[str, dict[str, list]] = {}
+            model_name = next(iter(methods))
+
+            def on_errors(c, name, pts, e) -> None:
+                if plots is None:
+                    return
+                hists.setdefault(c.column, {}).setdefault(name, []).append(e)
+                if name == model_name:
+                    from fapc.render import render as draw
+
+                    os.makedirs(plots, exist_ok=True)
+                    draw(pts, os.path.join(plots, f"{c.name}_{c.column}_error.png".replace(
+                        "%", "pct")), field=e, cmap="inferno", vmin=0, vmax=30,
+                        title=f"{c.name} {c.column}: {name} error (deg, 0-30)")
+
             report = evaluate(clouds, methods, rotate=rotate, seed=seed,
-                              on_cloud=lambda c: prog.advance(task))
+                              on_cloud=lambda c: prog.advance(task), on_errors=on_errors)
+        if plots is not None:
+            import numpy as np
+
+            from fapc.render import error_histogram
+
+            for col, per in hists.items():
+                keep = {m: np.concatenate(v) for m, v in per.items()
+                        if m == model_name or m == f"pca-{report['best_k'][col]}"}
+                error_histogram(keep, os.path.join(plots, f"hist_{col}.png".replace("%", "pct")),
+                                title=f"column {col}")
     except (FapcError, ValueError) as e:
         if debug:
             raise
@@ -202,3 +230,115 @@ def print_report(report: dict, *, title: str) -> None:
         t.add_row(m, *(f"{row[c]:.2f}" for c in report["columns"]), f"{report['avg'][m]:.2f}",
                   f"{p5:.2f}/{p10:.2f}")
     out.print(t)
+
+
+@app.command()
+def bench(
+    points: Annotated[str, typer.Option(help="Synthetic cloud sizes, e.g. 100k,1M,10M.")] = "1M",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    method: Annotated[str, typer.Option(help="fa or pca.")] = "fa",
+    model: Annotated[str | None, typer.Option(help="Model file (default the shipped model).")] = None,
+    real: Annotated[list[str] | None, typer.Option(help="Real clouds to time as well.")] = None,
+    orient: Annotated[str, typer.Option(help="Orientation stage: none, mst, ...")] = "none",
+    open3d: Annotated[bool, typer.Option("--open3d/--no-open3d",
+                                         help="Time open3d estimate_normals too.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Results as JSON on stdout.")] = False,
+    debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
+) -> None:
+    """Time each stage of the pipeline (read, kNN, frames, network, orientation, write).
+
+    Example: fapc bench --points 100k,1M --device cuda --json
+    """
+    import tempfile
+
+    from fapc.profile import open3d_reference, parse_sizes, profile_file, synthetic_file
+
+    _setup_logging()
+    results = []
+    try:
+        sizes = parse_sizes(points)
+        with tempfile.TemporaryDirectory() as tmp:
+            files = [synthetic_file(n, tmp) for n in sizes] + list(real or [])
+            for f in files:
+                r = profile_file(f, method=method, device=device, model=model, orient=orient)
+                if open3d:
+                    r["open3d"] = open3d_reference(f)
+                    if r["open3d"]:
+                        r["ratio_vs_open3d"] = r["total_s"] / r["open3d"]["total_s"]
+                results.append(r)
+    except (FapcError, ValueError) as e:
+        if debug:
+            raise
+        _fail(str(e))
+    if as_json:
+        out.print_json(json.dumps(results))
+        return
+    stages = ["read", "knn", "frames", "network", "estimate", "orient", "write"]
+    t = Table(title=f"fapc bench ({method}, seconds per stage)")
+    for col in ["cloud", "points", *stages, "total", "Mpts/s", "open3d", "ratio", "peak MB"]:
+        t.add_column(col, justify="right")
+    for r in results:
+        st = r["stages_s"]
+        o3 = r.get("open3d")
+        t.add_row(os.path.basename(r["file"]), f"{r['points']:,}",
+                  *(f"{st[s]:.2f}" if s in st else "-" for s in stages), f"{r['total_s']:.2f}",
+                  f"{r['points_per_s'] / 1e6:.3f}", f"{o3['total_s']:.2f}" if o3 else "-",
+                  f"{r['ratio_vs_open3d']:.2f}x" if o3 else "-",
+                  f"{r.get('peak_gpu_mb', r['peak_rss_mb']):.0f}")
+    out.print(t)
+
+
+@app.command()
+def render(
+    clouds: Annotated[list[str], typer.Argument(help="Clouds to draw.")],
+    output: Annotated[str, typer.Option("-o", "--output", help="PNG file (one cloud) or "
+                                        "directory (several).")] = "view.png",
+    color: Annotated[str, typer.Option(help="normal, height, or a field name (confidence, "
+                                       "curvature, intensity...).")] = "normal",
+    views: Annotated[str, typer.Option(help="Comma-separated: front, side, top, iso.")] =
+    "front,side,iso",
+    cmap: Annotated[str, typer.Option(help="Matplotlib colour map for fields.")] = "viridis",
+    max_points: Annotated[int, typer.Option(help="Draw at most this many points.")] = 300_000,
+    debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
+) -> None:
+    """Draw clouds offscreen (no display or GPU needed), shaded by normal or coloured by a field.
+
+    Example: fapc render scan.normals.ply --color confidence -o conf.png
+    """
+    from fapc.io import read_cloud
+    from fapc.render import VIEWS
+    from fapc.render import render as draw
+
+    _setup_logging()
+    names = tuple(v.strip() for v in views.split(",") if v.strip())
+    bad = [v for v in names if v not in VIEWS]
+    if bad or not names:
+        _fail(f"--views takes {', '.join(VIEWS)}", 2)
+    failed = 0
+    for path in clouds:
+        dest = output if len(clouds) == 1 else os.path.join(
+            output, os.path.splitext(os.path.basename(path))[0] + ".png")
+        try:
+            c = read_cloud(path)
+            kw: dict = {}
+            if color == "normal":
+                if c.normals is None:
+                    raise FapcError("has no normals to colour by (run fapc normals first, or "
+                                    "--color height)", path=path)
+                kw["normals"] = c.normals
+            elif color != "height":
+                if color not in c.attributes:
+                    raise FapcError(f"has no field {color!r} (fields: "
+                                    f"{', '.join(c.attributes) or 'none'})", path=path)
+                kw["field"] = c.attributes[color].reshape(len(c), -1)[:, 0]
+            os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+            draw(c.points, dest, views=names, cmap=cmap, max_points=max_points,
+                 title=os.path.basename(path), **kw)
+            err.print(f"[green]wrote[/] {dest}", highlight=False)
+        except FapcError as e:
+            if debug:
+                raise
+            failed += 1
+            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+    if failed:
+        raise typer.Exit(1)

@@ -108,6 +108,7 @@ def evaluate(
     rotate: str = "none",
     seed: int = 0,
     on_cloud: Callable[[EvalCloud], None] | None = None,
+    on_errors: Callable[[EvalCloud, str, np.ndarray, np.ndarray], None] | None = None,
 ) -> dict[str, Any]:
     """Score every method on every cloud.
 
@@ -115,6 +116,7 @@ def evaluate(
         methods: name -> ``f(points (N, 3), queries (Q,)) -> normals (Q, 3)``.
         rotate: ``none``, ``so3`` (a random rotation per cloud) or ``o3`` (a random
             rotation times a reflection); ground truth is moved with the cloud.
+        on_errors: called with ``(cloud, method, query points (Q, 3), errors (Q,) deg)``.
 
     Returns:
         ``{"rows": [...], "table": {method: {column: rmse}}, "avg": {method: rmse},
@@ -129,7 +131,10 @@ def evaluate(
         pts, gt = c.points @ q.T, c.normals @ q.T
         for name, fn in methods.items():
             pred = fn(pts, c.queries)
-            s = scores(angle_errors(pred, gt[c.queries]))
+            err = angle_errors(pred, gt[c.queries])
+            s = scores(err)
+            if on_errors:
+                on_errors(c, name, pts[c.queries], err)
             rows.append({"cloud": c.name, "column": c.column, "method": name, **s})
         if on_cloud:
             on_cloud(c)

@@ -80,13 +80,22 @@ def fa_normals(
     batch_size: int = 4096,
     query_index: np.ndarray | None = None,
     seed: int = 0,
+    knn: str = "auto",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The FA network's normals at ``query_index`` (default all) of finite ``points (N, 3)``
-    float64. Patches are built on the CPU, the network runs on ``device``."""
+    float64 (centred). ``knn``: ``scipy`` (patches built on the CPU), ``torch`` (exact grid
+    kNN on ``device``: the whole pipeline stays there) or ``auto`` (torch on CUDA)."""
     from fapc.patches import PatchBuilder
 
-    builder = PatchBuilder(points, model.config.patch, seed=seed)
+    if knn == "auto":
+        knn = "torch" if device.type == "cuda" else "scipy"
+    if knn not in ("scipy", "torch"):
+        raise ValueError(f"knn must be auto, scipy or torch, got {knn!r}")
     qi = np.arange(len(points)) if query_index is None else np.asarray(query_index)
+    if knn == "torch":
+        return _fa_normals_device(points, model, device=device, batch_size=batch_size,
+                                  query_index=qi, seed=seed)
+    builder = PatchBuilder(points, model.config.patch, seed=seed)
     n = len(qi)
     normals = np.empty((n, 3), np.float32)
     conf = np.empty(n, np.float32)
@@ -102,6 +111,22 @@ def fa_normals(
     return normals, conf, curv
 
 
+def _fa_normals_device(points, model, *, device, batch_size, query_index, seed):
+    from fapc.patches import TorchPatchBuilder
+
+    builder = TorchPatchBuilder(points, model.config.patch, device=device, seed=seed)
+    qi = torch.as_tensor(query_index, device=device)
+    outs: dict[str, list[torch.Tensor]] = {"normal": [], "confidence": [], "curvature": []}
+    with torch.inference_mode():
+        for s in range(0, len(qi), batch_size):
+            patches, _ = builder.patches(qi[s:s + batch_size])
+            out = model(patches)
+            for key in outs:
+                outs[key].append(out[key].float())
+    return tuple(torch.cat(outs[key]).cpu().numpy() for key in ("normal", "confidence",
+                                                                "curvature"))
+
+
 def estimate_normals(
     points: Any,
     *,
@@ -111,6 +136,7 @@ def estimate_normals(
     device: str | torch.device | None = "auto",
     batch_size: int = 4096,
     query_index: np.ndarray | None = None,
+    knn: str = "auto",
 ) -> NormalsResult:
     """Estimate unoriented normals, a confidence and the curvature of every point.
 
@@ -125,6 +151,8 @@ def estimate_normals(
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
         batch_size: query points per network batch.
         query_index: estimate only at these point indices (results are then ``(Q, ...)``).
+        knn: neighbour search for ``fa``: ``scipy`` (CPU), ``torch`` (exact grid search on
+            ``device``) or ``auto`` (torch on CUDA, scipy on the CPU).
 
     Raises:
         FapcError: no finite point, or fewer finite points than a neighbourhood needs.
@@ -168,7 +196,7 @@ def estimate_normals(
         nrm, conf, curv = pca_normals(finite, k=k, query_index=qi_f)
     else:
         nrm, conf, curv = fa_normals(finite, net, device=dev, batch_size=batch_size,
-                                     query_index=qi_f)
+                                     query_index=qi_f, knn=knn)
     m = len(pts) if query_index is None else len(query_index)
     if ok.all():
         return NormalsResult(nrm, conf, curv, ok)

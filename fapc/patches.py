@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from scipy.spatial import cKDTree
 
 
@@ -26,10 +27,20 @@ class PatchSpec:
     k_near: int = 32
     k_far: int = 32
     far_stride: int = 6
+    far_smooth: int = 0  # passes of neighbour averaging applied to far-scale points
 
     @property
     def size(self) -> int:
         return self.k_near + self.k_far
+
+
+def smoothed_positions(points: np.ndarray, near: np.ndarray) -> np.ndarray:
+    """The mean of each point's near neighbours ``(N, 3)``: far-scale points are replaced by
+    these, which averages the noise of ``k_near`` points into each of them."""
+    out = np.empty_like(points)
+    for s in range(0, len(points), 1 << 16):
+        out[s:s + (1 << 16)] = points[near[s:s + (1 << 16)]].mean(1)
+    return out
 
 
 class PatchBuilder:
@@ -54,11 +65,22 @@ class PatchBuilder:
         self.far_tree = cKDTree(self.points[self.far_index])
         if n < spec.k_near or len(self.far_index) < spec.k_far:
             raise ValueError(f"need at least {spec.k_near} points for a patch, got {n}")
+        self.near_all: np.ndarray | None = None
+        self.smooth: np.ndarray | None = None
+        if spec.far_smooth:
+            _, near = self.tree.query(self.points, k=spec.k_near, workers=-1)
+            self.near_all = np.asarray(near, np.int64).reshape(n, -1)
+            self.smooth = self.points
+            for _ in range(int(spec.far_smooth)):
+                self.smooth = smoothed_positions(self.smooth, self.near_all)
 
     def neighbours(self, query_index: np.ndarray) -> np.ndarray:
         """``(Q,)`` query indices -> ``(Q, k_near + k_far)`` neighbour indices into points."""
         q = self.points[query_index]
-        _, near = self.tree.query(q, k=self.spec.k_near, workers=-1)
+        if self.near_all is not None:
+            near = self.near_all[query_index]
+        else:
+            _, near = self.tree.query(q, k=self.spec.k_near, workers=-1)
         _, far = self.far_tree.query(q, k=self.spec.k_far, workers=-1)
         near = np.asarray(near, np.int64).reshape(len(q), -1)
         far = self.far_index[np.asarray(far, np.int64).reshape(len(q), -1)]
@@ -72,7 +94,61 @@ class PatchBuilder:
             ``scale (Q,)`` float64 (RMS radius), ``neighbours (Q, K)`` int64.
         """
         nb = self.neighbours(query_index)
-        local = self.points[nb] - self.points[query_index][:, None, :]  # float64 centring
+        k = self.spec.k_near
+        if self.smooth is not None:  # far scale: smoothed positions
+            pos = np.concatenate([self.points[nb[:, :k]], self.smooth[nb[:, k:]]], axis=1)
+        else:
+            pos = self.points[nb]
+        local = pos - self.points[query_index][:, None, :]  # float64 centring
         scale = np.sqrt((local ** 2).sum(-1).mean(-1))  # (Q,)
         scale = np.where(scale > 0, scale, 1.0)
         return (local / scale[:, None, None]).astype(np.float32), scale, nb
+
+
+class TorchPatchBuilder:
+    """:class:`PatchBuilder` on a torch device: the same patches (same far subsample), with
+    the exact grid kNN of :mod:`fapc.knn_torch` instead of scipy, so the whole pipeline can
+    stay on a GPU. ``points`` must already be centred (in float64) before the cast."""
+
+    def __init__(self, points: np.ndarray, spec: PatchSpec, *, device: str | torch.device,
+                 seed: int = 0) -> None:
+        from fapc.knn_torch import GridKNN
+
+        n = len(points)
+        self.spec = spec
+        self.points = torch.as_tensor(np.asarray(points, np.float32), device=device)
+        n_far = max(spec.k_far, n // max(spec.far_stride, 1))
+        rng = np.random.default_rng(seed)  # the same subsample as PatchBuilder
+        far = np.sort(rng.choice(n, size=min(n, n_far), replace=False))
+        if n < spec.k_near or len(far) < spec.k_far:
+            raise ValueError(f"need at least {spec.k_near} points for a patch, got {n}")
+        self.far_index = torch.as_tensor(far, device=device)
+        self.grid = GridKNN(self.points, spec.k_near)
+        self.far_grid = GridKNN(self.points[self.far_index], spec.k_far)
+        self.near_all: torch.Tensor | None = None
+        self.smooth: torch.Tensor | None = None
+        if spec.far_smooth:
+            self.near_all, _ = self.grid.query(self.points, spec.k_near)
+            self.smooth = self.points
+            for _ in range(int(spec.far_smooth)):
+                prev, self.smooth = self.smooth, torch.empty_like(self.points)
+                for s in range(0, n, 1 << 18):
+                    self.smooth[s:s + (1 << 18)] = prev[self.near_all[s:s + (1 << 18)]].mean(1)
+
+    def patches(self, query_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(Q,)`` indices -> ``patches (Q, K, 3)`` float32 and ``scale (Q,)``."""
+        q = self.points[query_index]  # (Q, 3)
+        if self.near_all is not None:
+            near = self.near_all[query_index]
+        else:
+            near, _ = self.grid.query(q, self.spec.k_near)
+        far, _ = self.far_grid.query(q, self.spec.k_far)
+        far = self.far_index[far]
+        if self.smooth is not None:
+            pos = torch.cat([self.points[near], self.smooth[far]], 1)
+        else:
+            pos = self.points[torch.cat([near, far], 1)]
+        local = pos - q.unsqueeze(1)  # (Q, K, 3)
+        scale = local.pow(2).sum(-1).mean(-1).sqrt()
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return local / scale[:, None, None], scale

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy.spatial import cKDTree
 
 from fapc.eigen import sym3_eigh
 from fapc.neighbors import knn
@@ -58,14 +59,16 @@ def pca_normals(
         raise ValueError(f"points must have shape (N, 3), got {points.shape}")
     pts = np.asarray(points, dtype=np.float64)
     qi = np.arange(len(pts)) if query_index is None else np.asarray(query_index)
-    idx = knn(pts, k, queries=pts[qi]) if neighbors is None else neighbors
+    tree = cKDTree(pts) if neighbors is None else None
     n = len(qi)
     normals = np.empty((n, 3), np.float32)
     conf = np.empty(n, np.float32)
     curv = np.empty(n, np.float32)
     for s in range(0, n, chunk):
         sl = slice(s, min(s + chunk, n))
-        local = (pts[idx[sl]] - pts[qi[sl], None, :]).astype(np.float32)  # (C, K, 3), float64 centring
+        # neighbours chunk by chunk: memory stays bounded for clouds of tens of millions
+        idx = knn(pts, k, queries=pts[qi[sl]], tree=tree) if neighbors is None else neighbors[sl]
+        local = (pts[idx] - pts[qi[sl], None, :]).astype(np.float32)  # (C, K, 3), float64 centring
         nrm, c, cu = normals_from_covariance(patch_covariance(torch.from_numpy(local)))
         normals[sl], conf[sl], curv[sl] = nrm.numpy(), c.numpy(), cu.numpy()
     return normals, conf, curv

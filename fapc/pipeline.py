@@ -213,13 +213,44 @@ def run_normals(
     recursive: bool = False,
     on_result: Callable[[FileResult], None] | None = None,
 ) -> list[FileResult]:
-    """Run ``fapc normals`` over ``inputs``; returns one :class:`FileResult` per job."""
-    results = []
-    for job in plan_jobs(inputs, output=output, recursive=recursive):
-        r = process_file(job, opts)
+    """Run ``fapc normals`` over ``inputs``; returns one :class:`FileResult` per job.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) the jobs are split across the ranks (rank ``r``
+    takes jobs ``r, r + W, ...``, each on its own GPU when there are GPUs), every file is
+    written once, and every rank returns the merged results in input order.
+    """
+    jobs = plan_jobs(inputs, output=output, recursive=recursive)
+    world, rank = distributed_rank()
+    if world > 1:
+        import dataclasses
+
+        import torch
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group(backend="gloo")  # results only: small objects
+        if opts.device in ("auto", "cuda") and torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            opts = dataclasses.replace(opts, device=f"cuda:{local}")
+        mine = list(range(rank, len(jobs), world))
+    else:
+        mine = list(range(len(jobs)))
+    results: list[tuple[int, FileResult]] = []
+    for i in mine:
+        r = process_file(jobs[i], opts)
         for w in r.warnings:
             log.warning("%s: %s", r.input, w)
-        results.append(r)
+        results.append((i, r))
         if on_result:
             on_result(r)
-    return results
+    if world > 1:
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, results)
+        dist.destroy_process_group()
+        results = sorted((item for part in gathered for item in part), key=lambda t: t[0])
+    return [r for _, r in results]
+
+
+def distributed_rank() -> tuple[int, int]:
+    """``(world size, rank)`` from torchrun's environment (``(1, 0)`` without it)."""
+    return int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))

@@ -188,3 +188,22 @@ def test_real_process_exit_code_and_no_traceback(tmp_path):
                        capture_output=True, text=True)
     assert p.returncode == 1
     assert "Traceback" not in p.stderr and "bad.ply" in p.stderr
+
+
+def test_torchrun_splits_files_across_two_ranks(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(5):
+        write_cloud(src / f"c{i}.ply", PointCloud(points=sphere_points(300, seed=i)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", "29519", "-m", "fapc", "normals", str(src), "-o",
+           str(tmp_path / "out"), "--method", "pca", "--json", "--quiet"]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    start = p.stdout.index("{")
+    summary = json.loads(p.stdout[start:])
+    assert summary["ok"] == 5 and summary["failed"] == 0
+    assert [os.path.basename(f["input"]) for f in summary["files"]] == [f"c{i}.ply" for i in
+                                                                        range(5)]
+    assert _files(tmp_path / "out") == [f"c{i}.ply" for i in range(5)]

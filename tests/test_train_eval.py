@@ -165,3 +165,18 @@ def test_ddp_two_processes_gloo_identical_weights(tmp_path):
     ranks = json.loads((run / "ddp_ranks.json").read_text())
     assert ranks["world_size"] == 2
     assert ranks["digests"][0] == ranks["digests"][1]
+
+
+def test_eval_plots(tmp_path):
+    torch.manual_seed(0)
+    run = tmp_path / "m.safetensors"
+    save_model(run, NormalNet(NormalNetConfig(k_near=16, k_far=16, far_stride=4)))
+    (tmp_path / "t.obj").write_text(
+        "v 0 0 0\nv 1 0 0\nv 0 1 0\nv 0 0 1\nf 1 3 2\nf 1 2 4\nf 1 4 3\nf 2 3 4\n")
+    r = runner.invoke(app, ["eval", str(tmp_path / "t.obj"), "--model", str(run), "--points",
+                            "3000", "--queries", "200", "--columns", "none,0.6%", "--pca-k",
+                            "16", "--plots", str(tmp_path / "plots"), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    names = sorted(os.listdir(tmp_path / "plots"))
+    assert names == ["hist_0.6pct.png", "hist_none.png", "t_0.6pct_error.png",
+                     "t_none_error.png"]

@@ -41,11 +41,13 @@ class NormalNetConfig:
     group: str = "SO3"
     fa: bool = True
     fit: str = "jet2"
+    near_features: bool = False
+    far_smooth: int = 0
     extra: dict = field(default_factory=dict)
 
     @property
     def patch(self) -> PatchSpec:
-        return PatchSpec(self.k_near, self.k_far, self.far_stride)
+        return PatchSpec(self.k_near, self.k_far, self.far_stride, self.far_smooth)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -101,7 +103,7 @@ class NormalNet(nn.Module):
         super().__init__()
         self.config = config or NormalNetConfig()
         c = self.config
-        self.backbone = WeightBackbone(4, c.widths, c.head)
+        self.backbone = WeightBackbone(7 if c.near_features else 4, c.widths, c.head)
         flags = torch.cat([torch.zeros(c.k_near), torch.ones(c.k_far)])
         self.register_buffer("scale_flags", flags, persistent=False)
         self.use_bf16 = False  # bf16 autocast for the backbone only (CUDA); frames stay float32
@@ -122,7 +124,11 @@ class NormalNet(nn.Module):
             local = patches.unsqueeze(1)  # (B, 1, K, 3)
         f = local.shape[1]
         flags = self.scale_flags.to(local.dtype).expand(b, f, k).unsqueeze(-1)
-        x = torch.cat([local, flags], -1).reshape(b * f, k, 4)
+        feats = [local, flags]
+        if c.near_features:  # the same coordinates at the near scale's own radius
+            near_r = patches[:, : c.k_near].pow(2).sum(-1).mean(-1).sqrt().clamp_min(1e-6)
+            feats.insert(1, local / near_r[:, None, None, None])
+        x = torch.cat(feats, -1).reshape(b * f, k, -1)
         with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16,
                             enabled=self.use_bf16 and x.device.type == "cuda"):
             out = self.backbone(x)
@@ -200,7 +206,13 @@ def jet_normal(patches: torch.Tensor, weights: torch.Tensor, axes: torch.Tensor,
     return n / n.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
-def unoriented_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean ``1 - (n . n_gt)^2`` = ``sin^2`` of the unoriented angle; ``(B, 3)`` each."""
+def unoriented_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "sin") -> torch.Tensor:
+    """Mean ``|sin|`` (``kind="sin"``) or ``sin^2`` of the unoriented angle; ``(B, 3)`` each.
+
+    ``|sin|`` keeps a useful gradient for small errors (clean, sharp patches) where ``sin^2``
+    lets the noisy patches dominate."""
     t = target / target.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    return (1 - (pred * t).sum(-1) ** 2).mean()
+    s2 = (1 - (pred * t).sum(-1) ** 2).clamp_min(0)
+    if kind == "sin2":
+        return s2.mean()
+    return (s2 + 1e-8).sqrt().mean()

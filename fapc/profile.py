@@ -1,0 +1,162 @@
+"""Stage-by-stage timing of the normals pipeline (``fapc bench``): read, neighbours and
+patches, frames, network, orientation, write; with points/s, peak memory, and open3d's
+``estimate_normals`` on the same cloud when open3d is importable."""
+
+from __future__ import annotations
+
+import os
+import resource
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from fapc.cloud import PointCloud
+from fapc.io import read_cloud, write_cloud
+
+
+def parse_sizes(text: str) -> list[int]:
+    """``"100k,1M,10M"`` -> ``[100000, 1000000, 10000000]``."""
+    out = []
+    for tok in text.split(","):
+        tok = tok.strip().lower()
+        mult = {"k": 1_000, "m": 1_000_000}.get(tok[-1:], 1)
+        out.append(int(float(tok.rstrip("km")) * mult))
+    return out
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _clock(dev: torch.device) -> Callable[[], float]:
+    def now() -> float:
+        _sync(dev)
+        return time.perf_counter()
+    return now
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def profile_file(path: str, *, method: str = "fa", device: str = "cpu", model: str | None = None,
+                 k: int = 30, orient: str = "none", batch_size: int = 8192,
+                 out_path: str | None = None) -> dict[str, Any]:
+    """Run the pipeline on one file, timing each stage (seconds)."""
+    from fapc.normals import resolve_device
+
+    dev = resolve_device(device)
+    now = _clock(dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    t: dict[str, float] = {}
+    t0 = now()
+    cloud = read_cloud(path)
+    t["read"] = now() - t0
+    pts = cloud.points.astype(np.float64)
+    pts = pts - pts.mean(0)
+    n = len(pts)
+    if method == "pca":
+        from fapc.neighbors import knn
+        from fapc.pca import pca_normals
+
+        t0 = now()
+        idx = knn(pts, k)
+        t["knn"] = now() - t0
+        t0 = now()
+        normals, _, _ = pca_normals(pts, neighbors=idx)
+        t["estimate"] = now() - t0
+    else:
+        normals = _profile_fa(pts, t, dev=dev, model=model, batch_size=batch_size, now=now)
+    if orient != "none":
+        from fapc.orient import orient as orient_fn
+        from fapc.orient import parse_orient
+
+        mode, vp = parse_orient(orient)
+        t0 = now()
+        normals = orient_fn(pts, normals.astype(np.float64), mode, viewpoint=vp)
+        t["orient"] = now() - t0
+    cloud.normals = normals.astype(np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = now()
+        write_cloud(out_path or os.path.join(tmp, "out.ply"), cloud)
+        t["write"] = now() - t0
+    total = sum(t.values())
+    res: dict[str, Any] = {"file": path, "points": n, "method": method, "device": str(dev),
+                           "stages_s": t, "total_s": total, "points_per_s": n / total,
+                           "estimate_points_per_s": n / sum(v for s, v in t.items()
+                                                            if s not in ("read", "write")),
+                           "peak_rss_mb": peak_rss_mb()}
+    if dev.type == "cuda":
+        res["peak_gpu_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+    return res
+
+
+def _profile_fa(pts: np.ndarray, t: dict[str, float], *, dev: torch.device, model: str | None,
+                batch_size: int, now: Callable[[], float]) -> np.ndarray:
+    from fapc.frames import compute_frames
+    from fapc.models.checkpoint import load_model
+    from fapc.patches import PatchBuilder, TorchPatchBuilder
+
+    net, _ = load_model(model, device=dev)
+    net.use_bf16 = dev.type == "cuda"
+    n = len(pts)
+    t0 = now()
+    if dev.type == "cuda":
+        builder: Any = TorchPatchBuilder(pts, net.config.patch, device=dev)
+    else:
+        builder = PatchBuilder(pts, net.config.patch)
+    t["knn"] = now() - t0
+    t["frames"] = t["network"] = 0.0
+    normals = np.empty((n, 3), np.float32)
+    with torch.inference_mode():
+        for s in range(0, n, batch_size):
+            q = np.arange(s, min(s + batch_size, n))
+            t0 = now()
+            if dev.type == "cuda":
+                patches, _ = builder.patches(torch.as_tensor(q, device=dev))
+            else:
+                patches = torch.from_numpy(builder.patches(q)[0])
+            t["knn"] += now() - t0
+            t0 = now()
+            compute_frames(patches, group=net.config.group,
+                           center=torch.zeros(len(q), 3, device=dev))
+            t["frames"] += now() - t0
+            t0 = now()
+            normals[q] = net(patches)["normal"].float().cpu().numpy()
+            t["network"] += now() - t0
+    t["network"] = max(t["network"] - t["frames"], 0.0)  # the forward pass includes frames
+    return normals
+
+
+def open3d_reference(path: str, k: int = 30) -> dict[str, Any] | None:
+    """open3d read + ``estimate_normals(k)`` + write of the same file, or None."""
+    try:
+        import open3d as o3d
+    except Exception:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        c = o3d.io.read_point_cloud(path)
+        t1 = time.perf_counter()
+        c.estimate_normals(o3d.geometry.KDTreeSearchParamKNN(k))
+        t2 = time.perf_counter()
+        o3d.io.write_point_cloud(os.path.join(tmp, "o.ply"), c)
+        t3 = time.perf_counter()
+    return {"read": t1 - t0, "estimate": t2 - t1, "write": t3 - t2, "total_s": t3 - t0}
+
+
+def synthetic_file(n: int, folder: str, *, seed: int = 0) -> str:
+    """A binary PLY of ``n`` points on a bumpy sphere (float32) in ``folder``."""
+    from fapc.bench import synthetic_surface
+
+    path = os.path.join(folder, f"synthetic_{n}.ply")
+    if not os.path.exists(path):
+        write_cloud(path, PointCloud(points=synthetic_surface(n, seed=seed, noise=1e-3)
+                                     .astype(np.float32)))
+    return path
