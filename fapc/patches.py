@@ -37,10 +37,11 @@ class PatchSpec:
 def smoothed_positions(points: np.ndarray, near: np.ndarray) -> np.ndarray:
     """The mean of each point's near neighbours ``(N, 3)``: far-scale points are replaced by
     these, which averages the noise of ``k_near`` points into each of them."""
-    out = np.empty_like(points)
+    pts, nb = torch.from_numpy(points), torch.from_numpy(near)
+    out = torch.empty_like(pts)
     for s in range(0, len(points), 1 << 16):
-        out[s:s + (1 << 16)] = points[near[s:s + (1 << 16)]].mean(1)
-    return out
+        out[s:s + (1 << 16)] = pts[nb[s:s + (1 << 16)]].mean(1)
+    return out.numpy()
 
 
 class PatchBuilder:
@@ -95,14 +96,19 @@ class PatchBuilder:
         """
         nb = self.neighbours(query_index)
         k = self.spec.k_near
+        # gathers in torch (multi-threaded), arithmetic in float64 until the patch is centred
+        pts = torch.from_numpy(self.points)
+        nb_t = torch.from_numpy(nb)
+        q = pts[torch.from_numpy(np.asarray(query_index, np.int64))].unsqueeze(1)  # (Q, 1, 3)
         if self.smooth is not None:  # far scale: smoothed positions
-            pos = np.concatenate([self.points[nb[:, :k]], self.smooth[nb[:, k:]]], axis=1)
+            pos = torch.cat([pts[nb_t[:, :k]], torch.from_numpy(self.smooth)[nb_t[:, k:]]], 1)
         else:
-            pos = self.points[nb]
-        local = pos - self.points[query_index][:, None, :]  # float64 centring
-        scale = np.sqrt((local ** 2).sum(-1).mean(-1))  # (Q,)
-        scale = np.where(scale > 0, scale, 1.0)
-        return (local / scale[:, None, None]).astype(np.float32), scale, nb
+            pos = pts[nb_t]
+        local = pos - q  # (Q, K, 3) float64
+        scale = local.square().sum(-1).mean(-1).sqrt()  # (Q,)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        patches = (local / scale[:, None, None]).to(torch.float32)
+        return patches.numpy(), scale.numpy(), nb
 
 
 class TorchPatchBuilder:

@@ -274,7 +274,8 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, int, dict[str, float]], N
             opt.step()
             sched.step()
             step += 1
-            running.append(float(loss.detach()))
+            last_loss = float(loss.detach())
+            running.append(last_loss)
             end_epoch = step % cfg.steps_per_epoch == 0 or step == total
             if rank == 0 and end_epoch:
                 metrics = evaluate_patches(model, val, device)
@@ -294,7 +295,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, int, dict[str, float]], N
                             "step": step, "best": best, "torch_rng": torch.get_rng_state()}, tmp)
                 os.replace(tmp, state_path)
             if on_step and rank == 0:
-                on_step(step, total, {"loss": running[-1] if running else float("nan"), **metrics})
+                on_step(step, total, {**metrics, "loss": last_loss})
     if world > 1:
         digests = [None] * world
         dist.all_gather_object(digests, _digest(model))

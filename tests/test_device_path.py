@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import angle_deg
 from scipy.spatial import cKDTree
 
-from conftest import angle_deg
 from fapc.bench import synthetic_surface
 from fapc.knn_torch import GridKNN
 from fapc.models.normal_net import NormalNet, NormalNetConfig

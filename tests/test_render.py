@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import sphere_points
 from typer.testing import CliRunner
 
-from conftest import sphere_points
 from fapc.cli import app
 from fapc.cloud import PointCloud
 from fapc.io import write_cloud

@@ -34,6 +34,7 @@ def save_model(path: str | os.PathLike, model: NormalNet, *,
     path = os.fspath(path)
     tmp = path + ".tmp"
     save_file(state, tmp, metadata=meta)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 

@@ -79,7 +79,11 @@ class WeightBackbone(nn.Module):
         self.out = nn.Linear(head, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h1 = self.l1(x).relu_()  # (B', K, w0)
+        return self.from_first(self.l1(x))
+
+    def from_first(self, pre: torch.Tensor) -> torch.Tensor:
+        """The rest of the network from the first layer's pre-activations ``(B', K, w0)``."""
+        h1 = pre.relu_()  # (B', K, w0)
         g = self.l2(h1).relu_().amax(dim=-2)  # (B', w1)
         h = (self.point(h1) + self.glob(g).unsqueeze(-2)).relu_()  # (B', K, head)
         return self.out(h).squeeze(-1)  # (B', K)
@@ -119,6 +123,8 @@ class NormalNet(nn.Module):
             frames = compute_frames(patches, group=c.group,
                                     center=torch.zeros(b, 3, dtype=patches.dtype,
                                                        device=patches.device))
+            if not c.near_features:
+                return self._fused_logits(patches, frames.rotations)
             local = to_frames(patches, frames)  # (B, F, K, 3)
         else:
             local = patches.unsqueeze(1)  # (B, 1, K, 3)
@@ -132,6 +138,24 @@ class NormalNet(nn.Module):
         with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16,
                             enabled=self.use_bf16 and x.device.type == "cuda"):
             out = self.backbone(x)
+        return out.to(patches.dtype).reshape(b, f, k)
+
+    def _fused_logits(self, patches: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+        """FA folded into the first layer: ``l1([x R, flag]) = x (R W^T) + flag w + b``, one
+        batched product per frame element instead of materialising ``x R`` and the input
+        concatenation. ``patches (B, K, 3)``, ``rot (B, F, 3, 3)`` -> logits ``(B, F, K)``."""
+        b, k, _ = patches.shape
+        f = rot.shape[1]
+        l1 = self.backbone.l1
+        w_xyz, w_flag = l1.weight[:, :3], l1.weight[:, 3]  # (w0, 3), (w0,)
+        with torch.autocast(device_type=patches.device.type, dtype=torch.bfloat16,
+                            enabled=self.use_bf16 and patches.device.type == "cuda"):
+            eff = rot @ w_xyz.t().to(rot.dtype)  # (B, F, 3, w0)
+            pre = patches.unsqueeze(1) @ eff  # (B, F, K, w0)
+            bias = self.scale_flags.to(pre.dtype).unsqueeze(-1) * w_flag.to(pre.dtype) + \
+                l1.bias.to(pre.dtype)  # (K, w0)
+            pre = (pre + bias).reshape(b * f, k, -1)
+            out = self.backbone.from_first(pre)
         return out.to(patches.dtype).reshape(b, f, k)
 
     def forward(self, patches: torch.Tensor) -> dict[str, torch.Tensor]:
