@@ -162,6 +162,40 @@ def print_accuracy(rep: dict[str, Any]) -> None:
                   f"max |so3 - none| {drift:.4f} deg")
 
 
+def bench_orient(n: int = 100_000, k: int = 8) -> dict[str, Any]:
+    """MST orientation vs open3d ``orient_normals_consistent_tangent_plane(k)`` on ``n``
+    points of a torus (two-sided ground truth known) with scrambled PCA normals.
+    Consistency: the share of points whose normal agrees with the outward truth (after the
+    better global sign)."""
+    from fapc.datasets import make_cloud, procedural_shapes
+    from fapc.normals import estimate_normals
+    from fapc.orient import orient_mst
+
+    shape = procedural_shapes(("torus",))[0]
+    pts, gt = make_cloud(shape, n=n, noise=0.001, seed=1)
+    est = estimate_normals(pts, method="pca", k=20).normals.astype(np.float64)
+    est *= np.random.default_rng(0).choice([-1.0, 1.0], size=(n, 1))
+
+    def consistency(nrm: np.ndarray) -> float:
+        a = float(np.mean((nrm * gt).sum(1) > 0))
+        return max(a, 1 - a)
+
+    res: dict[str, Any] = {"points": n, "k": k}
+    res["fapc_s"], out = _timed(lambda: orient_mst(pts, est, k=k))
+    res["fapc_consistency"] = consistency(out)
+    try:
+        import open3d as o3d
+    except ImportError as e:
+        res["open3d"] = f"not importable ({e})"
+        return res
+    pc = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(pts))
+    pc.normals = o3d.utility.Vector3dVector(est)
+    res["open3d_s"], _ = _timed(lambda: pc.orient_normals_consistent_tangent_plane(k))
+    res["open3d_consistency"] = consistency(np.asarray(pc.normals))
+    res["speedup"] = res["open3d_s"] / res["fapc_s"]
+    return res
+
+
 def _table(title: str, rows: dict[str, Any]) -> None:
     t = Table(title=title, show_header=False)
     t.add_column("", style="bold")
@@ -176,7 +210,7 @@ def _table(title: str, rows: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fapc.bench", description=__doc__)
     p.add_argument("section", nargs="?", default="all",
-                   choices=["all", "pca", "fa", "core", "accuracy"])
+                   choices=["all", "pca", "fa", "core", "orient", "accuracy"])
     p.add_argument("--data", default=None, help="the shared data folder (default ../shared/data)")
     p.add_argument("--model", default=None)
     p.add_argument("--device", default="cpu")
@@ -202,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.section in ("all", "fa"):
         results["fa"] = bench_pca(args.points, method="fa", device=args.device)
         _table(f"FA normals ({args.device}) vs open3d estimate_normals", results["fa"])
+    if args.section in ("all", "orient"):
+        results["orient"] = bench_orient()
+        _table("Orientation: MST propagation vs open3d (100k points)", results["orient"])
     if args.section in ("all", "accuracy"):
         rep = bench_accuracy(args.data, model=args.model)
         if rep is None:

@@ -93,7 +93,8 @@ def p2s_scans(root: str) -> list[Shape]:
     return out
 
 
-def test_clouds(root: str, *, columns: tuple[str, ...] = ("none", "0.125%", "0.6%", "1.2%"),
+def test_clouds(root: str, *, columns: tuple[str, ...] = ("none", "0.125%", "0.6%", "1.2%", "stripe",
+                                                        "gradient"),
                 queries: int = 5000, points: int = 100_000, scans: bool = True,
                 pcpnet: bool = True, seed: int = 0) -> list[EvalCloud]:
     """Every TEST cloud of the benchmark, column by column."""

@@ -81,6 +81,15 @@ def train(
         "--fa/--no-fa", help="Frame averaging (off: the same backbone, not equivariant).")] = None,
     group: Annotated[str | None, typer.Option(help="SO3 (4 frames) or O3 (8) (default SO3).")] = None,
     amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="bf16 on CUDA (default on).")] = None,
+    mode: Annotated[str | None, typer.Option(
+        help="patch (local patches, the default model) or shape (one FA-PointNet/FA-DGCNN "
+        "over whole clouds, the frame-averaging paper's setting).")] = None,
+    backbone: Annotated[str | None, typer.Option(
+        help="Shape mode: pointnet or dgcnn (default pointnet).")] = None,
+    shape_points: Annotated[int | None, typer.Option(
+        help="Shape mode: points per cloud (default 512).")] = None,
+    outliers: Annotated[float | None, typer.Option(
+        help="Fraction of uniform outliers added to training clouds (default 0).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out.")] = False,
     debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
 ) -> None:
@@ -96,7 +105,8 @@ def train(
     given = {"out": out_dir, "epochs": epochs, "steps_per_epoch": steps_per_epoch,
              "max_steps": max_steps, "batch_size": batch_size, "lr": lr, "device": device,
              "seed": seed, "val_fraction": val_fraction, "points": points,
-             "procedural": procedural, "fa": fa, "group": group, "amp": amp}
+             "procedural": procedural, "fa": fa, "group": group, "amp": amp, "mode": mode,
+             "backbone": backbone, "shape_points": shape_points, "outliers": outliers}
     if data:
         given["data"] = list(data)
     if noise is not None:
@@ -173,7 +183,10 @@ def eval_cmd(
         if not shapes:
             raise FapcError("no usable shapes (meshes or clouds with normals)")
         clouds = build_clouds(shapes, columns=cols, points=points, queries=queries, seed=seed)
-        methods = {"fa" if net.config.fa else "no-fa": model_method(net, device=str(dev))}
+        label = "fa" if net.config.fa else "no-fa"
+        if getattr(net.config, "kind", "patch") == "shape":
+            label += f"-{net.config.backbone}"
+        methods = {label: model_method(net, device=str(dev))}
         methods.update({f"pca-{k}": pca_method(k) for k in ks})
         with Progress(TextColumn("[bold]eval"), BarColumn(), TextColumn("{task.completed}/"
                       "{task.total} clouds"), TimeRemainingColumn(), console=err) as prog:

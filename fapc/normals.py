@@ -173,12 +173,12 @@ def estimate_normals(
             net, _ = _cached_model(None if model is None else os.fspath(model), str(dev))
         else:
             net = model.to(dev).eval()
-        need = max(net.config.k_near, net.config.k_far)
+        need = getattr(net.config, "points", None) or max(net.config.k_near, net.config.k_far)
     else:
         need = k
     if n_valid < need:
-        raise FapcError(f"only {n_valid} finite points, fewer than the {need} a "
-                        f"neighbourhood needs (k={need})")
+        raise FapcError(f"only {n_valid} finite points, fewer than k={need} (the neighbourhood "
+                        "size)")
     # centre the whole cloud in float64 first: georeferenced coordinates keep their precision
     finite = np.asarray(pts[valid] if n_valid < len(pts) else pts, np.float64)
     finite = finite - finite.mean(axis=0)
@@ -194,6 +194,10 @@ def estimate_normals(
         qi_f, ok = None, valid
     if method == "pca":
         nrm, conf, curv = pca_normals(finite, k=k, query_index=qi_f)
+    elif getattr(net.config, "kind", "patch") == "shape":
+        from fapc.models.shape_net import shape_normals
+
+        nrm, conf, curv = shape_normals(finite, net, device=dev, query_index=qi_f)
     else:
         nrm, conf, curv = fa_normals(finite, net, device=dev, batch_size=batch_size,
                                      query_index=qi_f, knn=knn)

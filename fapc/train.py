@@ -69,12 +69,26 @@ class TrainConfig:
     near_features: bool = False
     far_smooth: int = 0
     loss: str = "sin"
+    mode: str = "patch"  # or "shape": one FA-PointNet/DGCNN over whole clouds
+    backbone: str = "pointnet"  # shape mode: pointnet or dgcnn
+    shape_points: int = 512
 
     def model_config(self) -> NormalNetConfig:
         return NormalNetConfig(k_near=self.k_near, k_far=self.k_far, far_stride=self.far_stride,
                                widths=tuple(self.widths), head=self.head, group=self.group,
                                fa=self.fa, fit=self.fit, near_features=self.near_features,
                                far_smooth=self.far_smooth)
+
+    def build_model(self) -> torch.nn.Module:
+        if self.mode == "shape":
+            from fapc.models.shape_net import ShapeNetConfig, ShapeNormalNet
+
+            return ShapeNormalNet(ShapeNetConfig(backbone=self.backbone, points=self.shape_points,
+                                                 fa=self.fa, group="E3" if self.group == "SO3"
+                                                 else self.group))
+        if self.mode != "patch":
+            raise FapcError(f"mode must be patch or shape, got {self.mode!r}")
+        return NormalNet(self.model_config())
 
     @property
     def total_steps(self) -> int:
@@ -126,6 +140,20 @@ class _Pool:
             slot = (step // self.cfg.refresh_every) % self.cfg.pool
             self.items[slot] = self._make(base + slot)
 
+    def shape_batch(self, rng: np.random.Generator, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``size`` whole clouds of ``shape_points`` points: ``(B, N, 3)`` and normals."""
+        ps, ns = [], []
+        for _ in range(size):
+            shape = self.shapes[rng.integers(len(self.shapes))]
+            pts, nrm = make_cloud(shape, n=self.cfg.shape_points, noise=float(rng.choice(
+                self.cfg.noise)), seed=int(rng.integers(1 << 31)))
+            if len(pts) < self.cfg.shape_points:  # a small cloud: repeat points
+                extra = rng.choice(len(pts), self.cfg.shape_points - len(pts))
+                pts, nrm = np.concatenate([pts, pts[extra]]), np.concatenate([nrm, nrm[extra]])
+            ps.append(pts.astype(np.float32))
+            ns.append(nrm.astype(np.float32))
+        return torch.from_numpy(np.stack(ps)), torch.from_numpy(np.stack(ns))
+
     def batch(self, rng: np.random.Generator, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         per = np.full(len(self.items), size // len(self.items))
         per[: size % len(self.items)] += 1
@@ -151,8 +179,19 @@ def split_shapes(shapes: list[Shape], fraction: float, seed: int) -> tuple[list[
 
 def validation_set(shapes: list[Shape], cfg: TrainConfig, spec) -> list[tuple[str, torch.Tensor,
                                                                            torch.Tensor]]:
-    """Fixed patches: every validation shape at every noise level, ``val_queries`` each."""
+    """Fixed patches: every validation shape at every noise level, ``val_queries`` each
+    (shape mode: 4 whole clouds of ``shape_points`` points each)."""
     out = []
+    if cfg.mode == "shape":
+        for i, s in enumerate(shapes):
+            for j, noise in enumerate(cfg.noise):
+                clouds = [make_cloud(s, n=cfg.shape_points, noise=noise,
+                                     seed=10_000 + 97 * i + 13 * j + r) for r in range(4)]
+                m = min(len(p) for p, _ in clouds)
+                out.append((f"{s.name}@{noise:g}",
+                            torch.from_numpy(np.stack([p[:m] for p, _ in clouds]).astype(np.float32)),
+                            torch.from_numpy(np.stack([n[:m] for _, n in clouds]).astype(np.float32))))
+        return out
     for i, s in enumerate(shapes):
         for j, noise in enumerate(cfg.noise):
             pts, nrm = make_cloud(s, n=cfg.points, noise=noise, seed=10_000 + 97 * i + j)
@@ -175,8 +214,8 @@ def evaluate_patches(model: NormalNet, val, device: torch.device) -> dict[str, f
     with torch.no_grad():
         for name, p, n in val:
             for s in range(0, len(p), 2048):
-                out = model(p[s:s + 2048].to(device))["normal"].float().cpu()
-                t = n[s:s + 2048]
+                out = model(p[s:s + 2048].to(device))["normal"].float().cpu().reshape(-1, 3)
+                t = n[s:s + 2048].reshape(-1, 3)
                 losses += float(unoriented_loss(out, t)) * len(t)
                 n_all += len(t)
                 cos = (out * t).sum(-1).abs().clamp(max=1)
@@ -221,7 +260,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, int, dict[str, float]], N
         log.warning("no shape left for validation: validating on procedural shapes")
         val_shapes = procedural_shapes()[:2]
     mcfg = cfg.model_config()
-    model = NormalNet(mcfg).to(device)
+    model = cfg.build_model().to(device)
     model.use_bf16 = cfg.amp and device.type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = cfg.total_steps
@@ -263,11 +302,15 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, int, dict[str, float]], N
         if new_log:
             writer.writerow(["step", "epoch", "lr", "train_loss", "val_loss", "val_rmse", "seconds"])
         while step < total:
-            if step % cfg.refresh_every == 0 or not pool.items:
+            if cfg.mode == "patch" and (step % cfg.refresh_every == 0 or not pool.items):
                 pool.refresh(step)
-            patches, target = pool.batch(rng, cfg.batch_size)
+            if cfg.mode == "shape":
+                patches, target = pool.shape_batch(rng, cfg.batch_size)
+            else:
+                patches, target = pool.batch(rng, cfg.batch_size)
             patches, target = patches.to(device), target.to(device)
-            loss = unoriented_loss(ddp(patches)["normal"].float(), target, cfg.loss)
+            pred = ddp(patches)["normal"].float().reshape(-1, 3)
+            loss = unoriented_loss(pred, target.reshape(-1, 3), cfg.loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

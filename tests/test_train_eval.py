@@ -180,3 +180,21 @@ def test_eval_plots(tmp_path):
     names = sorted(os.listdir(tmp_path / "plots"))
     assert names == ["hist_0.6pct.png", "hist_none.png", "t_0.6pct_error.png",
                      "t_none_error.png"]
+
+
+@pytest.mark.parametrize("backbone", ["pointnet", "dgcnn"])
+def test_shape_mode_trains_saves_and_is_rotation_invariant(tmp_path, backbone):
+    run = tmp_path / backbone
+    r = runner.invoke(app, ["train", "--out", str(run), "--mode", "shape", "--backbone",
+                            backbone, "--shape-points", "128", "--epochs", "2",
+                            "--steps-per-epoch", "3", "--batch-size", "4", "--noise", "0",
+                            "--points", "2000"])
+    assert r.exit_code == 0, r.output
+    model, info = load_model(run)
+    assert info["config"].kind == "shape" and info["config"].backbone == backbone
+    shapes = procedural_shapes(("cube", "cylinder"))
+    clouds = build_clouds(shapes, columns=("none",), points=3000, queries=256)
+    res = {rot: evaluate(clouds, {"fa": model_method(model, device="cpu")}, rotate=rot)
+           for rot in ("none", "so3", "o3")}
+    assert abs(res["so3"]["avg"]["fa"] - res["none"]["avg"]["fa"]) < 0.01
+    assert abs(res["o3"]["avg"]["fa"] - res["none"]["avg"]["fa"]) < 0.01

@@ -21,7 +21,7 @@ FORMAT = "fapc-normalnet-1"
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "default.safetensors"
 
 
-def save_model(path: str | os.PathLike, model: NormalNet, *,
+def save_model(path: str | os.PathLike, model: torch.nn.Module, *,
                metrics: dict[str, Any] | None = None) -> None:
     """Write ``model`` as safetensors (atomically) with its config and metrics."""
     from safetensors.torch import save_file
@@ -69,7 +69,7 @@ def _check_safetensors(p: Path) -> None:
 
 
 def load_model(path: str | os.PathLike | None = None, *, device: str | torch.device = "cpu"
-               ) -> tuple[NormalNet, dict[str, Any]]:
+               ) -> tuple[Any, dict[str, Any]]:
     """Load a model file (default: the shipped model). Returns the model (eval mode) and its
     metadata (``config``, ``fapc_version``, ``metrics``)."""
     from safetensors import safe_open
@@ -89,8 +89,14 @@ def load_model(path: str | os.PathLike | None = None, *, device: str | torch.dev
         raise FapcError(f"corrupt model file ({e})".splitlines()[0], path=p) from None
     if meta.get("format") != FORMAT:
         raise FapcError(f"not a fapc model (format {meta.get('format')!r})", path=p)
-    config = NormalNetConfig.from_json(meta["config"])
-    model = NormalNet(config)
+    if json.loads(meta["config"]).get("kind") == "shape":
+        from fapc.models.shape_net import ShapeNetConfig, ShapeNormalNet
+
+        config: Any = ShapeNetConfig.from_json(meta["config"])
+        model: Any = ShapeNormalNet(config)
+    else:
+        config = NormalNetConfig.from_json(meta["config"])
+        model = NormalNet(config)
     try:
         model.load_state_dict(tensors)
     except RuntimeError as e:

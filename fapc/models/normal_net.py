@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from fapc.eigen import sym3_eigh
-from fapc.frames import compute_frames, to_frames
+from fapc.frames import compute_frames
 from fapc.models.fa import average_axes
 from fapc.patches import PatchSpec
 
@@ -123,9 +123,7 @@ class NormalNet(nn.Module):
             frames = compute_frames(patches, group=c.group,
                                     center=torch.zeros(b, 3, dtype=patches.dtype,
                                                        device=patches.device))
-            if not c.near_features:
-                return self._fused_logits(patches, frames.rotations)
-            local = to_frames(patches, frames)  # (B, F, K, 3)
+            return self._fused_logits(patches, frames.rotations)
         else:
             local = patches.unsqueeze(1)  # (B, 1, K, 3)
         f = local.shape[1]
@@ -141,16 +139,22 @@ class NormalNet(nn.Module):
         return out.to(patches.dtype).reshape(b, f, k)
 
     def _fused_logits(self, patches: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-        """FA folded into the first layer: ``l1([x R, flag]) = x (R W^T) + flag w + b``, one
+        """FA folded into the first layer: ``l1([x R, flag]) = x (R W^T) + flag w + b`` (and
+        the near-scale copy ``x R / r`` folds in the same way), one
         batched product per frame element instead of materialising ``x R`` and the input
         concatenation. ``patches (B, K, 3)``, ``rot (B, F, 3, 3)`` -> logits ``(B, F, K)``."""
         b, k, _ = patches.shape
         f = rot.shape[1]
         l1 = self.backbone.l1
-        w_xyz, w_flag = l1.weight[:, :3], l1.weight[:, 3]  # (w0, 3), (w0,)
+        w_xyz, w_flag = l1.weight[:, :3], l1.weight[:, -1]  # (w0, 3), (w0,)
+        w_eff = w_xyz.t().to(rot.dtype).expand(b, 3, -1)  # (B, 3, w0)
+        if self.config.near_features:  # x R W1^T + (x R / r_near) W2^T = x R (W1 + W2 / r)^T
+            near_r = patches[:, : self.config.k_near].pow(2).sum(-1).mean(-1).sqrt()
+            w2 = l1.weight[:, 3:6].t().to(rot.dtype)
+            w_eff = w_eff + w2 / near_r.clamp_min(1e-6)[:, None, None]
         with torch.autocast(device_type=patches.device.type, dtype=torch.bfloat16,
                             enabled=self.use_bf16 and patches.device.type == "cuda"):
-            eff = rot @ w_xyz.t().to(rot.dtype)  # (B, F, 3, w0)
+            eff = rot @ w_eff.unsqueeze(1)  # (B, F, 3, w0)
             pre = patches.unsqueeze(1) @ eff  # (B, F, K, w0)
             bias = self.scale_flags.to(pre.dtype).unsqueeze(-1) * w_flag.to(pre.dtype) + \
                 l1.bias.to(pre.dtype)  # (K, w0)
