@@ -61,16 +61,24 @@ def profile_file(path: str, *, method: str = "fa", device: str = "cpu", model: s
     pts = cloud.points.astype(np.float64)
     pts = pts - pts.mean(0)
     n = len(pts)
-    if method == "pca":
+    if method == "pca":  # chunk by chunk, as the pipeline does: memory stays bounded
+        from scipy.spatial import cKDTree
+
         from fapc.neighbors import knn
         from fapc.pca import pca_normals
 
         t0 = now()
-        idx = knn(pts, k)
-        t["knn"] = now() - t0
-        t0 = now()
-        normals, _, _ = pca_normals(pts, neighbors=idx)
-        t["estimate"] = now() - t0
+        tree = cKDTree(pts)
+        t["knn"], t["estimate"] = now() - t0, 0.0
+        normals = np.empty((n, 3), np.float32)
+        for s in range(0, n, 1 << 16):
+            sl = np.arange(s, min(s + (1 << 16), n))
+            t0 = now()
+            idx = knn(pts, k, queries=pts[sl], tree=tree)
+            t["knn"] += now() - t0
+            t0 = now()
+            normals[sl] = pca_normals(pts, neighbors=idx, query_index=sl)[0]
+            t["estimate"] += now() - t0
     else:
         normals = _profile_fa(pts, t, dev=dev, model=model, batch_size=batch_size, now=now)
     if orient != "none":
