@@ -26,7 +26,14 @@ err = Console(stderr=True)
 out = Console()
 
 
+_GLOBAL = {"quiet": False, "verbose": False}
+
+
 def _setup_logging(verbose: bool = False, quiet: bool = False) -> None:
+    """Logs go to stderr; ``--quiet`` keeps errors only, ``--verbose`` adds debug lines
+    (per command, or for every command as ``fapc --quiet ...``)."""
+    verbose = verbose or _GLOBAL["verbose"]
+    quiet = quiet or _GLOBAL["quiet"]
     level = logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
@@ -50,8 +57,13 @@ def _version(value: bool) -> None:
 def _root(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Errors only, for every "
+                                        "command.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging on stderr, "
+                                          "for every command.")] = False,
 ) -> None:
     """fapc: point-cloud geometry toolkit."""
+    _GLOBAL.update(quiet=quiet, verbose=verbose)
 
 
 @app.command()

@@ -164,7 +164,10 @@ def synthetic_file(n: int, folder: str, *, seed: int = 0) -> str:
     from fapc.bench import synthetic_surface
 
     path = os.path.join(folder, f"synthetic_{n}.ply")
-    if not os.path.exists(path):
-        write_cloud(path, PointCloud(points=synthetic_surface(n, seed=seed, noise=1e-3)
-                                     .astype(np.float32)))
+    if not os.path.exists(path):  # made in chunks, so the peak memory is the cloud's own
+        pts = np.empty((n, 3), np.float32)
+        step = 1 << 21
+        for i, s in enumerate(range(0, n, step)):
+            pts[s:s + step] = synthetic_surface(min(step, n - s), seed=seed + i, noise=1e-3)
+        write_cloud(path, PointCloud(points=pts))
     return path

@@ -207,3 +207,21 @@ def test_torchrun_splits_files_across_two_ranks(tmp_path):
     assert [os.path.basename(f["input"]) for f in summary["files"]] == [f"c{i}.ply" for i in
                                                                         range(5)]
     assert _files(tmp_path / "out") == [f"c{i}.ply" for i in range(5)]
+
+
+def test_broken_symlink_in_a_batch_is_reported_not_fatal(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    write_cloud(src / "a.ply", PointCloud(points=sphere_points(300)))
+    os.symlink(tmp_path / "gone.ply", src / "b.ply")
+    r = run("normals", str(src), "-o", str(tmp_path / "out"), "--method", "pca")
+    assert r.exit_code == 1
+    assert "b.ply" in r.stderr and "no such file" in r.stderr
+    assert _files(tmp_path / "out") == ["a.ply"]
+
+
+def test_global_quiet_and_version():
+    r = run("--version")
+    assert r.exit_code == 0 and "fapc" in r.stdout
+    r = run("--quiet", "info", "/nonexistent.ply")
+    assert r.exit_code == 1 and "no such file" in r.stderr
