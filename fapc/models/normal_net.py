@@ -10,9 +10,9 @@ have), with no vector averaging that could cancel. With the default SO(3) frames
 elements) the output is exactly rotation-equivariant; a reflected input moves it slightly
 (about 1e-4 rad here) unless ``group="O3"`` (all 8 elements, twice the cost).
 
-Outputs per query: ``normal (B, 3)``, ``confidence (B,)`` in [0, 1] (how well the per-frame
-fits agree, times the weighted fit's planarity), ``curvature (B,)`` (surface variation of the
-weighted fit).
+Outputs per query: ``normal (B, 3)``, ``confidence (B,)`` in [0, 1] (how well the frame
+elements agree on the weights, times the weighted fit's planarity), ``curvature (B,)``
+(surface variation of the weighted fit).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from torch import nn
 
 from fapc.eigen import sym3_eigh
 from fapc.frames import compute_frames
-from fapc.models.fa import average_axes
 from fapc.patches import PatchSpec
 
 
@@ -84,7 +83,8 @@ class WeightBackbone(nn.Module):
     def from_first(self, pre: torch.Tensor) -> torch.Tensor:
         """The rest of the network from the first layer's pre-activations ``(B', K, w0)``."""
         h1 = pre.relu_()  # (B', K, w0)
-        g = self.l2(h1).relu_().amax(dim=-2)  # (B', w1)
+        # max_K relu(h W^T + b) = relu(max_K(h W^T) + b): bias and ReLU after the pooling
+        g = (torch.matmul(h1, self.l2.weight.t()).amax(dim=-2) + self.l2.bias).relu_()  # (B', w1)
         h = (self.point(h1) + self.glob(g).unsqueeze(-2)).relu_()  # (B', K, head)
         return self.out(h).squeeze(-1)  # (B', K)
 
@@ -155,10 +155,13 @@ class NormalNet(nn.Module):
         with torch.autocast(device_type=patches.device.type, dtype=torch.bfloat16,
                             enabled=self.use_bf16 and patches.device.type == "cuda"):
             eff = rot @ w_eff.unsqueeze(1)  # (B, F, 3, w0)
-            pre = patches.unsqueeze(1) @ eff  # (B, F, K, w0)
-            bias = self.scale_flags.to(pre.dtype).unsqueeze(-1) * w_flag.to(pre.dtype) + \
-                l1.bias.to(pre.dtype)  # (K, w0)
-            pre = (pre + bias).reshape(b * f, k, -1)
+            # the flag and bias terms ride in the same product: [x, flag, 1] @ [eff; w_flag; b]
+            extra = torch.stack([w_flag, l1.bias]).to(eff.dtype).expand(b, f, 2, -1)
+            eff = torch.cat([eff, extra], 2)  # (B, F, 5, w0)
+            ones = torch.ones(k, dtype=patches.dtype, device=patches.device)
+            aug = torch.cat([patches, torch.stack([self.scale_flags.to(patches.dtype), ones],
+                                                  -1).expand(b, k, 2)], -1)  # (B, K, 5)
+            pre = (aug.unsqueeze(1) @ eff).reshape(b * f, k, -1)  # (B*F, K, w0)
             out = self.backbone.from_first(pre)
         return out.to(patches.dtype).reshape(b, f, k)
 
@@ -173,12 +176,10 @@ class NormalNet(nn.Module):
         total = vals.sum(-1).clamp_min(1e-12)
         curvature = vals[:, 0] / total
         planarity = (vals[:, 1] - vals[:, 0]) / vals[:, 1].clamp_min(1e-12)
-        if logits.shape[1] > 1:
-            with torch.no_grad():
-                _, vf = weighted_fit(patches.unsqueeze(1).expand(-1, logits.shape[1], -1, -1),
-                                     torch.sigmoid(logits) + 1e-4)
-                _, agree = average_axes(vf[..., 0], dim=1)  # (B,) in [1/3, 1]
-            agreement = ((3 * agree - 1) / 2).clamp(0, 1)
+        if logits.shape[1] > 1:  # agreement of the frame elements' weights, in [0, 1]
+            per_frame = torch.sigmoid(logits.detach())  # (B, F, K)
+            spread = (per_frame - per_frame.mean(1, keepdim=True)).abs().mean((1, 2))
+            agreement = (1 - 2 * spread).clamp(0, 1)
         else:
             agreement = torch.ones_like(planarity)
         return {"normal": normal, "confidence": (agreement * planarity).clamp(0, 1),
