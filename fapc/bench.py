@@ -223,12 +223,14 @@ def main(argv: list[str] | None = None) -> int:
         results["core"] = bench_core(args.points, device=args.device)
         _table(f"FA core ({args.device}, float32)", results["core"])
         results["degeneracy"] = bench_degeneracy()
-        t = Table(title="Frame degeneracy: FA axis output change under rotation (planar patches)")
-        for col in ("in-plane ratio", "stability", "median change (deg)", "max change (deg)"):
+        t = Table(title="Frame degeneracy: output change under rotation (planar patches, deg)")
+        for col in ("in-plane ratio", "stability", "FA-PointNet median", "FA-PointNet max",
+                    "normal model median", "normal model max"):
             t.add_column(col, justify="right")
         for row in results["degeneracy"]:
-            t.add_row(f"{row['ratio']:.3f}", f"{row['stability']:.4f}",
-                      f"{row['median_change']:.3f}", f"{row['max_change']:.3f}")
+            t.add_row(f"{row['ratio']:.4f}", f"{row['stability']:.4f}",
+                      f"{row['median_change']:.3f}", f"{row['max_change']:.3f}",
+                      f"{row['model_median_change']:.3f}", f"{row['model_max_change']:.3f}")
         console.print(t)
     if args.section in ("all", "pca"):
         results["pca"] = bench_pca(args.points)
@@ -253,16 +255,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def bench_degeneracy() -> list[dict[str, float]]:
-    """Output change under rotation vs frame stability, for an FA-PointNet axis model."""
+def bench_degeneracy(model: str | None = None) -> list[dict[str, float]]:
+    """Output change under rotation vs frame stability: a generic FA-PointNet axis model
+    (untrained, seeded) and the normal model (its normal comes from a weighted fit)."""
     from fapc.models import FrameAveraging, PointNet
+    from fapc.models.checkpoint import load_model
     from fapc.testing import degeneracy_sweep
 
     torch.manual_seed(0)
     fa = FrameAveraging(PointNet(widths=(32, 64), head=(32,), out_dim=3), group="SO3",
                         output="axis").eval()
+    net, _ = load_model(model)
     with torch.no_grad():
-        return degeneracy_sweep(fa)
+        rows = degeneracy_sweep(fa)
+        ours = degeneracy_sweep(lambda p: net(p)["normal"])
+    for row, o in zip(rows, ours, strict=True):
+        row["model_median_change"] = o["median_change"]
+        row["model_max_change"] = o["max_change"]
+    return rows
 
 
 if __name__ == "__main__":

@@ -38,6 +38,12 @@ def compare_cpu_cuda(n: int = 200_000) -> dict:
             "ok": share >= 0.999, "cpu_s": t1 - t0, "cuda_s": t2 - t1}
 
 
+def _emit(obj: dict) -> None:
+    """One JSON line on stdout (the log of the GPU run)."""
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fapc.gpu_check")
     p.add_argument("--out", default="out/gpu-check")
@@ -45,16 +51,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     if not torch.cuda.is_available():
-        print("gpu-check: no CUDA device", file=sys.stderr)  # noqa: T201
+        sys.stderr.write("gpu-check: no CUDA device\n")
         return 2
     from fapc.bench import bench_core
     from fapc.profile import parse_sizes, profile_file, synthetic_file
 
     res: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
     res["cpu_vs_cuda"] = compare_cpu_cuda()
-    print(json.dumps({"cpu_vs_cuda": res["cpu_vs_cuda"]}), flush=True)  # noqa: T201
+    _emit({"cpu_vs_cuda": res["cpu_vs_cuda"]})
     res["core"] = bench_core(1_000_000, device="cuda")
-    print(json.dumps({"core": res["core"]}), flush=True)  # noqa: T201
+    _emit({"core": res["core"]})
     res["pipeline"] = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in parse_sizes(args.sizes):
@@ -62,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             profile_file(f, device="cuda") if n <= 1_000_000 else None  # warm-up on small
             r = profile_file(f, device="cuda", batch_size=65536)
             res["pipeline"].append(r)
-            print(json.dumps(r), flush=True)  # noqa: T201
+            _emit(r)
     with open(os.path.join(args.out, "gpu-check.json"), "w") as f:
         json.dump(res, f, indent=2)
     return 0 if res["cpu_vs_cuda"]["ok"] else 1

@@ -104,12 +104,17 @@ def degeneracy_sweep(
     gen = torch.Generator().manual_seed(seed)
     rows = []
     for r in ratios:
-        xy = torch.randn(patches, points, 2, generator=gen, dtype=torch.float64)
-        xy = xy - xy.mean(1, keepdim=True)
-        c = xy.transpose(1, 2) @ xy / points  # whiten: in-plane covariance exactly r^2 : 1
-        evals, evecs = torch.linalg.eigh(c)
-        xy = xy @ evecs @ torch.diag_embed(evals.rsqrt()) @ evecs.transpose(1, 2)
+        # rings of equally spaced points (random radius and phase per ring): the in-plane
+        # covariance is exactly isotropic, then stretched by r along x
+        per_ring = 8
+        rings = max(points // per_ring, 1)
+        radius = torch.rand(patches, rings, 1, generator=gen, dtype=torch.float64) + 0.1
+        phase = torch.rand(patches, rings, 1, generator=gen, dtype=torch.float64) * 2 * torch.pi
+        ang = phase + torch.arange(per_ring, dtype=torch.float64) * (2 * torch.pi / per_ring)
+        xy = torch.stack([radius * torch.cos(ang), radius * torch.sin(ang)], -1)
+        xy = xy.reshape(patches, rings * per_ring, 2)
         xy = xy * torch.tensor([r, 1.0], dtype=torch.float64)
+        points = xy.shape[1]
         z = 0.05 * torch.randn(patches, points, 1, generator=gen, dtype=torch.float64)
         pts = torch.cat([xy, z], -1).to(dtype)
         stab = compute_frames(pts, group="SO3").stability
