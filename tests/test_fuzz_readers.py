@@ -33,6 +33,13 @@ def _seed_files(tmp_path_factory) -> dict[str, bytes]:
             write_cloud(d / name, c, ascii=ascii)
             _SEEDS[name] = (d / name).read_bytes()
         _SEEDS["h.obj"] = b"v 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 3\n"
+        _SEEDS["j.off"] = b"OFF\n4 4 0\n0 0 0\n1 0 0\n0 1 0\n0 0 1\n3 0 2 1\n3 0 1 3\n3 0 3 2\n3 1 2 3\n"
+        tri = [(0, 0, 0), (1, 0, 0), (0, 1, 0)]
+        stl = b"\0" * 80 + struct.pack("<I", 2)
+        for _ in range(2):
+            stl += struct.pack("<3f", 0, 0, 1) + b"".join(struct.pack("<3f", *v) for v in tri)
+            stl += b"\0\0"
+        _SEEDS["k.stl"] = stl
         np.save(d / "i.npy", rng.normal(size=(10, 3)))
         _SEEDS["i.npy"] = (d / "i.npy").read_bytes()
     return _SEEDS
@@ -55,7 +62,7 @@ _mutation = st.tuples(st.sampled_from(["truncate", "flip", "insert", "zero"]),
 
 @settings(max_examples=300, deadline=2000, suppress_health_check=list(HealthCheck))
 @given(name=st.sampled_from(["a.ply", "b.ply", "c.pcd", "d.pcd", "e.xyz", "f.csv", "g.npz",
-                             "h.obj", "i.npy"]),
+                             "h.obj", "i.npy", "j.off", "k.stl"]),
        mutations=st.lists(_mutation, min_size=1, max_size=4))
 def test_mutated_files_never_crash(tmp_path_factory, name, mutations):
     data = bytearray(_seed_files(tmp_path_factory)[name])
@@ -104,6 +111,8 @@ def test_hostile_headers(tmp_path):
         "garbage.xyz": bytes(range(256)) * 10,
         "header_only.pcd": b"# .PCD v0.7\nVERSION 0.7\n",
         "nan_hdr.ply": b"ply\nformat ascii 1.0\nelement vertex nan\nend_header\n",
+        "huge.off": b"OFF\n1000000000 1000000000 0\n0 0 0\n",
+        "huge.stl": b"\0" * 80 + struct.pack("<I", 4_000_000_000) + b"\0" * 100,
     }
     for name, data in cases.items():
         p = tmp_path / name
