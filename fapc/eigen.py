@@ -1,6 +1,6 @@
 """Batched symmetric 3x3 eigen-decomposition in plain torch (cyclic Jacobi).
 
-Why our own: batched ``torch.linalg.eigh`` on CUDA failed with a cuSOLVER internal error on
+Why our own: torch's batched symmetric eigensolver (``eigh``) on CUDA failed with a cuSOLVER internal error on
 an H200 (torch 2.11) and its MAGMA path ran 0.4 M matrices/s; elementwise Jacobi runs on any
 device and dtype with no library call. Each matrix is scaled by its largest entry first, so
 tiny or huge coordinates cost no accuracy; zero, rank-1, rank-2 and repeated-eigenvalue

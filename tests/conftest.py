@@ -1,4 +1,4 @@
-"""Shared fixtures: small procedural clouds (tests never read ../shared)."""
+"""Shared fixtures: small procedural clouds (tests never read the benchmark data)."""
 
 from __future__ import annotations
 

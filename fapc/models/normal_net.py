@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -53,11 +54,14 @@ class NormalNetConfig:
 
     @classmethod
     def from_json(cls, text: str) -> NormalNetConfig:
-        d = json.loads(text)
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        if "widths" in known:
-            known["widths"] = tuple(known["widths"])
-        return cls(**known)
+        return config_from_json(cls, text)
+
+
+def config_from_json(cls: type, text: str) -> Any:
+    """A config dataclass from its JSON: unknown keys ignored, lists back to tuples."""
+    d = json.loads(text)
+    known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in known.items()})
 
 
 class WeightBackbone(nn.Module):

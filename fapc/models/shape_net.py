@@ -38,12 +38,9 @@ class ShapeNetConfig:
 
     @classmethod
     def from_json(cls, text: str) -> ShapeNetConfig:
-        d = json.loads(text)
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        for key in ("widths", "head"):
-            if key in known:
-                known[key] = tuple(known[key])
-        return cls(**known)
+        from fapc.models.normal_net import config_from_json
+
+        return config_from_json(cls, text)
 
 
 class ShapeNormalNet(nn.Module):
