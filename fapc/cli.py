@@ -104,6 +104,7 @@ def normals(
     """
     from fapc.pipeline import ALL_FIELDS, NormalsOptions, run_normals
 
+    quiet = quiet or _GLOBAL["quiet"]
     _setup_logging(verbose, quiet)
     chosen = tuple(f.strip() for f in fields.split(",") if f.strip())
     bad = [f for f in chosen if f not in ALL_FIELDS]

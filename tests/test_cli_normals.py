@@ -225,3 +225,9 @@ def test_global_quiet_and_version():
     assert r.exit_code == 0 and "fapc" in r.stdout
     r = run("--quiet", "info", "/nonexistent.ply")
     assert r.exit_code == 1 and "no such file" in r.stderr
+
+
+def test_global_quiet_silences_normals(tmp_path):
+    write_cloud(tmp_path / "a.ply", PointCloud(points=sphere_points(300)))
+    r = run("--quiet", "normals", str(tmp_path / "a.ply"), "--method", "pca")
+    assert r.exit_code == 0 and r.stderr.strip() == ""
