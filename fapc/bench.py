@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 log = logging.getLogger(__name__)
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 150)  # logs: no truncated tables
 
 
 def synthetic_surface(n: int, *, seed: int = 0, noise: float = 0.0) -> np.ndarray:

@@ -23,7 +23,7 @@ app = typer.Typer(
     add_completion=True,
 )
 err = Console(stderr=True)
-out = Console()
+out = Console(width=None if sys.stdout.isatty() else 150)  # piped: tables not cut at 80
 
 
 _GLOBAL = {"quiet": False, "verbose": False}
