@@ -147,9 +147,22 @@ def normals(
             err.print(f"[green]wrote[/] {r.output} ({r.points:,} points, {r.seconds:.2f} s)",
                       highlight=False, soft_wrap=True)
 
-    from fapc.pipeline import distributed_rank
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    results = run_normals(inputs, opts, output=output, recursive=recursive, on_result=report)
+    from fapc.pipeline import distributed_rank, plan_jobs
+
+    total = len(plan_jobs(inputs, output=output, recursive=recursive))
+    with Progress(TextColumn("[bold]normals"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("files, {task.fields[points]:,} points"), TimeElapsedColumn(),
+                  console=err, transient=True, disable=quiet) as prog:
+        task = prog.add_task("normals", total=total, points=0)
+
+        def report_and_advance(r) -> None:
+            report(r)
+            prog.update(task, advance=1, points=prog.tasks[task].fields["points"] + r.points)
+
+        results = run_normals(inputs, opts, output=output, recursive=recursive,
+                              on_result=report_and_advance)
     if distributed_rank()[1] == 0:  # under torchrun, rank 0 prints the merged summary
         _summary(results, as_json=as_json, quiet=quiet)
     if any(r.status == "failed" for r in results):
