@@ -91,6 +91,8 @@ def train(
     outliers: Annotated[float | None, typer.Option(
         help="Fraction of uniform outliers added to training clouds (default 0).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Final metrics as JSON on stdout.")] =
+    False,
     debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
 ) -> None:
     """Train the normal network; the run directory gets best/last.safetensors, state.pt,
@@ -142,6 +144,9 @@ def train(
         if debug:
             raise
         _fail(str(e))
+    if as_json:
+        out.print_json(json.dumps({**metrics, "model": os.path.join(cfg.out, "best.safetensors")}))
+        return
     err.print(f"best validation RMSE {metrics['best_val_rmse']:.3f} deg; model: "
               f"{os.path.join(cfg.out, 'best.safetensors')}", highlight=False)
 

@@ -140,8 +140,10 @@ def test_eval_rotation_fa_unchanged_no_fa_reported(tmp_path):
 def test_cli_train_and_eval_json(tmp_path):
     run = tmp_path / "run"
     r = runner.invoke(app, ["train", "--out", str(run), "--epochs", "1", "--steps-per-epoch",
-                            "5", "--points", "3000", "--batch-size", "32", "--noise", "0"])
+                            "5", "--points", "3000", "--batch-size", "32", "--noise", "0",
+                            "--json"])
     assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout[r.stdout.index("{"):])["step"] == 5
     (tmp_path / "t.obj").write_text(
         "v 0 0 0\nv 1 0 0\nv 0 1 0\nv 0 0 1\nf 1 3 2\nf 1 2 4\nf 1 4 3\nf 2 3 4\n")
     r = runner.invoke(app, ["eval", str(tmp_path / "t.obj"), "--model", str(run), "--points",
