@@ -14,7 +14,9 @@ from fapc.knn_torch import GridKNN
 from fapc.models.normal_net import NormalNet, NormalNetConfig
 from fapc.normals import estimate_normals
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device")])
+DEVICES = ["cpu", CUDA]
 
 
 def _lidar_like(n: int, seed: int = 0) -> np.ndarray:
@@ -23,8 +25,7 @@ def _lidar_like(n: int, seed: int = 0) -> np.ndarray:
     return np.concatenate([p, p[: n // 10] * 5 + 10, p[:50] * 100])
 
 
-@pytest.mark.parametrize("device", [pytest.param(d, marks=pytest.mark.cuda) if d == "cuda"
-                                    else d for d in DEVICES])
+@pytest.mark.parametrize("device", DEVICES)
 def test_grid_knn_is_exact(device):
     p = _lidar_like(6000)
     g = GridKNN(torch.from_numpy(p).to(device), 16)
@@ -35,8 +36,7 @@ def test_grid_knn_is_exact(device):
 
 
 @pytest.mark.parametrize("smooth", [False, True])
-@pytest.mark.parametrize("device", [pytest.param(d, marks=pytest.mark.cuda) if d == "cuda"
-                                    else d for d in DEVICES])
+@pytest.mark.parametrize("device", DEVICES)
 def test_device_pipeline_matches_cpu_pipeline(device, smooth):
     torch.manual_seed(0)
     model = NormalNet(NormalNetConfig(k_near=16, k_far=16, far_stride=4, far_smooth=int(smooth))).eval()

@@ -7,7 +7,9 @@ import torch
 
 from fapc.eigen import sym3_eigh
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device")])
+DEVICES = ["cpu", CUDA]
 
 
 def _cases(dtype, n=2000, seed=0):
@@ -28,8 +30,7 @@ def _cases(dtype, n=2000, seed=0):
     return out
 
 
-@pytest.mark.parametrize("device", [pytest.param(d, marks=pytest.mark.cuda) if d == "cuda"
-                                    else d for d in DEVICES])
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
 def test_reconstruction_and_values(device, dtype, tol):
     for name, m in _cases(dtype).items():
