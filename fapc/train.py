@@ -74,10 +74,11 @@ class TrainConfig:
     shape_points: int = 512
 
     def model_config(self) -> NormalNetConfig:
-        return NormalNetConfig(k_near=self.k_near, k_far=self.k_far, far_stride=self.far_stride,
-                               widths=tuple(self.widths), head=self.head, group=self.group,
-                               fa=self.fa, fit=self.fit, near_features=self.near_features,
-                               far_smooth=self.far_smooth)
+        """The model settings: every :class:`NormalNetConfig` field of the same name (kept
+        flat here so TOML files and flags stay one level)."""
+        names = [f.name for f in fields(NormalNetConfig) if hasattr(self, f.name)]
+        return NormalNetConfig(**{n: tuple(v) if isinstance(v := getattr(self, n), list) else v
+                                  for n in names})
 
     def build_model(self) -> torch.nn.Module:
         if self.mode == "shape":
