@@ -65,11 +65,24 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+CPU_MICRO_BATCH = 512  # queries per network call on a CPU (see fa_normals)
+
+
 @functools.lru_cache(maxsize=4)
 def _cached_model(path: str | None, device: str) -> tuple[Any, dict]:
     from fapc.models.checkpoint import load_model
 
     return load_model(path, device=device)
+
+
+def run_network(model: Any, patches: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``model(patches)`` for ``patches (B, K, 3)``; on a CPU in micro-batches of
+    :data:`CPU_MICRO_BATCH` queries, whose ``(b * F * K, width)`` activations stay in cache
+    (about twice as fast as one pass over thousands of queries)."""
+    if patches.device.type != "cpu" or len(patches) <= CPU_MICRO_BATCH:
+        return model(patches)
+    outs = [model(patches[m:m + CPU_MICRO_BATCH]) for m in range(0, len(patches), CPU_MICRO_BATCH)]
+    return {key: torch.cat([o[key] for o in outs]) for key in outs[0]}
 
 
 def fa_normals(
@@ -103,8 +116,8 @@ def fa_normals(
     with torch.inference_mode():
         for s in range(0, n, batch_size):
             sl = slice(s, min(s + batch_size, n))
-            patches, _, _ = builder.patches(qi[sl])
-            out = model(torch.from_numpy(patches).to(device, non_blocking=True))
+            patches = torch.from_numpy(builder.patches(qi[sl])[0]).to(device, non_blocking=True)
+            out = run_network(model, patches)
             normals[sl] = out["normal"].float().cpu().numpy()
             conf[sl] = out["confidence"].float().cpu().numpy()
             curv[sl] = out["curvature"].float().cpu().numpy()

@@ -109,6 +109,7 @@ def _profile_fa(pts: np.ndarray, t: dict[str, float], *, dev: torch.device, mode
                 batch_size: int, now: Callable[[], float]) -> np.ndarray:
     from fapc.frames import compute_frames
     from fapc.models.checkpoint import load_model
+    from fapc.normals import run_network
     from fapc.patches import PatchBuilder, TorchPatchBuilder
 
     net, _ = load_model(model, device=dev)
@@ -136,7 +137,7 @@ def _profile_fa(pts: np.ndarray, t: dict[str, float], *, dev: torch.device, mode
                            center=torch.zeros(len(q), 3, device=dev))
             t["frames"] += now() - t0
             t0 = now()
-            normals[q] = net(patches)["normal"].float().cpu().numpy()
+            normals[q] = run_network(net, patches)["normal"].float().cpu().numpy()
             t["network"] += now() - t0
     t["network"] = max(t["network"] - t["frames"], 0.0)  # the forward pass includes frames
     return normals
