@@ -8,6 +8,7 @@ RMSE), ``last.safetensors`` and ``state.pt`` (optimizer, step and RNG states for
 
 from __future__ import annotations
 
+import copy
 import csv
 import hashlib
 import json
@@ -68,7 +69,10 @@ class TrainConfig:
     fit: str = "jet2"
     near_features: bool = False
     far_smooth: int = 0
+    refine: int = 0
+    gate: bool = False
     loss: str = "sin"
+    ema: float = 0.0  # decay of an exponential moving average of the weights (0: off)
     mode: str = "patch"  # or "shape": one FA-PointNet/DGCNN over whole clouds
     backbone: str = "pointnet"  # shape mode: pointnet or dgcnn
     shape_points: int = 512
@@ -223,8 +227,10 @@ def evaluate_patches(model: NormalNet, val, device: torch.device) -> dict[str, f
                 by_level.setdefault(name.rsplit("@", 1)[-1], []).append(
                     torch.rad2deg(torch.arccos(cos)))
     model.train()
-    rmse = [float(torch.cat(e).pow(2).mean().sqrt()) for e in by_level.values()]
-    return {"val_loss": losses / max(n_all, 1), "val_rmse": sum(rmse) / len(rmse)}
+    rmse = {level: float(torch.cat(e).pow(2).mean().sqrt()) for level, e in by_level.items()}
+    out = {"val_loss": losses / max(n_all, 1), "val_rmse": sum(rmse.values()) / len(rmse)}
+    out.update({f"val_rmse@{level}": v for level, v in rmse.items()})
+    return out
 
 
 def _digest(model: torch.nn.Module) -> str:
@@ -279,11 +285,17 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, int, dict[str, float]], N
         loaded, _ = load_model(os.path.join(cfg.out, "last.safetensors"))
         model.load_state_dict(loaded.state_dict())
         state = torch.load(state_path, weights_only=True, map_location="cpu")
+        if "raw" in state:  # with an EMA, last.safetensors holds the average, not the weights
+            model.load_state_dict(state["raw"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step, best = int(state["step"]), float(state["best"])
         torch.set_rng_state(state["torch_rng"])
         rng = np.random.default_rng([cfg.seed, rank, step])
+    # the weights that are validated and saved: an EMA copy when cfg.ema > 0
+    kept = copy.deepcopy(model) if cfg.ema > 0 else model
+    if resume and cfg.ema > 0 and "ema" in state:
+        kept.load_state_dict(state["ema"])
     ddp = model
     if world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -301,7 +313,8 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, int, dict[str, float]], N
     with open(log_path, "w" if new_log else "a", newline="") as logf:
         writer = csv.writer(logf)
         if new_log:
-            writer.writerow(["step", "epoch", "lr", "train_loss", "val_loss", "val_rmse", "seconds"])
+            writer.writerow(["step", "epoch", "lr", "train_loss", "val_loss", "val_rmse", "seconds"]
+                            + [f"val_rmse@{level:g}" for level in cfg.noise])
         while step < total:
             if cfg.mode == "patch" and (step % cfg.refresh_every == 0 or not pool.items):
                 pool.refresh(step)
@@ -317,26 +330,35 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, int, dict[str, float]], N
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
+            if kept is not model:
+                with torch.no_grad():
+                    decay = min(cfg.ema, (1 + step) / (10 + step))  # short warm-up
+                    for e, p in zip(kept.parameters(), model.parameters(), strict=True):
+                        e.lerp_(p, 1 - decay)
             step += 1
             last_loss = float(loss.detach())
             running.append(last_loss)
             end_epoch = step % cfg.steps_per_epoch == 0 or step == total
             if rank == 0 and end_epoch:
-                metrics = evaluate_patches(model, val, device)
+                metrics = evaluate_patches(kept, val, device)
                 metrics.update(train_loss=float(np.mean(running)), step=step,
                                epoch=math.ceil(step / cfg.steps_per_epoch))
                 running = []
                 writer.writerow([step, metrics["epoch"], f"{sched.get_last_lr()[0]:.6g}",
                                  f"{metrics['train_loss']:.6f}", f"{metrics['val_loss']:.6f}",
-                                 f"{metrics['val_rmse']:.4f}", f"{time.perf_counter() - t0:.1f}"])
+                                 f"{metrics['val_rmse']:.4f}", f"{time.perf_counter() - t0:.1f}"]
+                                + [f"{metrics.get(f'val_rmse@{level:g}', float('nan')):.4f}"
+                                   for level in cfg.noise])
                 logf.flush()
-                save_model(os.path.join(cfg.out, "last.safetensors"), model, metrics=metrics)
+                save_model(os.path.join(cfg.out, "last.safetensors"), kept, metrics=metrics)
                 if metrics["val_rmse"] < best:
                     best = metrics["val_rmse"]
-                    save_model(os.path.join(cfg.out, "best.safetensors"), model, metrics=metrics)
+                    save_model(os.path.join(cfg.out, "best.safetensors"), kept, metrics=metrics)
                 tmp = state_path + ".tmp"
+                extra = {"ema": kept.state_dict(), "raw": model.state_dict()} if kept is not model else {}
                 torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                            "step": step, "best": best, "torch_rng": torch.get_rng_state()}, tmp)
+                            "step": step, "best": best, "torch_rng": torch.get_rng_state(),
+                            **extra}, tmp)
                 os.replace(tmp, state_path)
             if on_step and rank == 0:
                 on_step(step, total, {**metrics, "loss": last_loss})

@@ -200,3 +200,57 @@ def test_shape_mode_trains_saves_and_is_rotation_invariant(tmp_path, backbone):
            for rot in ("none", "so3", "o3")}
     assert abs(res["so3"]["avg"]["fa"] - res["none"]["avg"]["fa"]) < 0.01
     assert abs(res["o3"]["avg"]["fa"] - res["none"]["avg"]["fa"]) < 0.01
+
+
+def _rotation(rng: np.random.Generator) -> torch.Tensor:
+    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    return torch.from_numpy(q * np.sign(np.linalg.det(q)))
+
+
+@pytest.mark.parametrize("options", [{}, {"refine": 2, "gate": True},
+                                     {"near_features": True, "refine": 1, "fit": "pca"}])
+def test_normal_net_variants_are_rotation_and_permutation_equivariant(options):
+    torch.manual_seed(0)
+    rng = np.random.default_rng(1)
+    net = NormalNet(NormalNetConfig(k_near=16, k_far=16, **options)).double().eval()
+    x = torch.from_numpy(rng.normal(size=(64, 32, 3)) * [1.0, 0.7, 0.2])  # (B, K, 3)
+    rot = _rotation(rng)
+    perm = torch.cat([torch.randperm(16), 16 + torch.randperm(16)])  # within each scale
+    a = net(x)["normal"]
+    b = net(x[:, perm] @ rot.T)["normal"]
+    assert ((a @ rot.T * b).sum(-1).abs() - 1).abs().max() < 1e-9
+    plain = NormalNet(NormalNetConfig(k_near=16, k_far=16, fa=False, **options)).double().eval()
+    with torch.no_grad():  # sharper weights than an untrained net's, so the pose shows
+        plain.backbone.out.weight.mul_(50)
+    c, d = plain(x)["normal"], plain(x @ rot.T)["normal"]
+    assert ((c @ rot.T * d).sum(-1).abs() - 1).abs().max() > 1e-3
+
+
+def test_robust_passes_pull_a_crease_patch_onto_the_query_face():
+    # a patch at a 90-degree crease: 3/4 of it on the query's face z = 0, 1/4 on x = 0.3
+    rng = np.random.default_rng(0)
+    face = np.column_stack([rng.uniform(-1, 0.3, 48), rng.uniform(-1, 1, 48), np.zeros(48)])
+    wall = np.column_stack([np.full(16, 0.3), rng.uniform(-1, 1, 16), rng.uniform(0, 1.3, 16)])
+    pts = torch.from_numpy(np.concatenate([face[:24], wall[:8], face[24:], wall[8:]]))[None]
+    errors = []
+    for refine in (0, 3):
+        net = NormalNet(NormalNetConfig(k_near=32, k_far=32, fit="pca", refine=refine)).double()
+        with torch.no_grad():  # constant weights: what the fit itself does
+            net.backbone.out.weight.zero_()
+            net.backbone.out.bias.fill_(5.0)
+            n = net(pts)["normal"][0]
+        errors.append(float(torch.rad2deg(torch.arccos(n[2].abs().clamp(max=1)))))
+    assert errors[0] > 10 and errors[1] < errors[0] / 3, errors
+
+
+def test_ema_weights_are_validated_saved_and_resumed(tmp_path):
+    run = str(tmp_path / "run")
+    cfg = dict(epochs=4, steps_per_epoch=10, ema=0.9, **TINY)
+    train(TrainConfig(out=run, max_steps=20, **cfg))
+    state = torch.load(os.path.join(run, "state.pt"), weights_only=True)
+    saved, _ = load_model(os.path.join(run, "last.safetensors"))
+    for key, value in saved.state_dict().items():
+        assert torch.equal(value, state["ema"][key])
+    assert any(not torch.equal(state["ema"][k], state["raw"][k]) for k in state["raw"])
+    train(TrainConfig(out=run, **cfg), resume=True)
+    assert [int(r["step"]) for r in _log(run)] == [10, 20, 30, 40]

@@ -43,6 +43,8 @@ class NormalNetConfig:
     fit: str = "jet2"
     near_features: bool = False
     far_smooth: int = 0
+    refine: int = 0  # robust re-weighting passes of the fit (residual-based, see NormalNet)
+    gate: bool = False  # blend the plane fit's and the quadratic fit's normals (learned, invariant)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -72,7 +74,8 @@ class WeightBackbone(nn.Module):
     itself: :class:`NormalNet` feeds it frame coordinates.
     """
 
-    def __init__(self, in_dim: int = 4, widths: tuple[int, ...] = (16, 32), head: int = 16) -> None:
+    def __init__(self, in_dim: int = 4, widths: tuple[int, ...] = (16, 32), head: int = 16,
+                 n_global: int = 0) -> None:
         super().__init__()
         w0, w1 = widths
         self.l1 = nn.Linear(in_dim, w0)
@@ -80,17 +83,21 @@ class WeightBackbone(nn.Module):
         self.point = nn.Linear(w0, head, bias=False)
         self.glob = nn.Linear(w1, head)
         self.out = nn.Linear(head, 1)
+        # optional per-patch scalars from the pooled feature (e.g. the fit gate)
+        self.global_out = nn.Linear(w1, n_global) if n_global else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.from_first(self.l1(x))
+        return self.from_first(self.l1(x))[0]
 
-    def from_first(self, pre: torch.Tensor) -> torch.Tensor:
-        """The rest of the network from the first layer's pre-activations ``(B', K, w0)``."""
+    def from_first(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The rest of the network from the first layer's pre-activations ``(B', K, w0)``:
+        per-point logits ``(B', K)`` and the per-patch outputs ``(B', n_global)`` (or None)."""
         h1 = pre.relu_()  # (B', K, w0)
         # max_K relu(h W^T + b) = relu(max_K(h W^T) + b): bias and ReLU after the pooling
         g = (torch.matmul(h1, self.l2.weight.t()).amax(dim=-2) + self.l2.bias).relu_()  # (B', w1)
         h = (self.point(h1) + self.glob(g).unsqueeze(-2)).relu_()  # (B', K, head)
-        return self.out(h).squeeze(-1)  # (B', K)
+        extra = self.global_out(g) if self.global_out is not None else None
+        return self.out(h).squeeze(-1), extra  # (B', K), (B', n_global)
 
 
 def weighted_fit(patches: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,13 +118,20 @@ class NormalNet(nn.Module):
         super().__init__()
         self.config = config or NormalNetConfig()
         c = self.config
-        self.backbone = WeightBackbone(7 if c.near_features else 4, c.widths, c.head)
+        self.backbone = WeightBackbone(7 if c.near_features else 4, c.widths, c.head,
+                                       n_global=1 if c.gate else 0)
+        if c.refine:  # residual scale of the robust passes, in units of the weighted RMS residual
+            self.refine_log_scale = nn.Parameter(torch.tensor(0.0))
         flags = torch.cat([torch.zeros(c.k_near), torch.ones(c.k_far)])
         self.register_buffer("scale_flags", flags, persistent=False)
         self.use_bf16 = False  # bf16 autocast for the backbone only (CUDA); frames stay float32
 
     def logits(self, patches: torch.Tensor) -> torch.Tensor:
         """Per-frame logits ``(B, F, K)`` (``F = 1`` without FA)."""
+        return self._net(patches)[0]
+
+    def _net(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-frame logits ``(B, F, K)`` and per-frame patch outputs ``(B, F, G)`` or None."""
         c = self.config
         if patches.ndim != 3 or patches.shape[1:] != (c.k_near + c.k_far, 3):
             raise ValueError(f"patches must have shape (B, {c.k_near + c.k_far}, 3), "
@@ -139,10 +153,18 @@ class NormalNet(nn.Module):
         x = torch.cat(feats, -1).reshape(b * f, k, -1)
         with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16,
                             enabled=self.use_bf16 and x.device.type == "cuda"):
-            out = self.backbone(x)
-        return out.to(patches.dtype).reshape(b, f, k)
+            out, glob = self.backbone.from_first(self.backbone.l1(x))
+        return self._shape_out(out, glob, patches.dtype, b, f, k)
 
-    def _fused_logits(self, patches: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _shape_out(out: torch.Tensor, glob: torch.Tensor | None, dtype: torch.dtype, b: int, f: int,
+                   k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if glob is not None:
+            glob = glob.to(dtype).reshape(b, f, -1)
+        return out.to(dtype).reshape(b, f, k), glob
+
+    def _fused_logits(self, patches: torch.Tensor,
+                      rot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """FA folded into the first layer: ``l1([x R, flag]) = x (R W^T) + flag w + b`` (and
         the near-scale copy ``x R / r`` folds in the same way), one
         batched product per frame element instead of materialising ``x R`` and the input
@@ -166,16 +188,37 @@ class NormalNet(nn.Module):
             aug = torch.cat([patches, torch.stack([self.scale_flags.to(patches.dtype), ones],
                                                   -1).expand(b, k, 2)], -1)  # (B, K, 5)
             pre = (aug.unsqueeze(1) @ eff).reshape(b * f, k, -1)  # (B*F, K, w0)
-            out = self.backbone.from_first(pre)
-        return out.to(patches.dtype).reshape(b, f, k)
+            out, glob = self.backbone.from_first(pre)
+        return self._shape_out(out, glob, patches.dtype, b, f, k)
 
     def forward(self, patches: torch.Tensor) -> dict[str, torch.Tensor]:
-        logits = self.logits(patches)  # (B, F, K)
+        c = self.config
+        logits, glob = self._net(patches)  # (B, F, K), (B, F, G)
         weights = torch.sigmoid(logits.mean(1)) + 1e-4  # (B, K) invariant
-        vals, vecs = weighted_fit(patches, weights)
-        normal = vecs[..., 0]  # (B, 3)
-        if self.config.fit == "jet2":
-            normal = jet_normal(patches, weights, vecs)
+        fit_w = weights
+        for it in range(c.refine + 1):
+            vals, vecs = weighted_fit(patches, fit_w)
+            normal = vecs[..., 0]  # (B, 3)
+            if c.fit != "jet2" and it == c.refine:
+                break  # the plane fit's normal
+            if it < c.refine:  # robust pass: down-weight points far from the fitted plane
+                # (plane, not quadratic, residuals: a quadratic bends across a crease and
+                # leaves both sides with small residuals)
+                w = (fit_w / fit_w.sum(-1, keepdim=True)).unsqueeze(-1)  # (B, K, 1)
+                mean = (patches * w).sum(-2, keepdim=True)  # (B, 1, 3)
+                resid = ((patches - mean) * normal.unsqueeze(-2)).sum(-1)  # (B, K)
+                s2 = (w.squeeze(-1) * resid.square()).sum(-1, keepdim=True)  # (B, 1) weighted MSE
+                scale2 = self.refine_log_scale.exp().square() * s2 + 1e-8
+                fit_w = weights * torch.exp(-0.5 * resid.square() / scale2)
+                continue
+            jet = jet_normal(patches, fit_w, vecs)  # (B, 3)
+            if glob is not None:  # learned blend of the plane and quadratic normals
+                gate = torch.sigmoid(glob.mean(1)[:, :1])  # (B, 1) invariant
+                sign = torch.where((jet * normal).sum(-1, keepdim=True) < 0, -1.0, 1.0)
+                normal = gate * jet * sign + (1 - gate) * normal
+                normal = normal / normal.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            else:
+                normal = jet
         vals = vals.clamp_min(0)
         total = vals.sum(-1).clamp_min(1e-12)
         curvature = vals[:, 0] / total
@@ -215,6 +258,12 @@ def spd_solve(m: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def jet_normal(patches: torch.Tensor, weights: torch.Tensor, axes: torch.Tensor,
                *, ridge: float = 1e-3) -> torch.Tensor:
+    """The normal of :func:`jet_fit` alone ``(B, 3)``."""
+    return jet_fit(patches, weights, axes, ridge=ridge)[0]
+
+
+def jet_fit(patches: torch.Tensor, weights: torch.Tensor, axes: torch.Tensor,
+            *, ridge: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
     """Normal at the query (the origin) of a weighted quadratic height field.
 
     ``patches (B, K, 3)``, ``weights (B, K)``, ``axes (B, 3, 3)`` (columns: height axis first,
@@ -223,6 +272,8 @@ def jet_normal(patches: torch.Tensor, weights: torch.Tensor, axes: torch.Tensor,
     ridge on the quadratic terms) and returns the unit normal ``(B, 3)`` at ``u = v = 0``.
     A full quadratic is closed under rotations and reflections of ``(u, v)``, so the normal
     does not depend on how the tangent axes turn: it is as equivariant as the height axis.
+    Returns the normal ``(B, 3)`` and each point's signed height residual ``(B, K)`` (its
+    sign follows the height axis; its magnitude is invariant).
     """
     local = patches @ axes  # (B, K, 3): h, u, v
     h, u, v = local.unbind(-1)
@@ -236,7 +287,8 @@ def jet_normal(patches: torch.Tensor, weights: torch.Tensor, axes: torch.Tensor,
     c = spd_solve(m, (bw * h.unsqueeze(-1)).sum(1))  # (B, 6)
     n_local = torch.stack([torch.ones_like(c[:, 0]), -c[:, 1], -c[:, 2]], -1)  # (h, u, v)
     n = (axes @ n_local.unsqueeze(-1)).squeeze(-1)
-    return n / n.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    resid = h - (basis @ c.unsqueeze(-1)).squeeze(-1)  # (B, K)
+    return n / n.norm(dim=-1, keepdim=True).clamp_min(1e-12), resid
 
 
 def unoriented_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "sin") -> torch.Tensor:
