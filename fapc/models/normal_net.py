@@ -10,6 +10,14 @@ have), with no vector averaging that could cancel. With the default SO(3) frames
 elements) the output is exactly rotation-equivariant; a reflected input moves it slightly
 (about 1e-4 rad here) unless ``group="O3"`` (all 8 elements, twice the cost).
 
+Two optional steps sharpen the fit (``NormalNetConfig.refine`` and ``gate``): ``refine``
+robust passes re-weight the points by their distance to the current weighted plane (a
+Gaussian of the residual in units of the weighted RMS residual, its width set per patch by
+the network), which pulls a patch at a crease onto the query's own face; the ``gate`` (an
+invariant per-patch scalar) blends the plane fit's normal with the quadratic fit's, which
+lets heavy noise fall back to the steadier plane. Both use invariant quantities only, so the
+normal stays exactly equivariant.
+
 Outputs per query: ``normal (B, 3)``, ``confidence (B,)`` in [0, 1] (how well the frame
 elements agree on the weights, times the weighted fit's planarity), ``curvature (B,)``
 (surface variation of the weighted fit).
@@ -119,7 +127,8 @@ class NormalNet(nn.Module):
         self.config = config or NormalNetConfig()
         c = self.config
         self.backbone = WeightBackbone(7 if c.near_features else 4, c.widths, c.head,
-                                       n_global=1 if c.gate else 0)
+                                       n_global=int(c.gate) + int(c.refine > 0))
+        # per-patch outputs: [gate] if c.gate, then [log residual scale] if c.refine
         if c.refine:  # residual scale of the robust passes, in units of the weighted RMS residual
             self.refine_log_scale = nn.Parameter(torch.tensor(0.0))
         flags = torch.cat([torch.zeros(c.k_near), torch.ones(c.k_far)])
@@ -208,11 +217,14 @@ class NormalNet(nn.Module):
                 mean = (patches * w).sum(-2, keepdim=True)  # (B, 1, 3)
                 resid = ((patches - mean) * normal.unsqueeze(-2)).sum(-1)  # (B, K)
                 s2 = (w.squeeze(-1) * resid.square()).sum(-1, keepdim=True)  # (B, 1) weighted MSE
-                scale2 = self.refine_log_scale.exp().square() * s2 + 1e-8
+                log_scale = self.refine_log_scale
+                if glob is not None:  # per patch: e.g. wide (off) under heavy noise
+                    log_scale = log_scale + glob.mean(1)[:, -1:]  # (B, 1) invariant
+                scale2 = (2 * log_scale).exp() * s2 + 1e-8
                 fit_w = weights * torch.exp(-0.5 * resid.square() / scale2)
                 continue
             jet = jet_normal(patches, fit_w, vecs)  # (B, 3)
-            if glob is not None:  # learned blend of the plane and quadratic normals
+            if c.gate and glob is not None:  # learned blend of the plane and quadratic normals
                 gate = torch.sigmoid(glob.mean(1)[:, :1])  # (B, 1) invariant
                 sign = torch.where((jet * normal).sum(-1, keepdim=True) < 0, -1.0, 1.0)
                 normal = gate * jet * sign + (1 - gate) * normal
