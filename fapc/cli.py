@@ -79,6 +79,8 @@ def normals(
         help="FA model: .safetensors file or run directory [the shipped model].")] = None,
     device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Query points per network batch.")] = 4096,
+    precision: Annotated[str, typer.Option(
+        help="Network arithmetic: auto (bf16 on CUDA, float32 on a CPU), float32 or bf16.")] = "auto",
     from_mesh: Annotated[str | None, typer.Option(
         help="For meshes: 'vertices' or 'sample:N' (area-uniform samples).")] = None,
     fields: Annotated[str, typer.Option(
@@ -120,6 +122,8 @@ def normals(
         _fail(str(e), 2)
     if method not in ("fa", "pca"):
         _fail(f"--method must be fa or pca, got {method!r}", 2)
+    if precision not in ("auto", "float32", "bf16"):
+        _fail(f"--precision must be auto, float32 or bf16, got {precision!r}", 2)
     if method == "fa":
         from fapc.models.checkpoint import load_model
         from fapc.normals import resolve_device
@@ -132,7 +136,8 @@ def normals(
                 raise
             _fail(str(e))
     opts = NormalsOptions(method=method, k=k, model=model, device=device, orient=orient,
-                          batch_size=batch_size, from_mesh=from_mesh, fields=chosen,
+                          batch_size=batch_size, precision=precision, from_mesh=from_mesh,
+                          fields=chosen,
                           drop_invalid=drop_invalid, strict=strict, overwrite=overwrite,
                           ascii=ascii, debug=debug)
 

@@ -65,6 +65,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+PRECISIONS = ("auto", "float32", "bf16")
 CPU_MICRO_BATCH = 512  # queries per network call on a CPU (see fa_normals)
 
 
@@ -150,6 +151,7 @@ def estimate_normals(
     batch_size: int = 4096,
     query_index: np.ndarray | None = None,
     knn: str = "auto",
+    precision: str = "auto",
 ) -> NormalsResult:
     """Estimate unoriented normals, a confidence and the curvature of every point.
 
@@ -166,6 +168,8 @@ def estimate_normals(
         query_index: estimate only at these point indices (results are then ``(Q, ...)``).
         knn: neighbour search for ``fa``: ``scipy`` (CPU), ``torch`` (exact grid search on
             ``device``) or ``auto`` (torch on CUDA, scipy on the CPU).
+        precision: the network's arithmetic for ``fa``: ``float32``, ``bf16`` (autocast; the
+            frames and the fits stay float32) or ``auto`` (bf16 on CUDA, float32 on a CPU).
 
     Raises:
         FapcError: no finite point, or fewer finite points than a neighbourhood needs.
@@ -174,6 +178,8 @@ def estimate_normals(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if k < 3:
         raise ValueError(f"k must be at least 3, got {k}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     pts = as_points(points)
     valid = np.isfinite(pts).all(axis=1)
     n_valid = int(valid.sum())
@@ -186,6 +192,7 @@ def estimate_normals(
             net, _ = _cached_model(None if model is None else os.fspath(model), str(dev))
         else:
             net = model.to(dev).eval()
+        net.use_bf16 = precision == "bf16" or (precision == "auto" and dev.type == "cuda")
         need = getattr(net.config, "points", None) or max(net.config.k_near, net.config.k_far)
     else:
         need = k

@@ -32,6 +32,7 @@ class NormalsOptions:
     model: str | None = None
     device: str = "auto"
     batch_size: int = 4096
+    precision: str = "auto"
     from_mesh: str | None = None
     orient: str = "none"
     fields: tuple[str, ...] = ALL_FIELDS
@@ -171,7 +172,8 @@ def process_file(job: Job, opts: NormalsOptions) -> FileResult:
 
         try:
             est = estimate_normals(cloud.points, method=opts.method, k=opts.k, model=opts.model,
-                                   device=opts.device, batch_size=opts.batch_size)
+                                   device=opts.device, batch_size=opts.batch_size,
+                                   precision=opts.precision)
         except FapcError as e:
             raise FapcError(e.reason, path=job.input) from None
         if opts.orient != "none":

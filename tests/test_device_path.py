@@ -46,3 +46,19 @@ def test_device_pipeline_matches_cpu_pipeline(device, smooth):
     err = angle_deg(ref.normals, got.normals)
     assert np.mean(err < 0.1) >= 0.999, np.sort(err)[-10:]
     np.testing.assert_allclose(ref.curvature, got.curvature, atol=1e-3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_network_stays_within_a_tenth_of_a_degree_of_float32(device):
+    # the shipped model; bf16 autocast covers the weight network only, frames and fits are float32
+    pts = synthetic_surface(30_000, seed=3, noise=2e-3)
+    qi = np.arange(0, len(pts), 10)
+    f32 = estimate_normals(pts, device=device, precision="float32", query_index=qi).normals
+    b16 = estimate_normals(pts, device=device, precision="bf16", query_index=qi).normals
+    err = angle_deg(f32, b16)
+    assert 0 < err.max() and np.mean(err < 0.1) >= 0.999, np.quantile(err, [0.5, 0.999])
+
+
+def test_precision_is_checked():
+    with pytest.raises(ValueError, match="precision"):
+        estimate_normals(synthetic_surface(200, seed=0), precision="fp8")

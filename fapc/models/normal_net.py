@@ -133,7 +133,8 @@ class NormalNet(nn.Module):
             self.refine_log_scale = nn.Parameter(torch.tensor(0.0))
         flags = torch.cat([torch.zeros(c.k_near), torch.ones(c.k_far)])
         self.register_buffer("scale_flags", flags, persistent=False)
-        self.use_bf16 = False  # bf16 autocast for the backbone only (CUDA); frames stay float32
+        # bf16 autocast for the backbone only (set on CUDA; works on a CPU too); frames, fits float32
+        self.use_bf16 = False
 
     def logits(self, patches: torch.Tensor) -> torch.Tensor:
         """Per-frame logits ``(B, F, K)`` (``F = 1`` without FA)."""
@@ -161,7 +162,7 @@ class NormalNet(nn.Module):
             feats.insert(1, local / near_r[:, None, None, None])
         x = torch.cat(feats, -1).reshape(b * f, k, -1)
         with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16,
-                            enabled=self.use_bf16 and x.device.type == "cuda"):
+                            enabled=self.use_bf16):
             out, glob = self.backbone.from_first(self.backbone.l1(x))
         return self._shape_out(out, glob, patches.dtype, b, f, k)
 
@@ -188,7 +189,7 @@ class NormalNet(nn.Module):
             w2 = l1.weight[:, 3:6].t().to(rot.dtype)
             w_eff = w_eff + w2 / near_r.clamp_min(1e-6)[:, None, None]
         with torch.autocast(device_type=patches.device.type, dtype=torch.bfloat16,
-                            enabled=self.use_bf16 and patches.device.type == "cuda"):
+                            enabled=self.use_bf16):
             eff = rot @ w_eff.unsqueeze(1)  # (B, F, 3, w0)
             # the flag and bias terms ride in the same product: [x, flag, 1] @ [eff; w_flag; b]
             extra = torch.stack([w_flag, l1.bias]).to(eff.dtype).expand(b, f, 2, -1)
