@@ -103,9 +103,13 @@ class WeightBackbone(nn.Module):
         h1 = pre.relu_()  # (B', K, w0)
         # max_K relu(h W^T + b) = relu(max_K(h W^T) + b): bias and ReLU after the pooling
         g = (torch.matmul(h1, self.l2.weight.t()).amax(dim=-2) + self.l2.bias).relu_()  # (B', w1)
-        h = (self.point(h1) + self.glob(g).unsqueeze(-2)).relu_()  # (B', K, head)
-        extra = self.global_out(g) if self.global_out is not None else None
-        return self.out(h).squeeze(-1), extra  # (B', K), (B', n_global)
+        # under bf16 autocast only the widest product (above) runs in bf16: the per-point
+        # head stays float32, as the robust passes and the gate amplify small logit changes
+        with torch.autocast(device_type=h1.device.type, enabled=False):
+            g = g.float()
+            h = (self.point(h1.float()) + self.glob(g).unsqueeze(-2)).relu_()  # (B', K, head)
+            extra = self.global_out(g) if self.global_out is not None else None
+            return self.out(h).squeeze(-1), extra  # (B', K), (B', n_global)
 
 
 def weighted_fit(patches: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,16 +192,18 @@ class NormalNet(nn.Module):
             near_r = patches[:, : self.config.k_near].pow(2).sum(-1).mean(-1).sqrt()
             w2 = l1.weight[:, 3:6].t().to(rot.dtype)
             w_eff = w_eff + w2 / near_r.clamp_min(1e-6)[:, None, None]
+        # the first layer in float32 (it sees the coordinates; bf16 would round them to 3
+        # digits), the rest under bf16 autocast when asked for
+        eff = rot @ w_eff.unsqueeze(1)  # (B, F, 3, w0)
+        # the flag and bias terms ride in the same product: [x, flag, 1] @ [eff; w_flag; b]
+        extra = torch.stack([w_flag, l1.bias]).to(eff.dtype).expand(b, f, 2, -1)
+        eff = torch.cat([eff, extra], 2)  # (B, F, 5, w0)
+        ones = torch.ones(k, dtype=patches.dtype, device=patches.device)
+        aug = torch.cat([patches, torch.stack([self.scale_flags.to(patches.dtype), ones],
+                                              -1).expand(b, k, 2)], -1)  # (B, K, 5)
+        pre = (aug.unsqueeze(1) @ eff).reshape(b * f, k, -1)  # (B*F, K, w0)
         with torch.autocast(device_type=patches.device.type, dtype=torch.bfloat16,
                             enabled=self.use_bf16):
-            eff = rot @ w_eff.unsqueeze(1)  # (B, F, 3, w0)
-            # the flag and bias terms ride in the same product: [x, flag, 1] @ [eff; w_flag; b]
-            extra = torch.stack([w_flag, l1.bias]).to(eff.dtype).expand(b, f, 2, -1)
-            eff = torch.cat([eff, extra], 2)  # (B, F, 5, w0)
-            ones = torch.ones(k, dtype=patches.dtype, device=patches.device)
-            aug = torch.cat([patches, torch.stack([self.scale_flags.to(patches.dtype), ones],
-                                                  -1).expand(b, k, 2)], -1)  # (B, K, 5)
-            pre = (aug.unsqueeze(1) @ eff).reshape(b * f, k, -1)  # (B*F, K, w0)
             out, glob = self.backbone.from_first(pre)
         return self._shape_out(out, glob, patches.dtype, b, f, k)
 
