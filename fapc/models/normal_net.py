@@ -106,8 +106,9 @@ class WeightBackbone(nn.Module):
         # under bf16 autocast only the widest product (above) runs in bf16: the per-point
         # head stays float32, as the robust passes and the gate amplify small logit changes
         with torch.autocast(device_type=h1.device.type, enabled=False):
-            g = g.float()
-            h = (self.point(h1.float()) + self.glob(g).unsqueeze(-2)).relu_()  # (B', K, head)
+            dtype = self.point.weight.dtype  # float32, or float64 in tests
+            g = g.to(dtype)
+            h = (self.point(h1.to(dtype)) + self.glob(g).unsqueeze(-2)).relu_()  # (B', K, head)
             extra = self.global_out(g) if self.global_out is not None else None
             return self.out(h).squeeze(-1), extra  # (B', K), (B', n_global)
 
