@@ -258,6 +258,8 @@ def bench(
     model: Annotated[str | None, typer.Option(help="Model file (default the shipped model).")] = None,
     real: Annotated[list[str] | None, typer.Option(help="Real clouds to time as well.")] = None,
     orient: Annotated[str, typer.Option(help="Orientation stage: none, mst, ...")] = "none",
+    precision: Annotated[str, typer.Option(help="Network arithmetic: auto (= float32) or bf16.")] =
+    "auto",
     open3d: Annotated[bool, typer.Option("--open3d/--no-open3d",
                                          help="Time open3d estimate_normals too.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Results as JSON on stdout.")] = False,
@@ -278,7 +280,8 @@ def bench(
         with tempfile.TemporaryDirectory() as tmp:
             files = [synthetic_file(n, tmp) for n in sizes] + list(real or [])
             for f in files:
-                r = profile_file(f, method=method, device=device, model=model, orient=orient)
+                r = profile_file(f, method=method, device=device, model=model, orient=orient,
+                                 precision=precision)
                 if open3d:
                     r["open3d"] = open3d_reference(f)
                     if r["open3d"]:

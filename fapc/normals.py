@@ -76,6 +76,17 @@ def _cached_model(path: str | None, device: str) -> tuple[Any, dict]:
     return load_model(path, device=device)
 
 
+def configure_precision(net: Any, device: torch.device, precision: str = "auto") -> None:
+    """Set the model's arithmetic for ``device``: the network in float32 unless
+    ``precision="bf16"`` (autocast on its widest product); the weighted fits in float64 on a
+    CPU (about 20 % of the network's time there: float32 rounding can tip a robust pass at a
+    nearly symmetric patch one way or the other), float32 on CUDA."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    net.use_bf16 = precision == "bf16"
+    net.fit_dtype = torch.float64 if device.type == "cpu" else None
+
+
 def run_network(model: Any, patches: torch.Tensor) -> dict[str, torch.Tensor]:
     """``model(patches)`` for ``patches (B, K, 3)``; on a CPU in micro-batches of
     :data:`CPU_MICRO_BATCH` queries, whose ``(b * F * K, width)`` activations stay in cache
@@ -168,8 +179,9 @@ def estimate_normals(
         query_index: estimate only at these point indices (results are then ``(Q, ...)``).
         knn: neighbour search for ``fa``: ``scipy`` (CPU), ``torch`` (exact grid search on
             ``device``) or ``auto`` (torch on CUDA, scipy on the CPU).
-        precision: the network's arithmetic for ``fa``: ``float32``, ``bf16`` (autocast; the
-            frames and the fits stay float32) or ``auto`` (bf16 on CUDA, float32 on a CPU).
+        precision: the network's arithmetic for ``fa``: ``float32`` (= ``auto``) or ``bf16``
+            (autocast on the widest layer; frames and fits stay float32 or wider). bf16 moves
+            0.2 % of normals by more than 0.1 degree (at most about 0.3 degree).
 
     Raises:
         FapcError: no finite point, or fewer finite points than a neighbourhood needs.
@@ -192,7 +204,7 @@ def estimate_normals(
             net, _ = _cached_model(None if model is None else os.fspath(model), str(dev))
         else:
             net = model.to(dev).eval()
-        net.use_bf16 = precision == "bf16" or (precision == "auto" and dev.type == "cuda")
+        configure_precision(net, dev, precision)
         need = getattr(net.config, "points", None) or max(net.config.k_near, net.config.k_far)
     else:
         need = k

@@ -46,7 +46,7 @@ def peak_rss_mb() -> float:
 
 def profile_file(path: str, *, method: str = "fa", device: str = "cpu", model: str | None = None,
                  k: int = 30, orient: str = "none", batch_size: int = 8192,
-                 out_path: str | None = None) -> dict[str, Any]:
+                 out_path: str | None = None, precision: str = "auto") -> dict[str, Any]:
     """Run the pipeline on one file, timing each stage (seconds)."""
     from fapc.normals import resolve_device
 
@@ -80,7 +80,8 @@ def profile_file(path: str, *, method: str = "fa", device: str = "cpu", model: s
             normals[sl] = pca_normals(pts, neighbors=idx, query_index=sl)[0]
             t["estimate"] += now() - t0
     else:
-        normals = _profile_fa(pts, t, dev=dev, model=model, batch_size=batch_size, now=now)
+        normals = _profile_fa(pts, t, dev=dev, model=model, batch_size=batch_size, now=now,
+                              precision=precision)
     if orient != "none":
         from fapc.orient import orient as orient_fn
         from fapc.orient import parse_orient
@@ -106,14 +107,14 @@ def profile_file(path: str, *, method: str = "fa", device: str = "cpu", model: s
 
 
 def _profile_fa(pts: np.ndarray, t: dict[str, float], *, dev: torch.device, model: str | None,
-                batch_size: int, now: Callable[[], float]) -> np.ndarray:
+                batch_size: int, now: Callable[[], float], precision: str) -> np.ndarray:
     from fapc.frames import compute_frames
     from fapc.models.checkpoint import load_model
-    from fapc.normals import run_network
+    from fapc.normals import configure_precision, run_network
     from fapc.patches import PatchBuilder, TorchPatchBuilder
 
     net, _ = load_model(model, device=dev)
-    net.use_bf16 = dev.type == "cuda"
+    configure_precision(net, dev, precision)
     n = len(pts)
     t0 = now()
     if dev.type == "cuda":

@@ -49,14 +49,16 @@ def test_device_pipeline_matches_cpu_pipeline(device, smooth):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_bf16_network_stays_within_a_tenth_of_a_degree_of_float32(device):
-    # the shipped model; bf16 autocast covers the weight network only, frames and fits are float32
+def test_bf16_network_moves_few_normals_and_little(device):
+    # the shipped model; bf16 autocast covers the widest layer only, frames and fits are float32+
     pts = synthetic_surface(30_000, seed=3, noise=2e-3)
     qi = np.arange(0, len(pts), 10)
     f32 = estimate_normals(pts, device=device, precision="float32", query_index=qi).normals
+    auto = estimate_normals(pts, device=device, query_index=qi).normals
     b16 = estimate_normals(pts, device=device, precision="bf16", query_index=qi).normals
+    assert np.array_equal(f32, auto)  # auto is float32
     err = angle_deg(f32, b16)
-    assert 0 < err.max() and np.mean(err < 0.1) >= 0.999, np.quantile(err, [0.5, 0.999])
+    assert 0 < err.max() < 0.5 and np.mean(err < 0.1) >= 0.99, np.quantile(err, [0.5, 0.999])
 
 
 def test_precision_is_checked():

@@ -140,6 +140,9 @@ class NormalNet(nn.Module):
         self.register_buffer("scale_flags", flags, persistent=False)
         # bf16 autocast for the backbone only (set on CUDA; works on a CPU too); frames, fits float32
         self.use_bf16 = False
+        # dtype of the weighted fits (None: the patches'); float64 on a CPU steadies the
+        # robust passes against float32 rounding (fapc.normals sets it)
+        self.fit_dtype: torch.dtype | None = None
 
     def logits(self, patches: torch.Tensor) -> torch.Tensor:
         """Per-frame logits ``(B, F, K)`` (``F = 1`` without FA)."""
@@ -211,6 +214,10 @@ class NormalNet(nn.Module):
     def forward(self, patches: torch.Tensor) -> dict[str, torch.Tensor]:
         c = self.config
         logits, glob = self._net(patches)  # (B, F, K), (B, F, G)
+        out_dtype = patches.dtype
+        if self.fit_dtype is not None:  # the fits (not the network) in e.g. float64
+            patches, logits = patches.to(self.fit_dtype), logits.to(self.fit_dtype)
+            glob = glob.to(self.fit_dtype) if glob is not None else None
         weights = torch.sigmoid(logits.mean(1)) + 1e-4  # (B, K) invariant
         fit_w = weights
         for it in range(c.refine + 1):
@@ -249,8 +256,9 @@ class NormalNet(nn.Module):
             agreement = (1 - 2 * spread).clamp(0, 1)
         else:
             agreement = torch.ones_like(planarity)
-        return {"normal": normal, "confidence": (agreement * planarity).clamp(0, 1),
-                "curvature": curvature, "weights": weights}
+        return {"normal": normal.to(out_dtype),
+                "confidence": (agreement * planarity).clamp(0, 1).to(out_dtype),
+                "curvature": curvature.to(out_dtype), "weights": weights.to(out_dtype)}
 
 
 def spd_solve(m: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
