@@ -231,3 +231,11 @@ def test_global_quiet_silences_normals(tmp_path):
     write_cloud(tmp_path / "a.ply", PointCloud(points=sphere_points(300)))
     r = run("--quiet", "normals", str(tmp_path / "a.ply"), "--method", "pca")
     assert r.exit_code == 0 and r.stderr.strip() == ""
+
+
+def test_bad_precision_is_a_usage_error_and_writes_nothing(tmp_path):
+    write_cloud(tmp_path / "a.ply", PointCloud(sphere_points(500)))
+    r = run("normals", str(tmp_path / "a.ply"), "-o", str(tmp_path / "out") + "/",
+            "--precision", "fp8")
+    assert r.exit_code == 2 and "--precision" in r.stderr
+    assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
