@@ -80,8 +80,8 @@ def normals(
     device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Query points per network batch.")] = 4096,
     precision: Annotated[str, typer.Option(
-        help="Network arithmetic: auto (= float32) or bf16 (faster on a GPU, within 0.3 deg).")] =
-    "auto",
+        help="Network arithmetic: auto (= float32) or bf16 (faster on a GPU; a few normals "
+        "in 1000 move by 0.1-1 deg).")] = "auto",
     from_mesh: Annotated[str | None, typer.Option(
         help="For meshes: 'vertices' or 'sample:N' (area-uniform samples).")] = None,
     fields: Annotated[str, typer.Option(
