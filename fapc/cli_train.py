@@ -90,6 +90,9 @@ def train(
         help="Shape mode: points per cloud (default 512).")] = None,
     outliers: Annotated[float | None, typer.Option(
         help="Fraction of uniform outliers added to training clouds (default 0).")] = None,
+    init: Annotated[str | None, typer.Option(
+        help="Start from this model's weights, e.g. fapc/weights/default.safetensors to "
+        "fine-tune the shipped model on your data.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Final metrics as JSON on stdout.")] =
     False,
@@ -108,7 +111,8 @@ def train(
              "max_steps": max_steps, "batch_size": batch_size, "lr": lr, "device": device,
              "seed": seed, "val_fraction": val_fraction, "points": points,
              "procedural": procedural, "fa": fa, "group": group, "amp": amp, "mode": mode,
-             "backbone": backbone, "shape_points": shape_points, "outliers": outliers}
+             "backbone": backbone, "shape_points": shape_points, "outliers": outliers,
+             "init": init}
     if data:
         given["data"] = list(data)
     if noise is not None:
@@ -127,7 +131,17 @@ def train(
                 d[key] = tuple(d[key])
             cfg = TrainConfig(**d)
         else:
-            cfg = TrainConfig(**{k: v for k, v in given.items() if v is not None})
+            d = {k: v for k, v in given.items() if v is not None}
+            if init:  # the architecture of the (patch) model we start from, unless given
+                from fapc.models.checkpoint import load_model
+                from fapc.models.normal_net import NormalNetConfig
+
+                start, _ = load_model(init)
+                if isinstance(start.config, NormalNetConfig):
+                    arch = {k: getattr(start.config, k) for k in NormalNetConfig.__dataclass_fields__
+                            if k in TrainConfig.__dataclass_fields__}
+                    d = {**arch, **d}
+            cfg = TrainConfig(**d)
         with Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/"
                       "{task.total}"), TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
                       console=err, transient=False) as prog:

@@ -73,6 +73,7 @@ class TrainConfig:
     gate: bool = False
     loss: str = "sin"
     ema: float = 0.0  # decay of an exponential moving average of the weights (0: off)
+    init: str | None = None  # start from this model's weights (patch sizes may differ)
     mode: str = "patch"  # or "shape": one FA-PointNet/DGCNN over whole clouds
     backbone: str = "pointnet"  # shape mode: pointnet or dgcnn
     shape_points: int = 512
@@ -268,6 +269,15 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, int, dict[str, float]], N
         val_shapes = procedural_shapes()[:2]
     mcfg = cfg.model_config()
     model = cfg.build_model().to(device)
+    if cfg.init and not resume:  # warm start: the weights of another model of the same widths
+        from fapc.models.checkpoint import load_model
+
+        start, _ = load_model(cfg.init)
+        try:
+            model.load_state_dict(start.state_dict())
+        except RuntimeError as e:
+            raise FapcError(f"cannot start from this model: {str(e).splitlines()[0]}",
+                            path=cfg.init) from None
     model.use_bf16 = cfg.amp and device.type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = cfg.total_steps

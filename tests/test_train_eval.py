@@ -254,3 +254,35 @@ def test_ema_weights_are_validated_saved_and_resumed(tmp_path):
     assert any(not torch.equal(state["ema"][k], state["raw"][k]) for k in state["raw"])
     train(TrainConfig(out=run, **cfg), resume=True)
     assert [int(r["step"]) for r in _log(run)] == [10, 20, 30, 40]
+
+
+def test_warm_start_takes_the_weights_and_refuses_other_widths(tmp_path):
+    base = str(tmp_path / "base")
+    train(TrainConfig(out=base, epochs=1, steps_per_epoch=5, **TINY))
+    start, _ = load_model(os.path.join(base, "last.safetensors"))
+    run = str(tmp_path / "run")  # a wider far scale: the weights do not depend on K
+    cfg = {**TINY, "lr": 1e-12, "k_far": 24}
+    train(TrainConfig(out=run, epochs=1, steps_per_epoch=2, init=os.path.join(base, "last.safetensors"),
+                      **cfg))
+    warm, _ = load_model(os.path.join(run, "last.safetensors"))
+    assert warm.config.k_far == 24
+    for key, value in start.state_dict().items():
+        torch.testing.assert_close(warm.state_dict()[key], value, atol=1e-6, rtol=0)
+    with pytest.raises(FapcError, match="cannot start"):
+        train(TrainConfig(out=str(tmp_path / "bad"), epochs=1, steps_per_epoch=1, widths=(8, 16),
+                          init=os.path.join(base, "last.safetensors"), **TINY))
+
+
+def test_cli_fine_tunes_the_shipped_model(tmp_path):
+    from fapc.models.checkpoint import DEFAULT_MODEL
+
+    run = tmp_path / "run"
+    r = runner.invoke(app, ["train", "--init", str(DEFAULT_MODEL), "--out", str(run), "--epochs",
+                            "1", "--steps-per-epoch", "3", "--points", "3000", "--batch-size",
+                            "16", "--noise", "0", "--lr", "1e-12"])
+    assert r.exit_code == 0, r.output
+    tuned, _ = load_model(run / "last.safetensors")
+    shipped, _ = load_model(DEFAULT_MODEL)
+    assert tuned.config.refine == shipped.config.refine and tuned.config.gate == shipped.config.gate
+    for key, value in shipped.state_dict().items():
+        torch.testing.assert_close(tuned.state_dict()[key], value, atol=1e-6, rtol=0)
