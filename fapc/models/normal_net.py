@@ -212,8 +212,13 @@ class NormalNet(nn.Module):
         return self._shape_out(out, glob, patches.dtype, b, f, k)
 
     def forward(self, patches: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.fit(patches, *self._net(patches))
+
+    def fit(self, patches: torch.Tensor, logits: torch.Tensor,
+            glob: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The weighted fits from the network's outputs: ``patches (B, K, 3)``, ``logits
+        (B, F, K)``, ``glob (B, F, G)`` or None -> the outputs of :meth:`forward`."""
         c = self.config
-        logits, glob = self._net(patches)  # (B, F, K), (B, F, G)
         out_dtype = patches.dtype
         if self.fit_dtype is not None:  # the fits (not the network) in e.g. float64
             patches, logits = patches.to(self.fit_dtype), logits.to(self.fit_dtype)
