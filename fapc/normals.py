@@ -88,18 +88,17 @@ def configure_precision(net: Any, device: torch.device, precision: str = "auto")
 
 
 def run_network(model: Any, patches: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``model(patches)`` for ``patches (B, K, 3)``; on a CPU in micro-batches of
-    :data:`CPU_MICRO_BATCH` queries, whose ``(b * F * K, width)`` activations stay in cache
-    (about twice as fast as one pass over thousands of queries)."""
+    """``model(patches)`` of a :class:`~fapc.models.normal_net.NormalNet` for ``patches
+    (B, K, 3)``; on a CPU its network runs in micro-batches of :data:`CPU_MICRO_BATCH`
+    queries, whose ``(b * F * K, width)`` activations stay in cache (about twice as fast as
+    one pass over thousands of queries)."""
     if patches.device.type != "cpu" or len(patches) <= CPU_MICRO_BATCH:
         return model(patches)
-    if hasattr(model, "fit"):  # micro-batch the network only; the fits gain from long batches
-        parts = [model._net(patches[m:m + CPU_MICRO_BATCH])
-                 for m in range(0, len(patches), CPU_MICRO_BATCH)]
-        glob = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
-        return model.fit(patches, torch.cat([p[0] for p in parts]), glob)
-    outs = [model(patches[m:m + CPU_MICRO_BATCH]) for m in range(0, len(patches), CPU_MICRO_BATCH)]
-    return {key: torch.cat([o[key] for o in outs]) for key in outs[0]}
+    # micro-batch the network only: the weighted fits (many small ops) gain from long batches
+    parts = [model.network(patches[m:m + CPU_MICRO_BATCH])
+             for m in range(0, len(patches), CPU_MICRO_BATCH)]
+    glob = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
+    return model.fit(patches, torch.cat([p[0] for p in parts]), glob)
 
 
 def fa_normals(

@@ -113,14 +113,17 @@ class WeightBackbone(nn.Module):
             return self.out(h).squeeze(-1), extra  # (B', K), (B', n_global)
 
 
-def weighted_fit(patches: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def weighted_fit(patches: torch.Tensor, weights: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Weighted PCA: ``patches (..., K, 3)``, ``weights (..., K)`` -> eigenvalues ``(..., 3)``
-    ascending and eigenvectors ``(..., 3, 3)`` of the weighted covariance."""
+    ascending, eigenvectors ``(..., 3, 3)`` of the weighted covariance, and the weighted
+    mean ``(..., 1, 3)``."""
     w = weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
     mean = (patches * w.unsqueeze(-1)).sum(-2, keepdim=True)
     d = patches - mean
     cov = torch.einsum("...ki,...kj->...ij", d * w.unsqueeze(-1), d)
-    return sym3_eigh(cov)
+    vals, vecs = sym3_eigh(cov)
+    return vals, vecs, mean
 
 
 class NormalNet(nn.Module):
@@ -138,7 +141,7 @@ class NormalNet(nn.Module):
             self.refine_log_scale = nn.Parameter(torch.tensor(0.0))
         flags = torch.cat([torch.zeros(c.k_near), torch.ones(c.k_far)])
         self.register_buffer("scale_flags", flags, persistent=False)
-        # bf16 autocast for the backbone only (set on CUDA; works on a CPU too); frames, fits float32
+        # bf16 autocast on the backbone's widest product (--precision bf16); frames, fits float32+
         self.use_bf16 = False
         # dtype of the weighted fits (None: the patches'); float64 on a CPU steadies the
         # robust passes against float32 rounding (fapc.normals sets it)
@@ -146,9 +149,9 @@ class NormalNet(nn.Module):
 
     def logits(self, patches: torch.Tensor) -> torch.Tensor:
         """Per-frame logits ``(B, F, K)`` (``F = 1`` without FA)."""
-        return self._net(patches)[0]
+        return self.network(patches)[0]
 
-    def _net(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def network(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-frame logits ``(B, F, K)`` and per-frame patch outputs ``(B, F, G)`` or None."""
         c = self.config
         if patches.ndim != 3 or patches.shape[1:] != (c.k_near + c.k_far, 3):
@@ -212,7 +215,7 @@ class NormalNet(nn.Module):
         return self._shape_out(out, glob, patches.dtype, b, f, k)
 
     def forward(self, patches: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.fit(patches, *self._net(patches))
+        return self.fit(patches, *self.network(patches))
 
     def fit(self, patches: torch.Tensor, logits: torch.Tensor,
             glob: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -225,26 +228,21 @@ class NormalNet(nn.Module):
             glob = glob.to(self.fit_dtype) if glob is not None else None
         weights = torch.sigmoid(logits.mean(1)) + 1e-4  # (B, K) invariant
         fit_w = weights
-        for it in range(c.refine + 1):
-            vals, vecs = weighted_fit(patches, fit_w)
-            normal = vecs[..., 0]  # (B, 3)
-            if c.fit != "jet2" and it == c.refine:
-                break  # the plane fit's normal
-            if it < c.refine:  # robust pass: down-weight points far from the fitted plane
-                # (plane, not quadratic, residuals: a quadratic bends across a crease and
-                # leaves both sides with small residuals)
-                w = (fit_w / fit_w.sum(-1, keepdim=True)).unsqueeze(-1)  # (B, K, 1)
-                mean = (patches * w).sum(-2, keepdim=True)  # (B, 1, 3)
-                resid = ((patches - mean) * normal.unsqueeze(-2)).sum(-1)  # (B, K)
-                s2 = (w.squeeze(-1) * resid.square()).sum(-1, keepdim=True)  # (B, 1) weighted MSE
-                log_scale = self.refine_log_scale
-                if glob is not None:  # per patch: e.g. wide (off) under heavy noise
-                    log_scale = log_scale + glob.mean(1)[:, -1:]  # (B, 1) invariant
-                scale2 = (2 * log_scale).exp() * s2 + 1e-8
-                fit_w = weights * torch.exp(-0.5 * resid.square() / scale2)
-                continue
+        if c.refine:  # per patch: e.g. wide (off) under heavy noise; (B, 1) invariant
+            log_scale = self.refine_log_scale + glob.mean(1)[:, -1:]
+        for _ in range(c.refine):  # robust passes: down-weight points far from the plane
+            # (plane, not quadratic, residuals: a quadratic bends across a crease and leaves
+            # both sides with small residuals)
+            _, vecs, mean = weighted_fit(patches, fit_w)
+            resid = ((patches - mean) * vecs[..., 0].unsqueeze(-2)).sum(-1)  # (B, K)
+            w = fit_w / fit_w.sum(-1, keepdim=True)
+            s2 = (w * resid.square()).sum(-1, keepdim=True)  # (B, 1) weighted MSE
+            fit_w = weights * torch.exp(-0.5 * resid.square() / ((2 * log_scale).exp() * s2 + 1e-8))
+        vals, vecs, _ = weighted_fit(patches, fit_w)
+        normal = vecs[..., 0]  # (B, 3): the plane fit's normal
+        if c.fit == "jet2":
             jet = jet_normal(patches, fit_w, vecs)  # (B, 3)
-            if c.gate and glob is not None:  # learned blend of the plane and quadratic normals
+            if c.gate:  # learned blend of the plane and quadratic normals, signs aligned
                 gate = torch.sigmoid(glob.mean(1)[:, :1])  # (B, 1) invariant
                 sign = torch.where((jet * normal).sum(-1, keepdim=True) < 0, -1.0, 1.0)
                 normal = gate * jet * sign + (1 - gate) * normal
@@ -291,12 +289,6 @@ def spd_solve(m: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def jet_normal(patches: torch.Tensor, weights: torch.Tensor, axes: torch.Tensor,
                *, ridge: float = 1e-3) -> torch.Tensor:
-    """The normal of :func:`jet_fit` alone ``(B, 3)``."""
-    return jet_fit(patches, weights, axes, ridge=ridge)[0]
-
-
-def jet_fit(patches: torch.Tensor, weights: torch.Tensor, axes: torch.Tensor,
-            *, ridge: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
     """Normal at the query (the origin) of a weighted quadratic height field.
 
     ``patches (B, K, 3)``, ``weights (B, K)``, ``axes (B, 3, 3)`` (columns: height axis first,
@@ -305,8 +297,6 @@ def jet_fit(patches: torch.Tensor, weights: torch.Tensor, axes: torch.Tensor,
     ridge on the quadratic terms) and returns the unit normal ``(B, 3)`` at ``u = v = 0``.
     A full quadratic is closed under rotations and reflections of ``(u, v)``, so the normal
     does not depend on how the tangent axes turn: it is as equivariant as the height axis.
-    Returns the normal ``(B, 3)`` and each point's signed height residual ``(B, K)`` (its
-    sign follows the height axis; its magnitude is invariant).
     """
     local = patches @ axes  # (B, K, 3): h, u, v
     h, u, v = local.unbind(-1)
@@ -320,8 +310,7 @@ def jet_fit(patches: torch.Tensor, weights: torch.Tensor, axes: torch.Tensor,
     c = spd_solve(m, (bw * h.unsqueeze(-1)).sum(1))  # (B, 6)
     n_local = torch.stack([torch.ones_like(c[:, 0]), -c[:, 1], -c[:, 2]], -1)  # (h, u, v)
     n = (axes @ n_local.unsqueeze(-1)).squeeze(-1)
-    resid = h - (basis @ c.unsqueeze(-1)).squeeze(-1)  # (B, K)
-    return n / n.norm(dim=-1, keepdim=True).clamp_min(1e-12), resid
+    return n / n.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def unoriented_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "sin") -> torch.Tensor:
