@@ -209,7 +209,8 @@ def estimate_normals(
         else:
             net = model.to(dev).eval()
         configure_precision(net, dev, precision)
-        need = getattr(net.config, "points", None) or max(net.config.k_near, net.config.k_far)
+        need = getattr(net.config, "points", None) or max(net.config.k_near,
+                                                           net.config.patch.k_far_all)
     else:
         need = k
     if n_valid < need:

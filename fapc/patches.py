@@ -4,8 +4,10 @@ A patch is the ``k_near`` nearest neighbours of the query in the full cloud plus
 ``k_far`` nearest neighbours in a fixed subsample holding ``1/far_stride`` of the points
 (chosen by index with a fixed seed, never by coordinates), so one patch of
 ``k_near + k_far`` points sees both the fine detail and about ``k_far * far_stride``
-neighbours' worth of context. Coordinates are centred on the query in float64, then divided
-by the patch's RMS radius (scale invariance) and cast to float32.
+neighbours' worth of context. With ``k_ext > 0`` the patch goes on with the next ``k_ext``
+far neighbours (an outer ring the network does not see; the model weights it per patch).
+Coordinates are centred on the query in float64, then divided
+by the RMS radius of the first ``k_near + k_far`` points (scale invariance) and cast to float32.
 
 All of this depends only on distances, so a rotated, reflected or translated cloud gives the
 same patches, rotated.
@@ -28,10 +30,16 @@ class PatchSpec:
     k_far: int = 32
     far_stride: int = 6
     far_smooth: int = 0  # passes of neighbour averaging applied to far-scale points
+    k_ext: int = 0  # outer ring: far neighbours k_far .. k_far + k_ext - 1 (not seen by the net)
 
     @property
     def size(self) -> int:
-        return self.k_near + self.k_far
+        return self.k_near + self.k_far + self.k_ext
+
+    @property
+    def k_far_all(self) -> int:
+        """Far neighbours per query, outer ring included."""
+        return self.k_far + self.k_ext
 
 
 def smoothed_positions(points: np.ndarray, near: np.ndarray) -> np.ndarray:
@@ -42,6 +50,12 @@ def smoothed_positions(points: np.ndarray, near: np.ndarray) -> np.ndarray:
     for s in range(0, len(points), 1 << 16):
         out[s:s + (1 << 16)] = pts[nb[s:s + (1 << 16)]].mean(1)
     return out.numpy()
+
+
+def patch_scale(local: torch.Tensor, spec: PatchSpec) -> torch.Tensor:
+    """RMS radius ``(Q,)`` of the points the network sees (``local (Q, K, 3)``, outer ring
+    excluded, so the ring does not change the network's input)."""
+    return local[:, : spec.k_near + spec.k_far].square().sum(-1).mean(-1).sqrt()
 
 
 class PatchBuilder:
@@ -60,11 +74,11 @@ class PatchBuilder:
         self.spec = spec
         n = len(points)
         self.tree = cKDTree(self.points)
-        n_far = max(spec.k_far, n // max(spec.far_stride, 1))
+        n_far = max(spec.k_far_all, n // max(spec.far_stride, 1))
         rng = np.random.default_rng(seed)
         self.far_index = np.sort(rng.choice(n, size=min(n, n_far), replace=False))
         self.far_tree = cKDTree(self.points[self.far_index])
-        if n < spec.k_near or len(self.far_index) < spec.k_far:
+        if n < spec.k_near or len(self.far_index) < spec.k_far_all:
             raise ValueError(f"need at least {spec.k_near} points for a patch, got {n}")
         self.near_all: np.ndarray | None = None
         self.smooth: np.ndarray | None = None
@@ -76,13 +90,13 @@ class PatchBuilder:
                 self.smooth = smoothed_positions(self.smooth, self.near_all)
 
     def neighbours(self, query_index: np.ndarray) -> np.ndarray:
-        """``(Q,)`` query indices -> ``(Q, k_near + k_far)`` neighbour indices into points."""
+        """``(Q,)`` query indices -> ``(Q, size)`` neighbour indices into points."""
         q = self.points[query_index]
         if self.near_all is not None:
             near = self.near_all[query_index]
         else:
             _, near = self.tree.query(q, k=self.spec.k_near, workers=-1)
-        _, far = self.far_tree.query(q, k=self.spec.k_far, workers=-1)
+        _, far = self.far_tree.query(q, k=self.spec.k_far_all, workers=-1)
         near = np.asarray(near, np.int64).reshape(len(q), -1)
         far = self.far_index[np.asarray(far, np.int64).reshape(len(q), -1)]
         return np.concatenate([near, far], axis=1)
@@ -105,7 +119,7 @@ class PatchBuilder:
         else:
             pos = pts[nb_t]
         local = pos - q  # (Q, K, 3) float64
-        scale = local.square().sum(-1).mean(-1).sqrt()  # (Q,)
+        scale = patch_scale(local, self.spec)  # (Q,)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         patches = (local / scale[:, None, None]).to(torch.float32)
         return patches.numpy(), scale.numpy(), nb
@@ -123,14 +137,14 @@ class TorchPatchBuilder:
         n = len(points)
         self.spec = spec
         self.points = torch.as_tensor(np.asarray(points, np.float32), device=device)
-        n_far = max(spec.k_far, n // max(spec.far_stride, 1))
+        n_far = max(spec.k_far_all, n // max(spec.far_stride, 1))
         rng = np.random.default_rng(seed)  # the same subsample as PatchBuilder
         far = np.sort(rng.choice(n, size=min(n, n_far), replace=False))
-        if n < spec.k_near or len(far) < spec.k_far:
+        if n < spec.k_near or len(far) < spec.k_far_all:
             raise ValueError(f"need at least {spec.k_near} points for a patch, got {n}")
         self.far_index = torch.as_tensor(far, device=device)
         self.grid = GridKNN(self.points, spec.k_near)
-        self.far_grid = GridKNN(self.points[self.far_index], spec.k_far)
+        self.far_grid = GridKNN(self.points[self.far_index], spec.k_far_all)
         self.near_all: torch.Tensor | None = None
         self.smooth: torch.Tensor | None = None
         if spec.far_smooth:
@@ -148,13 +162,13 @@ class TorchPatchBuilder:
             near = self.near_all[query_index]
         else:
             near, _ = self.grid.query(q, self.spec.k_near)
-        far, _ = self.far_grid.query(q, self.spec.k_far)
+        far, _ = self.far_grid.query(q, self.spec.k_far_all)
         far = self.far_index[far]
         if self.smooth is not None:
             pos = torch.cat([self.points[near], self.smooth[far]], 1)
         else:
             pos = self.points[torch.cat([near, far], 1)]
         local = pos - q.unsqueeze(1)  # (Q, K, 3)
-        scale = local.pow(2).sum(-1).mean(-1).sqrt()
+        scale = patch_scale(local, self.spec)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         return local / scale[:, None, None], scale

@@ -69,6 +69,7 @@ class TrainConfig:
     fit: str = "jet2"
     near_features: bool = False
     far_smooth: int = 0
+    k_ext: int = 0
     refine: int = 0
     gate: bool = False
     loss: str = "sin"
@@ -234,6 +235,27 @@ def evaluate_patches(model: NormalNet, val, device: torch.device) -> dict[str, f
     return out
 
 
+def warm_start(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load ``state`` into ``model``, which may have grown since: parameters it lacks keep
+    their initial values, and an output layer with more rows (new per-patch outputs) takes
+    the old rows. Any other mismatch raises ``RuntimeError``."""
+    own = model.state_dict()
+    merged = dict(own)
+    for key, value in state.items():
+        if key not in own:
+            raise RuntimeError(f"unexpected parameter {key!r}")
+        mine = own[key]
+        if mine.shape == value.shape:
+            merged[key] = value
+        elif (mine.ndim == value.ndim and mine.shape[1:] == value.shape[1:]
+              and mine.shape[0] > value.shape[0]):
+            merged[key] = torch.cat([value, mine[value.shape[0]:]])
+        else:
+            raise RuntimeError(f"size mismatch for {key}: {tuple(value.shape)} in the model, "
+                               f"{tuple(mine.shape)} here")
+    model.load_state_dict(merged)
+
+
 def _digest(model: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for k, v in sorted(model.state_dict().items()):
@@ -274,7 +296,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, int, dict[str, float]], N
 
         start, _ = load_model(cfg.init)
         try:
-            model.load_state_dict(start.state_dict())
+            warm_start(model, start.state_dict())
         except RuntimeError as e:
             raise FapcError(f"cannot start from this model: {str(e).splitlines()[0]}",
                             path=cfg.init) from None

@@ -35,11 +35,15 @@ def test_grid_knn_is_exact(device):
     assert (idx.cpu().numpy() == ref_i).mean() > 0.9999  # only exact ties may differ
 
 
-@pytest.mark.parametrize("smooth", [False, True])
+@pytest.mark.parametrize("options", [{}, {"far_smooth": 1},
+                                     {"far_smooth": 1, "k_ext": 8, "refine": 1}])
 @pytest.mark.parametrize("device", DEVICES)
-def test_device_pipeline_matches_cpu_pipeline(device, smooth):
+def test_device_pipeline_matches_cpu_pipeline(device, options):
     torch.manual_seed(0)
-    model = NormalNet(NormalNetConfig(k_near=16, k_far=16, far_stride=4, far_smooth=int(smooth))).eval()
+    model = NormalNet(NormalNetConfig(k_near=16, k_far=16, far_stride=4, **options)).eval()
+    if options.get("k_ext"):
+        with torch.no_grad():  # the outer ring fully in the fit
+            model.ring_bias.fill_(3.0)
     pts = synthetic_surface(5000, seed=2, noise=2e-3)
     ref = estimate_normals(pts, method="fa", model=model, device="cpu", knn="scipy")
     got = estimate_normals(pts, method="fa", model=model, device=device, knn="torch")

@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import angle_deg
 from typer.testing import CliRunner
 
 from fapc.cli import app
@@ -208,14 +209,21 @@ def _rotation(rng: np.random.Generator) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("options", [{}, {"refine": 2, "gate": True},
-                                     {"near_features": True, "refine": 1, "fit": "pca"}])
+                                     {"near_features": True, "refine": 1, "fit": "pca"},
+                                     {"refine": 2, "gate": True, "k_ext": 8}])
 def test_normal_net_variants_are_rotation_and_permutation_equivariant(options):
     torch.manual_seed(0)
     rng = np.random.default_rng(1)
     net = NormalNet(NormalNetConfig(k_near=16, k_far=16, **options)).double().eval()
-    x = torch.from_numpy(rng.normal(size=(64, 32, 3)) * [1.0, 0.7, 0.2])  # (B, K, 3)
+    if options.get("k_ext"):
+        with torch.no_grad():  # an outer ring that counts, with a per-patch part
+            net.ring_bias.fill_(0.5)
+            net.backbone.global_out.weight.normal_()
+    k_ext = options.get("k_ext", 0)
+    x = torch.from_numpy(rng.normal(size=(64, 32 + k_ext, 3)) * [1.0, 0.7, 0.2])  # (B, K, 3)
     rot = _rotation(rng)
-    perm = torch.cat([torch.randperm(16), 16 + torch.randperm(16)])  # within each scale
+    perm = torch.cat([torch.randperm(16), 16 + torch.randperm(16),  # within each scale
+                      32 + torch.randperm(k_ext)])
     a = net(x)["normal"]
     b = net(x[:, perm] @ rot.T)["normal"]
     assert ((a @ rot.T * b).sum(-1).abs() - 1).abs().max() < 1e-9
@@ -271,6 +279,35 @@ def test_warm_start_takes_the_weights_and_refuses_other_widths(tmp_path):
     with pytest.raises(FapcError, match="cannot start"):
         train(TrainConfig(out=str(tmp_path / "bad"), epochs=1, steps_per_epoch=1, widths=(8, 16),
                           init=os.path.join(base, "last.safetensors"), **TINY))
+
+
+def test_outer_ring_joins_the_fit_and_a_warm_start_grows_into_it(tmp_path):
+    base = str(tmp_path / "base")
+    cfg = {**TINY, "refine": 1, "gate": True}
+    train(TrainConfig(out=base, epochs=1, steps_per_epoch=3, **cfg))
+    start, _ = load_model(os.path.join(base, "last.safetensors"))
+    run = str(tmp_path / "run")
+    train(TrainConfig(out=run, epochs=1, steps_per_epoch=2, init=os.path.join(base, "last.safetensors"),
+                      **{**cfg, "lr": 1e-12, "k_ext": 8}))
+    grown, _ = load_model(os.path.join(run, "last.safetensors"))
+    assert grown.config.k_ext == 8 and grown.config.patch.size == 40
+    old_out = start.backbone.global_out
+    new_out = grown.backbone.global_out
+    assert new_out.weight.shape[0] == old_out.weight.shape[0] + 2
+    torch.testing.assert_close(new_out.weight[:2], old_out.weight, atol=1e-6, rtol=0)
+    assert new_out.weight[2:].abs().max() < 1e-6  # the ring's per-patch rows start at zero
+    # the ring changes the normal once it has weight, and not the network's own weights
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.normal(size=(32, 40, 3)) * [1.0, 1.0, 0.1]).float()
+    x[:, 32:, 2] += 0.5 * x[:, 32:, 0]  # a ring that tilts away from the inner plane
+    with torch.no_grad():
+        off = grown(x)
+        grown.ring_bias.fill_(4.0)
+        on = grown(x)
+    torch.testing.assert_close(off["weights"], on["weights"])
+    assert angle_deg(off["normal"].numpy(), on["normal"].numpy()).mean() > 1.0
+    with pytest.raises(ValueError, match=r"\(B, 40, 3\)"):
+        grown(x[:, :32])
 
 
 def test_cli_fine_tunes_the_shipped_model(tmp_path):

@@ -15,8 +15,13 @@ robust passes re-weight the points by their distance to the current weighted pla
 Gaussian of the residual in units of the weighted RMS residual, its width set per patch by
 the network), which pulls a patch at a crease onto the query's own face; the ``gate`` (an
 invariant per-patch scalar) blends the plane fit's normal with the quadratic fit's, which
-lets heavy noise fall back to the steadier plane. Both use invariant quantities only, so the
-normal stays exactly equivariant.
+lets heavy noise fall back to the steadier plane. With ``k_ext`` the fits also take an outer
+ring of far points that the network does not see (the patch's ``k_ext`` last rows): each gets
+the weight ``sigmoid(a + b r)`` of its distance ``r`` to the query, with ``a`` and ``b`` set per
+patch by the network, and then the same robust passes. Under heavy noise this widens the fit
+to about twice the far scale's support at the cost of a few more products per query, not of
+a larger network. All of these use invariant quantities only, so the normal stays exactly
+equivariant.
 
 Outputs per query: ``normal (B, 3)``, ``confidence (B,)`` in [0, 1] (how well the frame
 elements agree on the weights, times the weighted fit's planarity), ``curvature (B,)``
@@ -53,11 +58,12 @@ class NormalNetConfig:
     far_smooth: int = 0
     refine: int = 0  # robust re-weighting passes of the fit (residual-based, see NormalNet)
     gate: bool = False  # blend the plane fit's and the quadratic fit's normals (learned, invariant)
+    k_ext: int = 0  # outer ring of far points joining the fits, weighted per patch (see fit)
     extra: dict = field(default_factory=dict)
 
     @property
     def patch(self) -> PatchSpec:
-        return PatchSpec(self.k_near, self.k_far, self.far_stride, self.far_smooth)
+        return PatchSpec(self.k_near, self.k_far, self.far_stride, self.far_smooth, self.k_ext)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -134,11 +140,24 @@ class NormalNet(nn.Module):
         super().__init__()
         self.config = config or NormalNetConfig()
         c = self.config
+        # per-patch outputs, in this order: [gate] if c.gate, [log residual scale] if
+        # c.refine, [ring offset, ring slope] if c.k_ext
+        self.global_index: dict[str, int] = {}
+        for name, used in (("gate", c.gate), ("scale", c.refine > 0), ("ring", c.k_ext > 0)):
+            if used:
+                self.global_index[name] = sum(2 if n == "ring" else 1 for n in self.global_index)
+        n_global = sum(2 if n == "ring" else 1 for n in self.global_index)
         self.backbone = WeightBackbone(7 if c.near_features else 4, c.widths, c.head,
-                                       n_global=int(c.gate) + int(c.refine > 0))
-        # per-patch outputs: [gate] if c.gate, then [log residual scale] if c.refine
+                                       n_global=n_global)
         if c.refine:  # residual scale of the robust passes, in units of the weighted RMS residual
             self.refine_log_scale = nn.Parameter(torch.tensor(0.0))
+        if c.k_ext:  # the ring starts nearly off (weight ~0.02) and its per-patch rows at zero
+            self.ring_bias = nn.Parameter(torch.tensor(-4.0))
+            self.ring_slope = nn.Parameter(torch.tensor(0.0))
+            with torch.no_grad():
+                i = self.global_index["ring"]
+                self.backbone.global_out.weight[i:i + 2].zero_()
+                self.backbone.global_out.bias[i:i + 2].zero_()
         flags = torch.cat([torch.zeros(c.k_near), torch.ones(c.k_far)])
         self.register_buffer("scale_flags", flags, persistent=False)
         # bf16 autocast on the backbone's widest product (--precision bf16); frames, fits float32+
@@ -152,11 +171,11 @@ class NormalNet(nn.Module):
         return self.network(patches)[0]
 
     def network(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per-frame logits ``(B, F, K)`` and per-frame patch outputs ``(B, F, G)`` or None."""
+        """Per-frame logits ``(B, F, K)`` and per-frame patch outputs ``(B, F, G)`` or None
+        (``K = k_near + k_far``: the outer ring's rows are not used here)."""
         c = self.config
-        if patches.ndim != 3 or patches.shape[1:] != (c.k_near + c.k_far, 3):
-            raise ValueError(f"patches must have shape (B, {c.k_near + c.k_far}, 3), "
-                             f"got {tuple(patches.shape)}")
+        self._check(patches)
+        patches = patches[:, : c.k_near + c.k_far]
         b, k, _ = patches.shape
         if c.fa:
             frames = compute_frames(patches, group=c.group,
@@ -176,6 +195,11 @@ class NormalNet(nn.Module):
                             enabled=self.use_bf16):
             out, glob = self.backbone.from_first(self.backbone.l1(x))
         return self._shape_out(out, glob, patches.dtype, b, f, k)
+
+    def _check(self, patches: torch.Tensor) -> None:
+        size = self.config.patch.size
+        if patches.ndim != 3 or patches.shape[1:] != (size, 3):
+            raise ValueError(f"patches must have shape (B, {size}, 3), got {tuple(patches.shape)}")
 
     @staticmethod
     def _shape_out(out: torch.Tensor, glob: torch.Tensor | None, dtype: torch.dtype, b: int, f: int,
@@ -222,14 +246,23 @@ class NormalNet(nn.Module):
         """The weighted fits from the network's outputs: ``patches (B, K, 3)``, ``logits
         (B, F, K)``, ``glob (B, F, G)`` or None -> the outputs of :meth:`forward`."""
         c = self.config
+        self._check(patches)
         out_dtype = patches.dtype
         if self.fit_dtype is not None:  # the fits (not the network) in e.g. float64
             patches, logits = patches.to(self.fit_dtype), logits.to(self.fit_dtype)
             glob = glob.to(self.fit_dtype) if glob is not None else None
         weights = torch.sigmoid(logits.mean(1)) + 1e-4  # (B, K) invariant
-        fit_w = weights
+        g = glob.mean(1) if glob is not None else None  # (B, G) invariant per-patch outputs
+        base = weights
+        if c.k_ext:  # the outer ring: sigmoid(a + b r) of the distance r to the query
+            i = self.global_index["ring"]
+            r = patches[:, c.k_near + c.k_far:].norm(dim=-1)  # (B, k_ext) invariant
+            a, b = self.ring_bias + g[:, i:i + 1], self.ring_slope + g[:, i + 1:i + 2]
+            base = torch.cat([weights, torch.sigmoid(a + b * r) + 1e-4], 1)  # (B, K + k_ext)
+        fit_w = base
         if c.refine:  # per patch: e.g. wide (off) under heavy noise; (B, 1) invariant
-            log_scale = self.refine_log_scale + glob.mean(1)[:, -1:]
+            i = self.global_index["scale"]
+            log_scale = self.refine_log_scale + g[:, i:i + 1]
         for _ in range(c.refine):  # robust passes: down-weight points far from the plane
             # (plane, not quadratic, residuals: a quadratic bends across a crease and leaves
             # both sides with small residuals)
@@ -237,13 +270,14 @@ class NormalNet(nn.Module):
             resid = ((patches - mean) * vecs[..., 0].unsqueeze(-2)).sum(-1)  # (B, K)
             w = fit_w / fit_w.sum(-1, keepdim=True)
             s2 = (w * resid.square()).sum(-1, keepdim=True)  # (B, 1) weighted MSE
-            fit_w = weights * torch.exp(-0.5 * resid.square() / ((2 * log_scale).exp() * s2 + 1e-8))
+            fit_w = base * torch.exp(-0.5 * resid.square() / ((2 * log_scale).exp() * s2 + 1e-8))
         vals, vecs, _ = weighted_fit(patches, fit_w)
         normal = vecs[..., 0]  # (B, 3): the plane fit's normal
         if c.fit == "jet2":
             jet = jet_normal(patches, fit_w, vecs)  # (B, 3)
             if c.gate:  # learned blend of the plane and quadratic normals, signs aligned
-                gate = torch.sigmoid(glob.mean(1)[:, :1])  # (B, 1) invariant
+                i = self.global_index["gate"]
+                gate = torch.sigmoid(g[:, i:i + 1])  # (B, 1) invariant
                 sign = torch.where((jet * normal).sum(-1, keepdim=True) < 0, -1.0, 1.0)
                 normal = gate * jet * sign + (1 - gate) * normal
                 normal = normal / normal.norm(dim=-1, keepdim=True).clamp_min(1e-12)
