@@ -323,3 +323,24 @@ def test_cli_fine_tunes_the_shipped_model(tmp_path):
     assert tuned.config.refine == shipped.config.refine and tuned.config.gate == shipped.config.gate
     for key, value in shipped.state_dict().items():
         torch.testing.assert_close(tuned.state_dict()[key], value, atol=1e-6, rtol=0)
+
+
+def test_jet_normal_does_not_depend_on_how_the_tangent_axes_turn():
+    from fapc.models.normal_net import jet_normal
+
+    rng = np.random.default_rng(4)
+    uv = rng.uniform(-1, 1, size=(16, 40, 2))
+    h = 0.3 * uv[..., 0] ** 2 - 0.5 * uv[..., 0] * uv[..., 1] + 0.1 * uv[..., 1] + 0.2
+    pts = torch.from_numpy(np.concatenate([h[..., None], uv], -1))  # (B, K, 3): h, u, v
+    rot = _rotation(rng)
+    pts = pts @ rot.T
+    axes = rot.expand(16, 3, 3)
+    w = torch.from_numpy(rng.uniform(0.1, 1, size=(16, 40)))
+    ref = jet_normal(pts, w, axes)
+    for theta in (0.3, 1.1, 2.0):
+        c, s = np.cos(theta), np.sin(theta)
+        turn = torch.tensor([[1, 0, 0], [0, c, -s], [0, s, c]], dtype=torch.float64)
+        for flip in (1.0, -1.0):  # a turn and a turn with a reflection of (u, v)
+            turned = axes @ (turn @ torch.diag(torch.tensor([1.0, 1.0, flip], dtype=torch.float64)))
+            got = jet_normal(pts, w, turned)
+            assert ((ref * got).sum(-1).abs() - 1).abs().max() < 1e-12

@@ -119,17 +119,34 @@ class WeightBackbone(nn.Module):
             return self.out(h).squeeze(-1), extra  # (B', K), (B', n_global)
 
 
-def weighted_fit(patches: torch.Tensor, weights: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Weighted PCA: ``patches (..., K, 3)``, ``weights (..., K)`` -> eigenvalues ``(..., 3)``
-    ascending, eigenvectors ``(..., 3, 3)`` of the weighted covariance, and the weighted
-    mean ``(..., 1, 3)``."""
-    w = weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
-    mean = (patches * w.unsqueeze(-1)).sum(-2, keepdim=True)
-    d = patches - mean
-    cov = torch.einsum("...ki,...kj->...ij", d * w.unsqueeze(-1), d)
+def homogeneous(patches: torch.Tensor) -> torch.Tensor:
+    """``(B, K, 3) -> (B, K, 4)``: each point with a 1 appended."""
+    return torch.cat([patches, torch.ones_like(patches[..., :1])], -1)
+
+
+def moment_fit(aug: torch.Tensor, weights: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Weighted PCA of homogeneous points ``aug (B, K, 4)`` with ``weights (B, K)``:
+    eigenvalues ``(B, 3)`` ascending, eigenvectors ``(B, 3, 3)`` of the weighted covariance,
+    and the weighted mean ``(B, 1, 3)``.
+
+    One product gives the weighted moments ``sum w [p 1]^T [p 1]`` (B, 4, 4), hence the mean
+    and the covariance, in one pass over the points instead of three. Patches are centred
+    on the query and of unit radius, so ``E[p p^T] - m m^T`` loses nothing that matters to
+    the eigenvectors (their error is the rounding over the eigenvalue gap)."""
+    mom = (aug * weights.unsqueeze(-1)).transpose(1, 2) @ aug  # (B, 4, 4)
+    total = mom[:, 3:, 3:].clamp_min(1e-30)  # (B, 1, 1)
+    mean = mom[:, 3:, :3] / total  # (B, 1, 3)
+    cov = mom[:, :3, :3] / total - mean.transpose(1, 2) * mean  # (B, 3, 3)
     vals, vecs = sym3_eigh(cov)
     return vals, vecs, mean
+
+
+def plane_residuals(aug: torch.Tensor, normal: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Signed distances ``(B, K)`` of homogeneous points ``aug (B, K, 4)`` to the planes
+    through ``mean (B, 1, 3)`` with unit ``normal (B, 3)``."""
+    offset = -(mean.squeeze(1) * normal).sum(-1, keepdim=True)  # (B, 1)
+    return (aug @ torch.cat([normal, offset], -1).unsqueeze(-1)).squeeze(-1)
 
 
 class NormalNet(nn.Module):
@@ -263,15 +280,15 @@ class NormalNet(nn.Module):
         if c.refine:  # per patch: e.g. wide (off) under heavy noise; (B, 1) invariant
             i = self.global_index["scale"]
             log_scale = self.refine_log_scale + g[:, i:i + 1]
+        aug = homogeneous(patches)  # (B, K, 4)
         for _ in range(c.refine):  # robust passes: down-weight points far from the plane
             # (plane, not quadratic, residuals: a quadratic bends across a crease and leaves
             # both sides with small residuals)
-            _, vecs, mean = weighted_fit(patches, fit_w)
-            resid = ((patches - mean) * vecs[..., 0].unsqueeze(-2)).sum(-1)  # (B, K)
-            w = fit_w / fit_w.sum(-1, keepdim=True)
-            s2 = (w * resid.square()).sum(-1, keepdim=True)  # (B, 1) weighted MSE
-            fit_w = base * torch.exp(-0.5 * resid.square() / ((2 * log_scale).exp() * s2 + 1e-8))
-        vals, vecs, _ = weighted_fit(patches, fit_w)
+            _, vecs, mean = moment_fit(aug, fit_w)
+            r2 = plane_residuals(aug, vecs[..., 0], mean).square()  # (B, K)
+            s2 = (fit_w * r2).sum(-1, keepdim=True) / fit_w.sum(-1, keepdim=True)  # weighted MSE
+            fit_w = base * torch.exp(-0.5 * r2 / ((2 * log_scale).exp() * s2 + 1e-8))
+        vals, vecs, _ = moment_fit(aug, fit_w)
         normal = vecs[..., 0]  # (B, 3): the plane fit's normal
         if c.fit == "jet2":
             jet = jet_normal(patches, fit_w, vecs)  # (B, 3)
@@ -328,20 +345,21 @@ def jet_normal(patches: torch.Tensor, weights: torch.Tensor, axes: torch.Tensor,
     ``patches (B, K, 3)``, ``weights (B, K)``, ``axes (B, 3, 3)`` (columns: height axis first,
     then two tangent axes, e.g. the eigenvectors of the weighted covariance). Fits
     ``h = c0 + c1 u + c2 v + c3 u^2 + c4 u v + c5 v^2`` by weighted least squares (a small
-    ridge on the quadratic terms) and returns the unit normal ``(B, 3)`` at ``u = v = 0``.
-    A full quadratic is closed under rotations and reflections of ``(u, v)``, so the normal
-    does not depend on how the tangent axes turn: it is as equivariant as the height axis.
+    ridge on the quadratic part: the Frobenius norm of its matrix, ``c3^2 + c4^2 / 2 + c5^2``)
+    and returns the unit normal ``(B, 3)`` at ``u = v = 0``. A full quadratic is closed under
+    rotations and reflections of ``(u, v)``, and so is that ridge, so the normal does not
+    depend on how the tangent axes turn (they are arbitrary where the two tangent eigenvalues
+    meet): it is as equivariant as the height axis.
     """
     local = patches @ axes  # (B, K, 3): h, u, v
     h, u, v = local.unbind(-1)
-    one = torch.ones_like(u)
-    basis = torch.stack([one, u, v, u * u, u * v, v * v], -1)  # (B, K, 6)
+    cols = torch.stack([torch.ones_like(u), u, v, u * u, u * v, v * v, h], -1)  # (B, K, 7)
     w = weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
-    bw = basis * w.unsqueeze(-1)
-    m = bw.transpose(1, 2) @ basis  # (B, 6, 6)
-    reg = torch.tensor([1e-6, 1e-6, 1e-6, ridge, ridge, ridge], dtype=m.dtype, device=m.device)
-    m = m + torch.diag_embed(reg.expand(m.shape[0], 6))
-    c = spd_solve(m, (bw * h.unsqueeze(-1)).sum(1))  # (B, 6)
+    mom = (cols * w.unsqueeze(-1)).transpose(1, 2) @ cols  # (B, 7, 7): normal equations + rhs
+    reg = torch.tensor([1e-6, 1e-6, 1e-6, ridge, ridge / 2, ridge], dtype=mom.dtype,
+                       device=mom.device)
+    m = mom[:, :6, :6] + torch.diag_embed(reg.expand(mom.shape[0], 6))
+    c = spd_solve(m, mom[:, :6, 6])  # (B, 6)
     n_local = torch.stack([torch.ones_like(c[:, 0]), -c[:, 1], -c[:, 2]], -1)  # (h, u, v)
     n = (axes @ n_local.unsqueeze(-1)).squeeze(-1)
     return n / n.norm(dim=-1, keepdim=True).clamp_min(1e-12)
