@@ -123,8 +123,10 @@ def normals(
         _fail(str(e), 2)
     if method not in ("fa", "pca"):
         _fail(f"--method must be fa or pca, got {method!r}", 2)
-    if precision not in ("auto", "float32", "bf16"):
-        _fail(f"--precision must be auto, float32 or bf16, got {precision!r}", 2)
+    from fapc.normals import PRECISIONS
+
+    if precision not in PRECISIONS:
+        _fail(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}", 2)
     if method == "fa":
         from fapc.models.checkpoint import load_model
         from fapc.normals import resolve_device

@@ -160,10 +160,12 @@ class NormalNet(nn.Module):
         # per-patch outputs, in this order: [gate] if c.gate, [log residual scale] if
         # c.refine, [ring offset, ring slope] if c.k_ext
         self.global_index: dict[str, int] = {}
-        for name, used in (("gate", c.gate), ("scale", c.refine > 0), ("ring", c.k_ext > 0)):
-            if used:
-                self.global_index[name] = sum(2 if n == "ring" else 1 for n in self.global_index)
-        n_global = sum(2 if n == "ring" else 1 for n in self.global_index)
+        n_global = 0
+        for name, size in (("gate", int(c.gate)), ("scale", int(c.refine > 0)),
+                           ("ring", 2 * int(c.k_ext > 0))):
+            if size:
+                self.global_index[name] = n_global
+                n_global += size
         self.backbone = WeightBackbone(7 if c.near_features else 4, c.widths, c.head,
                                        n_global=n_global)
         if c.refine:  # residual scale of the robust passes, in units of the weighted RMS residual
