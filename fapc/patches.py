@@ -6,6 +6,8 @@ A patch is the ``k_near`` nearest neighbours of the query in the full cloud plus
 ``k_near + k_far`` points sees both the fine detail and about ``k_far * far_stride``
 neighbours' worth of context. With ``k_ext > 0`` the patch goes on with the next ``k_ext``
 far neighbours (an outer ring the network does not see; the model weights it per patch).
+With ``wide_stride > 0`` it ends with :data:`WIDE_ROWS` rows that summarise a much wider
+neighbourhood of raw points (see :func:`wide_summary`), for the fits only.
 Coordinates are centred on the query in float64, then divided
 by the RMS radius of the first ``k_near + k_far`` points (scale invariance) and cast to float32.
 
@@ -21,6 +23,8 @@ import numpy as np
 import torch
 from scipy.spatial import cKDTree
 
+from fapc.eigen import sym3_eigh
+
 
 @dataclass(frozen=True)
 class PatchSpec:
@@ -31,15 +35,64 @@ class PatchSpec:
     far_stride: int = 6
     far_smooth: int = 0  # passes of neighbour averaging applied to far-scale points
     k_ext: int = 0  # outer ring: far neighbours k_far .. k_far + k_ext - 1 (not seen by the net)
+    wide_stride: int = 0  # wide summary: cells of a 1/wide_stride subsample (0: off)
+    k_wide: int = 32  # cells per wide summary
 
     @property
     def size(self) -> int:
-        return self.k_near + self.k_far + self.k_ext
+        return self.k_near + self.k_far + self.k_ext + (WIDE_ROWS if self.wide_stride else 0)
 
     @property
     def k_far_all(self) -> int:
         """Far neighbours per query, outer ring included."""
         return self.k_far + self.k_ext
+
+
+WIDE_ROWS = 6  # pseudo-points per wide summary
+
+
+def cell_moments(points: torch.Tensor, centres: torch.Tensor,
+                 owner: torch.Tensor) -> torch.Tensor:
+    """Raw moments of the points of each cell about the cell's centre: ``points (N, 3)``,
+    ``centres (M, 3)``, ``owner (N,)`` (the cell of each point) -> ``(M, 10)``: count, the
+    sum of ``d`` (3) and the sum of ``d d^T`` (xx, yy, zz, xy, xz, yz), ``d = p - centre``."""
+    d = points - centres[owner]  # (N, 3)
+    x, y, z = d.unbind(-1)
+    rows = torch.stack([torch.ones_like(x), x, y, z, x * x, y * y, z * z, x * y, x * z, y * z], -1)
+    return torch.zeros(len(centres), 10, dtype=d.dtype, device=d.device).index_add_(0, owner, rows)
+
+
+def wide_summary(moments: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Six pseudo-points ``(Q, 6, 3)`` with the same mean and covariance as the raw points
+    of ``k_wide`` cells around each query, weighted by a Gaussian of the cell's distance.
+
+    ``moments (Q, k_wide, 10)`` (:func:`cell_moments` of the query's cells), ``offsets (Q,
+    k_wide, 3)`` (cell centre minus query). A cell's weight is ``exp(-2 (r / r_max)^2)``, ``r``
+    its centre's distance to the query and ``r_max`` the largest of those: distances only, so
+    the summary turns with the cloud. The pseudo-points are ``mean +- sqrt(3 lambda_j) e_j``
+    over the eigenpairs of the pooled covariance: equal weights on them give back that mean
+    and covariance exactly, so a weighted plane fit can take the whole wide neighbourhood
+    (typically a thousand raw points) as six rows. Unlike averaging each point with its own
+    neighbours, pooling the cells counts every raw point once, so heavy noise does not bias it.
+    """
+    r = offsets.norm(dim=-1)  # (Q, C)
+    w = torch.exp(-2 * (r / r.amax(-1, keepdim=True).clamp_min(1e-30)).square())  # (Q, C)
+    wm = (w.unsqueeze(1) @ moments).squeeze(1)  # (Q, 10): the weighted sums of the moments
+    total = wm[:, 0].clamp_min(1e-30)  # (Q,)
+    wn = w * moments[..., 0]  # (Q, C) weighted counts
+    ws = w.unsqueeze(-1) * moments[..., 1:4]  # (Q, C, 3) weighted first moments
+    # about the query, d -> d + o: sum (d + o) = s + n o and
+    # sum (d + o)(d + o)^T = S + s o^T + o s^T + n o o^T, summed over the cells
+    mean = (wm[:, 1:4] + (wn.unsqueeze(1) @ offsets).squeeze(1)) / total[:, None]  # (Q, 3)
+    cross = ws.transpose(1, 2) @ offsets  # (Q, 3, 3): sum_c w s o^T
+    spread = (offsets * wn.unsqueeze(-1)).transpose(1, 2) @ offsets  # (Q, 3, 3): sum w n o o^T
+    sq = wm[:, [4, 7, 8, 7, 5, 9, 8, 9, 6]].reshape(-1, 3, 3)  # (Q, 3, 3): sum w S
+    cov = (sq + cross + cross.transpose(1, 2) + spread) / total[:, None, None] \
+        - mean.unsqueeze(-1) * mean.unsqueeze(-2)  # (Q, 3, 3)
+    vals, vecs = sym3_eigh(cov)
+    arms = vecs * (3 * vals.clamp_min(0)).sqrt().unsqueeze(-2)  # (Q, 3, 3): columns
+    arms = arms.transpose(-1, -2)  # (Q, 3 axes, 3 coords)
+    return torch.cat([mean.unsqueeze(1) + arms, mean.unsqueeze(1) - arms], 1)  # (Q, 6, 3)
 
 
 def smoothed_positions(points: np.ndarray, near: np.ndarray) -> np.ndarray:
@@ -50,6 +103,15 @@ def smoothed_positions(points: np.ndarray, near: np.ndarray) -> np.ndarray:
     for s in range(0, len(points), 1 << 16):
         out[s:s + (1 << 16)] = pts[nb[s:s + (1 << 16)]].mean(1)
     return out.numpy()
+
+
+def wide_subsample(n: int, spec: PatchSpec, seed: int) -> np.ndarray:
+    """Sorted indices of the wide summary's cell centres (by index, seeded; never by
+    coordinates). Raises ``ValueError`` when the cloud has too few points for ``k_wide``."""
+    m = max(spec.k_wide, n // spec.wide_stride)
+    if n < m:
+        raise ValueError(f"need at least {spec.k_wide} points for a wide summary, got {n}")
+    return np.sort(np.random.default_rng([seed, 1]).choice(n, size=m, replace=False))
 
 
 def patch_scale(local: torch.Tensor, spec: PatchSpec) -> torch.Tensor:
@@ -88,6 +150,15 @@ class PatchBuilder:
             self.smooth = self.points
             for _ in range(int(spec.far_smooth)):
                 self.smooth = smoothed_positions(self.smooth, self.near_all)
+        self.wide_tree: cKDTree | None = None
+        if spec.wide_stride:  # every point joins the cell of its nearest wide-subsample point
+            wide = wide_subsample(n, spec, seed)
+            self.wide_centres = self.points[wide]
+            self.wide_tree = cKDTree(self.wide_centres)
+            _, owner = self.wide_tree.query(self.points, k=1, workers=-1)
+            self.wide_moments = cell_moments(torch.from_numpy(self.points),
+                                             torch.from_numpy(self.wide_centres),
+                                             torch.from_numpy(np.asarray(owner, np.int64)))
 
     def neighbours(self, query_index: np.ndarray) -> np.ndarray:
         """``(Q,)`` query indices -> ``(Q, size)`` neighbour indices into points."""
@@ -106,7 +177,8 @@ class PatchBuilder:
 
         Returns:
             ``patches (Q, K, 3)`` float32 (centred on the query, divided by ``scale``),
-            ``scale (Q,)`` float64 (RMS radius), ``neighbours (Q, K)`` int64.
+            ``scale (Q,)`` float64 (RMS radius), ``neighbours (Q, K')`` int64 (the rows that
+            are points of the cloud: all but a wide summary's).
         """
         nb = self.neighbours(query_index)
         k = self.spec.k_near
@@ -119,6 +191,11 @@ class PatchBuilder:
         else:
             pos = pts[nb_t]
         local = pos - q  # (Q, K, 3) float64
+        if self.wide_tree is not None:
+            _, cells = self.wide_tree.query(q.squeeze(1).numpy(), k=self.spec.k_wide, workers=-1)
+            cells = torch.from_numpy(np.asarray(cells, np.int64).reshape(len(nb), -1))
+            offsets = torch.from_numpy(self.wide_centres)[cells] - q  # (Q, C, 3)
+            local = torch.cat([local, wide_summary(self.wide_moments[cells], offsets)], 1)
         scale = patch_scale(local, self.spec)  # (Q,)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         patches = (local / scale[:, None, None]).to(torch.float32)
@@ -154,6 +231,14 @@ class TorchPatchBuilder:
                 prev, self.smooth = self.smooth, torch.empty_like(self.points)
                 for s in range(0, n, 1 << 18):
                     self.smooth[s:s + (1 << 18)] = prev[self.near_all[s:s + (1 << 18)]].mean(1)
+        self.wide_grid: GridKNN | None = None
+        if spec.wide_stride:
+            wide = torch.as_tensor(wide_subsample(n, spec, seed), device=device)
+            self.wide_centres = self.points[wide]
+            self.wide_grid = GridKNN(self.wide_centres, spec.k_wide)
+            owner = torch.cat([self.wide_grid.query(self.points[s:s + (1 << 18)], 1)[0][:, 0]
+                               for s in range(0, n, 1 << 18)])
+            self.wide_moments = cell_moments(self.points, self.wide_centres, owner)
 
     def patches(self, query_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(Q,)`` indices -> ``patches (Q, K, 3)`` float32 and ``scale (Q,)``."""
@@ -169,6 +254,10 @@ class TorchPatchBuilder:
         else:
             pos = self.points[torch.cat([near, far], 1)]
         local = pos - q.unsqueeze(1)  # (Q, K, 3)
+        if self.wide_grid is not None:
+            cells, _ = self.wide_grid.query(q, self.spec.k_wide)
+            offsets = self.wide_centres[cells] - q.unsqueeze(1)  # (Q, C, 3)
+            local = torch.cat([local, wide_summary(self.wide_moments[cells], offsets)], 1)
         scale = patch_scale(local, self.spec)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         return local / scale[:, None, None], scale

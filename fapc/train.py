@@ -70,6 +70,8 @@ class TrainConfig:
     near_features: bool = False
     far_smooth: int = 0
     k_ext: int = 0
+    wide_stride: int = 0
+    k_wide: int = 32
     refine: int = 0
     gate: bool = False
     loss: str = "sin"

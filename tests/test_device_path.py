@@ -36,7 +36,8 @@ def test_grid_knn_is_exact(device):
 
 
 @pytest.mark.parametrize("options", [{}, {"far_smooth": 1},
-                                     {"far_smooth": 1, "k_ext": 8, "refine": 1}])
+                                     {"far_smooth": 1, "k_ext": 8, "refine": 1},
+                                     {"far_smooth": 1, "refine": 1, "wide_stride": 8}])
 @pytest.mark.parametrize("device", DEVICES)
 def test_device_pipeline_matches_cpu_pipeline(device, options):
     torch.manual_seed(0)
@@ -44,6 +45,9 @@ def test_device_pipeline_matches_cpu_pipeline(device, options):
     if options.get("k_ext"):
         with torch.no_grad():  # the outer ring fully in the fit
             model.ring_bias.fill_(3.0)
+    if options.get("wide_stride"):
+        with torch.no_grad():  # the wide summary weighing as much as the patch
+            model.wide_log_weight.fill_(2.0)
     pts = synthetic_surface(5000, seed=2, noise=2e-3)
     ref = estimate_normals(pts, method="fa", model=model, device="cpu", knn="scipy")
     got = estimate_normals(pts, method="fa", model=model, device=device, knn="torch")

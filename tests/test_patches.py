@@ -1,4 +1,5 @@
-"""Patch building: the two scales, the outer ring, and the torch builder against scipy's."""
+"""Patch building: the two scales, the outer ring, the wide summary, and the torch builder
+against scipy's."""
 
 from __future__ import annotations
 
@@ -30,3 +31,38 @@ def test_patch_rows_are_near_then_far_then_ring_with_the_inner_scale():
     np.testing.assert_allclose(torch_s.numpy(), s1, rtol=1e-5)
     np.testing.assert_allclose(np.sort(np.linalg.norm(torch_p.numpy(), axis=-1)), np.sort(d),
                                atol=1e-4)
+
+
+def test_wide_summary_carries_the_weighted_moments_of_its_cells_raw_points():
+    rng = np.random.default_rng(3)
+    pts = synthetic_surface(6000, seed=4, noise=5e-3)
+    pts = pts - pts.mean(0)
+    q = rng.choice(len(pts), 40, replace=False)
+    spec = PatchSpec(12, 10, 4, 1, wide_stride=8, k_wide=16)
+    builder = PatchBuilder(pts, spec)
+    p, s, nb = builder.patches(q)
+    assert p.shape == (40, 28, 3) and nb.shape == (40, 22)
+    # the network's rows are as without the summary
+    p0, s0, _ = PatchBuilder(pts, PatchSpec(12, 10, 4, 1)).patches(q)
+    np.testing.assert_allclose(p[:, :22], p0)
+    np.testing.assert_allclose(s, s0)
+    # brute force: every point of the query's 16 cells, weighted by its cell's distance
+    _, owner = builder.wide_tree.query(pts, k=1)
+    for j, qi in enumerate(q):
+        _, cells = builder.wide_tree.query(pts[qi], k=16)
+        r = np.linalg.norm(builder.wide_centres[cells] - pts[qi], axis=1)
+        weight_of = dict(zip(cells, np.exp(-2 * (r / r.max()) ** 2), strict=True))
+        inside = np.flatnonzero(np.isin(owner, cells))
+        w = np.array([weight_of[o] for o in owner[inside]])
+        d = pts[inside] - pts[qi]
+        mean = w @ d / w.sum()
+        cov = (w[:, None] * (d - mean)).T @ (d - mean) / w.sum()
+        pseudo = p[j, 22:].astype(np.float64) * s[j]  # (6, 3), equal weights
+        np.testing.assert_allclose(pseudo.mean(0), mean, atol=1e-5 * s[j])
+        dp = pseudo - pseudo.mean(0)
+        np.testing.assert_allclose(dp.T @ dp / 6, cov, atol=1e-5 * s[j] ** 2)
+    torch_p, torch_s = TorchPatchBuilder(pts, spec, device="cpu").patches(torch.from_numpy(q))
+    np.testing.assert_allclose(torch_s.numpy(), s, rtol=1e-5)
+    # the same pseudo-points up to the order (and signs) of the axes
+    np.testing.assert_allclose(np.sort(np.linalg.norm(torch_p.numpy()[:, 22:], axis=-1), 1),
+                               np.sort(np.linalg.norm(p[:, 22:], axis=-1), 1), atol=1e-4)

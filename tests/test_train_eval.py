@@ -210,7 +210,8 @@ def _rotation(rng: np.random.Generator) -> torch.Tensor:
 
 @pytest.mark.parametrize("options", [{}, {"refine": 2, "gate": True},
                                      {"near_features": True, "refine": 1, "fit": "pca"},
-                                     {"refine": 2, "gate": True, "k_ext": 8}])
+                                     {"refine": 2, "gate": True, "k_ext": 8},
+                                     {"refine": 2, "gate": True, "k_ext": 8, "wide_stride": 8}])
 def test_normal_net_variants_are_rotation_and_permutation_equivariant(options):
     torch.manual_seed(0)
     rng = np.random.default_rng(1)
@@ -219,11 +220,15 @@ def test_normal_net_variants_are_rotation_and_permutation_equivariant(options):
         with torch.no_grad():  # an outer ring that counts, with a per-patch part
             net.ring_bias.fill_(0.5)
             net.backbone.global_out.weight.normal_()
+    if options.get("wide_stride"):
+        with torch.no_grad():  # a wide summary that counts
+            net.wide_log_weight.fill_(1.0)
     k_ext = options.get("k_ext", 0)
-    x = torch.from_numpy(rng.normal(size=(64, 32 + k_ext, 3)) * [1.0, 0.7, 0.2])  # (B, K, 3)
+    wide = 6 if options.get("wide_stride") else 0
+    x = torch.from_numpy(rng.normal(size=(64, 32 + k_ext + wide, 3)) * [1.0, 0.7, 0.2])
     rot = _rotation(rng)
     perm = torch.cat([torch.randperm(16), 16 + torch.randperm(16),  # within each scale
-                      32 + torch.randperm(k_ext)])
+                      32 + torch.randperm(k_ext), 32 + k_ext + torch.randperm(wide)])
     a = net(x)["normal"]
     b = net(x[:, perm] @ rot.T)["normal"]
     assert ((a @ rot.T * b).sum(-1).abs() - 1).abs().max() < 1e-9
@@ -308,6 +313,43 @@ def test_outer_ring_joins_the_fit_and_a_warm_start_grows_into_it(tmp_path):
     assert angle_deg(off["normal"].numpy(), on["normal"].numpy()).mean() > 1.0
     with pytest.raises(ValueError, match=r"\(B, 40, 3\)"):
         grown(x[:, :32])
+
+
+def test_wide_summary_joins_the_plane_fit_only_and_a_warm_start_grows_into_it(tmp_path):
+    base = str(tmp_path / "base")
+    cfg = {**TINY, "refine": 1, "gate": True}
+    train(TrainConfig(out=base, epochs=1, steps_per_epoch=3, **cfg))
+    start, _ = load_model(os.path.join(base, "last.safetensors"))
+    run = str(tmp_path / "run")
+    train(TrainConfig(out=run, epochs=1, steps_per_epoch=2, init=os.path.join(base, "last.safetensors"),
+                      **{**cfg, "lr": 1e-12, "wide_stride": 8, "k_wide": 16}))
+    grown, _ = load_model(os.path.join(run, "last.safetensors"))
+    assert grown.config.wide_stride == 8 and grown.config.patch.size == 38
+    new_out = grown.backbone.global_out
+    torch.testing.assert_close(new_out.weight[:2], start.backbone.global_out.weight, atol=1e-6,
+                               rtol=0)
+    assert new_out.weight[2:].abs().max() < 1e-6  # the summary's per-patch row starts at zero
+    # a tilted wide summary turns the plane fit's normal once it weighs; the gate picks the plane
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.normal(size=(32, 38, 3)) * [1.0, 1.0, 0.05]).float()
+    x[:, 32:, 2] = 0.5 * x[:, 32:, 0]  # the summary: points of a tilted plane
+    with torch.no_grad():
+        grown.backbone.global_out.bias[0] = -30.0  # gate fully on the plane fit
+        light = grown(x)
+        grown.wide_log_weight.fill_(8.0)
+        heavy = grown(x)
+        grown.backbone.global_out.bias[0] = 30.0  # gate fully on the quadratic fit
+        jet = grown(x)
+    torch.testing.assert_close(light["weights"], heavy["weights"])
+    assert angle_deg(light["normal"].numpy(), heavy["normal"].numpy()).mean() > 5.0
+    tilt = torch.tensor([-0.5, 0.0, 1.0]) / np.sqrt(1.25)
+    assert angle_deg(heavy["normal"].numpy(), tilt.expand(32, 3).numpy()).max() < 1.0
+    # the quadratic fit does not take the summary's rows (only its axes come from the plane
+    # fit): the 27-degree tilt moves it by a few degrees at most
+    with torch.no_grad():
+        grown.wide_log_weight.fill_(-20.0)
+        jet_light = grown(x)
+    assert angle_deg(jet["normal"].numpy(), jet_light["normal"].numpy()).max() < 3.0
 
 
 def test_cli_fine_tunes_the_shipped_model(tmp_path):

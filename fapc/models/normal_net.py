@@ -20,8 +20,11 @@ ring of far points that the network does not see (the patch's ``k_ext`` last row
 the weight ``sigmoid(a + b r)`` of its distance ``r`` to the query, with ``a`` and ``b`` set per
 patch by the network, and then the same robust passes. Under heavy noise this widens the fit
 to about twice the far scale's support at the cost of a few more products per query, not of
-a larger network. All of these use invariant quantities only, so the normal stays exactly
-equivariant.
+a larger network. With ``wide_stride`` the plane fits also take the patch's wide summary
+(:func:`fapc.patches.wide_summary`: six pseudo-points carrying the mean and covariance of
+about ``k_wide * wide_stride`` raw points), with one weight per patch, ``exp(c)``, ``c`` set by
+the network; the robust passes leave those rows alone, and the quadratic fit does not take
+them. All of these use invariant quantities only, so the normal stays exactly equivariant.
 
 Outputs per query: ``normal (B, 3)``, ``confidence (B,)`` in [0, 1] (how well the frame
 elements agree on the weights, times the weighted fit's planarity), ``curvature (B,)``
@@ -59,11 +62,14 @@ class NormalNetConfig:
     refine: int = 0  # robust re-weighting passes of the fit (residual-based, see NormalNet)
     gate: bool = False  # blend the plane fit's and the quadratic fit's normals (learned, invariant)
     k_ext: int = 0  # outer ring of far points joining the fits, weighted per patch (see fit)
+    wide_stride: int = 0  # wide summary of raw points in the plane fits (0: off; see fit)
+    k_wide: int = 32  # cells pooled into the wide summary
     extra: dict = field(default_factory=dict)
 
     @property
     def patch(self) -> PatchSpec:
-        return PatchSpec(self.k_near, self.k_far, self.far_stride, self.far_smooth, self.k_ext)
+        return PatchSpec(self.k_near, self.k_far, self.far_stride, self.far_smooth, self.k_ext,
+                         self.wide_stride, self.k_wide)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -158,11 +164,11 @@ class NormalNet(nn.Module):
         self.config = config or NormalNetConfig()
         c = self.config
         # per-patch outputs, in this order: [gate] if c.gate, [log residual scale] if
-        # c.refine, [ring offset, ring slope] if c.k_ext
+        # c.refine, [ring offset, ring slope] if c.k_ext, [wide log-weight] if c.wide_stride
         self.global_index: dict[str, int] = {}
         n_global = 0
         for name, size in (("gate", int(c.gate)), ("scale", int(c.refine > 0)),
-                           ("ring", 2 * int(c.k_ext > 0))):
+                           ("ring", 2 * int(c.k_ext > 0)), ("wide", int(c.wide_stride > 0))):
             if size:
                 self.global_index[name] = n_global
                 n_global += size
@@ -177,6 +183,13 @@ class NormalNet(nn.Module):
                 i = self.global_index["ring"]
                 self.backbone.global_out.weight[i:i + 2].zero_()
                 self.backbone.global_out.bias[i:i + 2].zero_()
+        if c.wide_stride:  # the wide summary starts light (each row ~0.14 of a point) and
+            # its per-patch row at zero, so a model grown into it starts where it was
+            self.wide_log_weight = nn.Parameter(torch.tensor(-2.0))
+            with torch.no_grad():
+                i = self.global_index["wide"]
+                self.backbone.global_out.weight[i].zero_()
+                self.backbone.global_out.bias[i].zero_()
         flags = torch.cat([torch.zeros(c.k_near), torch.ones(c.k_far)])
         self.register_buffer("scale_flags", flags, persistent=False)
         # bf16 autocast on the backbone's widest product (--precision bf16); frames, fits float32+
@@ -275,9 +288,15 @@ class NormalNet(nn.Module):
         base = weights
         if c.k_ext:  # the outer ring: sigmoid(a + b r) of the distance r to the query
             i = self.global_index["ring"]
-            r = patches[:, c.k_near + c.k_far:].norm(dim=-1)  # (B, k_ext) invariant
+            r = patches[:, c.k_near + c.k_far:c.k_near + c.k_far + c.k_ext].norm(dim=-1)  # (B, k_ext)
             a, b = self.ring_bias + g[:, i:i + 1], self.ring_slope + g[:, i + 1:i + 2]
             base = torch.cat([weights, torch.sigmoid(a + b * r) + 1e-4], 1)  # (B, K + k_ext)
+        n_pts = base.shape[1]  # rows that are points (network's, then the ring's)
+        if c.wide_stride:  # the wide summary: one weight per patch for its six rows
+            i = self.global_index["wide"]
+            log_w = (self.wide_log_weight + g[:, i:i + 1]).clamp(-20, 10)  # (B, 1)
+            wide_w = log_w.exp().expand(-1, patches.shape[1] - n_pts)  # (B, 6)
+            base = torch.cat([base, wide_w], 1)
         fit_w = base
         if c.refine:  # per patch: e.g. wide (off) under heavy noise; (B, 1) invariant
             i = self.global_index["scale"]
@@ -286,14 +305,18 @@ class NormalNet(nn.Module):
         for _ in range(c.refine):  # robust passes: down-weight points far from the plane
             # (plane, not quadratic, residuals: a quadratic bends across a crease and leaves
             # both sides with small residuals)
+            # (the wide summary's rows are not points: they keep their weight and stay out
+            # of the residual scale)
             _, vecs, mean = moment_fit(aug, fit_w)
-            r2 = plane_residuals(aug, vecs[..., 0], mean).square()  # (B, K)
-            s2 = (fit_w * r2).sum(-1, keepdim=True) / fit_w.sum(-1, keepdim=True)  # weighted MSE
-            fit_w = base * torch.exp(-0.5 * r2 / ((2 * log_scale).exp() * s2 + 1e-8))
+            r2 = plane_residuals(aug[:, :n_pts], vecs[..., 0], mean).square()  # (B, K)
+            w_pts = fit_w[:, :n_pts]
+            s2 = (w_pts * r2).sum(-1, keepdim=True) / w_pts.sum(-1, keepdim=True)  # weighted MSE
+            w_pts = base[:, :n_pts] * torch.exp(-0.5 * r2 / ((2 * log_scale).exp() * s2 + 1e-8))
+            fit_w = torch.cat([w_pts, base[:, n_pts:]], 1)
         vals, vecs, _ = moment_fit(aug, fit_w)
         normal = vecs[..., 0]  # (B, 3): the plane fit's normal
         if c.fit == "jet2":
-            jet = jet_normal(patches, fit_w, vecs)  # (B, 3)
+            jet = jet_normal(patches[:, :n_pts], fit_w[:, :n_pts], vecs)  # (B, 3)
             if c.gate:  # learned blend of the plane and quadratic normals, signs aligned
                 i = self.global_index["gate"]
                 gate = torch.sigmoid(g[:, i:i + 1])  # (B, 1) invariant
