@@ -261,7 +261,11 @@ def bench_degeneracy(model: str | None = None) -> list[dict[str, float]]:
     (untrained, seeded) and the normal model (its normal comes from a weighted fit)."""
     from fapc.models import FrameAveraging, PointNet
     from fapc.models.checkpoint import load_model
+    from fapc.patches import summary_of
     from fapc.testing import degeneracy_sweep
+
+    def with_summary(p: torch.Tensor, wide: int) -> torch.Tensor:  # (B, K, 3) -> (B, K + 6, 3)
+        return torch.cat([p, summary_of(p)], 1) if wide else p
 
     torch.manual_seed(0)
     fa = FrameAveraging(PointNet(widths=(32, 64), head=(32,), out_dim=3), group="SO3",
@@ -269,7 +273,7 @@ def bench_degeneracy(model: str | None = None) -> list[dict[str, float]]:
     net, _ = load_model(model)
     with torch.no_grad():
         rows = degeneracy_sweep(fa)
-        ours = degeneracy_sweep(lambda p: net(p)["normal"])
+        ours = degeneracy_sweep(lambda p: net(with_summary(p, net.config.wide_stride))["normal"])
     for row, o in zip(rows, ours, strict=True):
         row["model_median_change"] = o["median_change"]
         row["model_max_change"] = o["max_change"]

@@ -89,10 +89,24 @@ def wide_summary(moments: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     sq = wm[:, [4, 7, 8, 7, 5, 9, 8, 9, 6]].reshape(-1, 3, 3)  # (Q, 3, 3): sum w S
     cov = (sq + cross + cross.transpose(1, 2) + spread) / total[:, None, None] \
         - mean.unsqueeze(-1) * mean.unsqueeze(-2)  # (Q, 3, 3)
+    return pseudo_points(mean, cov)
+
+
+def pseudo_points(mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+    """``mean +- sqrt(3 lambda_j) e_j`` ``(Q, 6, 3)`` for ``mean (Q, 3)`` and ``cov (Q, 3,
+    3)``: six equally weighted points with exactly that mean and covariance."""
     vals, vecs = sym3_eigh(cov)
     arms = vecs * (3 * vals.clamp_min(0)).sqrt().unsqueeze(-2)  # (Q, 3, 3): columns
     arms = arms.transpose(-1, -2)  # (Q, 3 axes, 3 coords)
     return torch.cat([mean.unsqueeze(1) + arms, mean.unsqueeze(1) - arms], 1)  # (Q, 6, 3)
+
+
+def summary_of(points: torch.Tensor) -> torch.Tensor:
+    """The wide-summary rows ``(B, 6, 3)`` of the points ``(B, K, 3)`` themselves (equal
+    weights): for feeding a model with a wide summary patches that come without one."""
+    mean = points.mean(1)  # (B, 3)
+    d = points - mean.unsqueeze(1)
+    return pseudo_points(mean, d.transpose(1, 2) @ d / points.shape[1])
 
 
 def smoothed_positions(points: np.ndarray, near: np.ndarray) -> np.ndarray:

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from fapc.bench import synthetic_surface
-from fapc.patches import PatchBuilder, PatchSpec, TorchPatchBuilder
+from fapc.patches import PatchBuilder, PatchSpec, TorchPatchBuilder, summary_of
 
 
 def test_patch_rows_are_near_then_far_then_ring_with_the_inner_scale():
@@ -66,3 +66,14 @@ def test_wide_summary_carries_the_weighted_moments_of_its_cells_raw_points():
     # the same pseudo-points up to the order (and signs) of the axes
     np.testing.assert_allclose(np.sort(np.linalg.norm(torch_p.numpy()[:, 22:], axis=-1), 1),
                                np.sort(np.linalg.norm(p[:, 22:], axis=-1), 1), atol=1e-4)
+
+
+def test_summary_of_points_has_their_mean_and_covariance():
+    g = torch.Generator().manual_seed(0)
+    pts = torch.randn(5, 40, 3, generator=g, dtype=torch.float64) * torch.tensor(
+        [2.0, 1.0, 0.1], dtype=torch.float64) + 0.5
+    rows = summary_of(pts)
+    assert rows.shape == (5, 6, 3)
+    torch.testing.assert_close(rows.mean(1), pts.mean(1))
+    d, e = pts - pts.mean(1, keepdim=True), rows - rows.mean(1, keepdim=True)
+    torch.testing.assert_close(e.transpose(1, 2) @ e / 6, d.transpose(1, 2) @ d / 40)
