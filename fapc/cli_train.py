@@ -72,6 +72,9 @@ def train(
     seed: Annotated[int | None, typer.Option(help="Random seed (default 0).")] = None,
     val_fraction: Annotated[float | None, typer.Option(
         help="Share of shapes held out for validation (default 0.2).")] = None,
+    val_shapes: Annotated[str | None, typer.Option(
+        help="Comma-separated shape names (file names without extension) to hold out for "
+        "validation instead of --val-fraction.")] = None,
     noise: Annotated[str | None, typer.Option(
         help="Noise levels (fractions of the diagonal) (default 0,0.00125,0.006,0.012).")] = None,
     points: Annotated[int | None, typer.Option(help="Points per training cloud (default 100000).")] = None,
@@ -115,6 +118,8 @@ def train(
              "init": init}
     if data:
         given["data"] = list(data)
+    if val_shapes:
+        given["val_shapes"] = tuple(n.strip() for n in val_shapes.split(",") if n.strip())
     if noise is not None:
         try:
             given["noise"] = tuple(float(x) for x in noise.split(","))
@@ -127,8 +132,9 @@ def train(
             with open(os.path.join(out_dir, "config.json")) as f:
                 d = json.load(f)
             d.update({k: v for k, v in given.items() if v is not None})
-            for key in ("noise", "widths", "procedural_names"):
-                d[key] = tuple(d[key])
+            for key in ("noise", "widths", "procedural_names", "val_shapes"):
+                if key in d:
+                    d[key] = tuple(d[key])
             cfg = TrainConfig(**d)
         else:
             d = {k: v for k, v in given.items() if v is not None}

@@ -49,6 +49,7 @@ class TrainConfig:
     device: str = "auto"
     seed: int = 0
     val_fraction: float = 0.2
+    val_shapes: tuple[str, ...] = ()  # names to hold out instead of val_fraction
     val_queries: int = 500
     noise: tuple[float, ...] = (0.0, 0.00125, 0.006, 0.012)
     density_prob: float = 0.3
@@ -115,7 +116,7 @@ class TrainConfig:
         if bad:
             raise FapcError(f"unknown settings {sorted(bad)}", path=path)
         d.update({k: v for k, v in overrides.items() if v is not None})
-        for key in ("noise", "widths", "procedural_names"):
+        for key in ("noise", "widths", "procedural_names", "val_shapes"):
             if key in d:
                 d[key] = tuple(d[key])
         return cls(**d)
@@ -176,8 +177,16 @@ class _Pool:
         return torch.from_numpy(np.concatenate(ps)), torch.from_numpy(np.concatenate(ns))
 
 
-def split_shapes(shapes: list[Shape], fraction: float, seed: int) -> tuple[list[Shape], list[Shape]]:
-    """Hold out whole shapes (by a seeded shuffle of names) for validation."""
+def split_shapes(shapes: list[Shape], fraction: float, seed: int, *,
+                 names: tuple[str, ...] | list[str] = ()) -> tuple[list[Shape], list[Shape]]:
+    """Hold out whole shapes for validation: the shapes called ``names`` when given (so the
+    held-out set can be chosen by kind, e.g. one sharp CAD part, one sculpted model, one
+    primitive), else ``fraction`` of them by a seeded shuffle of names."""
+    if names:
+        missing = sorted(set(names) - {s.name for s in shapes})
+        if missing:
+            raise FapcError(f"validation shapes not among the training data: {missing}")
+        return ([s for s in shapes if s.name not in names], [s for s in shapes if s.name in names])
     names = sorted(s.name for s in shapes)
     rng = random.Random(seed)
     rng.shuffle(names)
@@ -283,7 +292,8 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, int, dict[str, float]], N
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     shapes = load_shapes(cfg.data) if cfg.data else []
-    train_shapes, val_shapes = split_shapes(shapes, cfg.val_fraction, cfg.seed)
+    train_shapes, val_shapes = split_shapes(shapes, cfg.val_fraction, cfg.seed,
+                                            names=cfg.val_shapes)
     if cfg.procedural:
         train_shapes = train_shapes + procedural_shapes(cfg.procedural_names or None)
     if not train_shapes:

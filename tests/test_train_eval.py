@@ -21,7 +21,7 @@ from fapc.errors import FapcError
 from fapc.evaluate import build_clouds, evaluate, model_method, pca_method
 from fapc.models.checkpoint import load_model, save_model
 from fapc.models.normal_net import NormalNet, NormalNetConfig
-from fapc.train import TrainConfig, train
+from fapc.train import TrainConfig, split_shapes, train
 
 runner = CliRunner()
 
@@ -386,3 +386,19 @@ def test_jet_normal_does_not_depend_on_how_the_tangent_axes_turn():
             turned = axes @ (turn @ torch.diag(torch.tensor([1.0, 1.0, flip], dtype=torch.float64)))
             got = jet_normal(pts, w, turned)
             assert ((ref * got).sum(-1).abs() - 1).abs().max() < 1e-12
+
+
+def test_validation_shapes_by_name_or_by_seeded_share(tmp_path):
+    shapes = procedural_shapes()
+    names = sorted(s.name for s in shapes)
+    tr, va = split_shapes(shapes, 0.25, 0, names=(names[0], names[3]))
+    assert sorted(s.name for s in va) == [names[0], names[3]]
+    assert {s.name for s in tr} == set(names) - {names[0], names[3]}
+    tr2, va2 = split_shapes(shapes, 0.25, 0)  # seeded: the same share each time
+    assert len(va2) == round(0.25 * len(shapes)) and [s.name for s in va2] == [
+        s.name for s in split_shapes(shapes, 0.25, 0)[1]]
+    with pytest.raises(FapcError, match="not among the training data"):
+        split_shapes(shapes, 0.25, 0, names=("no-such-shape",))
+    toml = tmp_path / "t.toml"
+    toml.write_text(f'val_shapes = ["{names[1]}"]\n')
+    assert TrainConfig.from_toml(str(toml)).val_shapes == (names[1],)
