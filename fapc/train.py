@@ -187,11 +187,11 @@ def split_shapes(shapes: list[Shape], fraction: float, seed: int, *,
         if missing:
             raise FapcError(f"validation shapes not among the training data: {missing}")
         return ([s for s in shapes if s.name not in names], [s for s in shapes if s.name in names])
-    names = sorted(s.name for s in shapes)
+    order = sorted(s.name for s in shapes)
     rng = random.Random(seed)
-    rng.shuffle(names)
-    n_val = min(len(names) - 1, max(1, round(fraction * len(names)))) if len(names) > 1 else 0
-    val = set(names[:n_val])
+    rng.shuffle(order)
+    n_val = min(len(order) - 1, max(1, round(fraction * len(order)))) if len(order) > 1 else 0
+    val = set(order[:n_val])
     return [s for s in shapes if s.name not in val], [s for s in shapes if s.name in val]
 
 
