@@ -286,15 +286,22 @@ def test_warm_start_takes_the_weights_and_refuses_other_widths(tmp_path):
                           init=os.path.join(base, "last.safetensors"), **TINY))
 
 
-def test_outer_ring_joins_the_fit_and_a_warm_start_grows_into_it(tmp_path):
+def _grown(tmp_path, **extra):
+    """A small model with a gate and a robust pass (2 per-patch outputs), and the same model
+    warm-started into ``extra`` settings (at a learning rate too small to move it)."""
     base = str(tmp_path / "base")
     cfg = {**TINY, "refine": 1, "gate": True}
     train(TrainConfig(out=base, epochs=1, steps_per_epoch=3, **cfg))
     start, _ = load_model(os.path.join(base, "last.safetensors"))
     run = str(tmp_path / "run")
     train(TrainConfig(out=run, epochs=1, steps_per_epoch=2, init=os.path.join(base, "last.safetensors"),
-                      **{**cfg, "lr": 1e-12, "k_ext": 8}))
+                      **{**cfg, "lr": 1e-12, **extra}))
     grown, _ = load_model(os.path.join(run, "last.safetensors"))
+    return start, grown
+
+
+def test_outer_ring_joins_the_fit_and_a_warm_start_grows_into_it(tmp_path):
+    start, grown = _grown(tmp_path, k_ext=8)
     assert grown.config.k_ext == 8 and grown.config.patch.size == 40
     old_out = start.backbone.global_out
     new_out = grown.backbone.global_out
@@ -316,14 +323,7 @@ def test_outer_ring_joins_the_fit_and_a_warm_start_grows_into_it(tmp_path):
 
 
 def test_wide_summary_joins_the_plane_fit_only_and_a_warm_start_grows_into_it(tmp_path):
-    base = str(tmp_path / "base")
-    cfg = {**TINY, "refine": 1, "gate": True}
-    train(TrainConfig(out=base, epochs=1, steps_per_epoch=3, **cfg))
-    start, _ = load_model(os.path.join(base, "last.safetensors"))
-    run = str(tmp_path / "run")
-    train(TrainConfig(out=run, epochs=1, steps_per_epoch=2, init=os.path.join(base, "last.safetensors"),
-                      **{**cfg, "lr": 1e-12, "wide_stride": 8, "k_wide": 16}))
-    grown, _ = load_model(os.path.join(run, "last.safetensors"))
+    start, grown = _grown(tmp_path, wide_stride=8, k_wide=16)
     assert grown.config.wide_stride == 8 and grown.config.patch.size == 38
     new_out = grown.backbone.global_out
     torch.testing.assert_close(new_out.weight[:2], start.backbone.global_out.weight, atol=1e-6,

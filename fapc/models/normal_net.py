@@ -176,20 +176,20 @@ class NormalNet(nn.Module):
                                        n_global=n_global)
         if c.refine:  # residual scale of the robust passes, in units of the weighted RMS residual
             self.refine_log_scale = nn.Parameter(torch.tensor(0.0))
-        if c.k_ext:  # the ring starts nearly off (weight ~0.02) and its per-patch rows at zero
+        # the ring starts nearly off (weight ~0.02), the wide summary light (each row ~0.14
+        # of a point), and their per-patch rows at zero: a model grown into them starts
+        # where it was
+        if c.k_ext:
             self.ring_bias = nn.Parameter(torch.tensor(-4.0))
             self.ring_slope = nn.Parameter(torch.tensor(0.0))
-            with torch.no_grad():
-                i = self.global_index["ring"]
-                self.backbone.global_out.weight[i:i + 2].zero_()
-                self.backbone.global_out.bias[i:i + 2].zero_()
-        if c.wide_stride:  # the wide summary starts light (each row ~0.14 of a point) and
-            # its per-patch row at zero, so a model grown into it starts where it was
+        if c.wide_stride:
             self.wide_log_weight = nn.Parameter(torch.tensor(-2.0))
-            with torch.no_grad():
-                i = self.global_index["wide"]
-                self.backbone.global_out.weight[i].zero_()
-                self.backbone.global_out.bias[i].zero_()
+        with torch.no_grad():
+            for name, size in (("ring", 2), ("wide", 1)):
+                if name in self.global_index:
+                    rows = slice(self.global_index[name], self.global_index[name] + size)
+                    self.backbone.global_out.weight[rows].zero_()
+                    self.backbone.global_out.bias[rows].zero_()
         flags = torch.cat([torch.zeros(c.k_near), torch.ones(c.k_far)])
         self.register_buffer("scale_flags", flags, persistent=False)
         # bf16 autocast on the backbone's widest product (--precision bf16); frames, fits float32+
@@ -204,7 +204,8 @@ class NormalNet(nn.Module):
 
     def network(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-frame logits ``(B, F, K)`` and per-frame patch outputs ``(B, F, G)`` or None
-        (``K = k_near + k_far``: the outer ring's rows are not used here)."""
+        (``K = k_near + k_far``: the outer ring's and the wide summary's rows are not used
+        here)."""
         c = self.config
         self._check(patches)
         patches = patches[:, : c.k_near + c.k_far]
