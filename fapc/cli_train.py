@@ -93,6 +93,9 @@ def train(
         help="Shape mode: points per cloud (default 512).")] = None,
     outliers: Annotated[float | None, typer.Option(
         help="Fraction of uniform outliers added to training clouds (default 0).")] = None,
+    workers: Annotated[int | None, typer.Option(
+        help="Processes that build training batches (default 0: the training process; "
+        "on a GPU host use most CPU cores).")] = None,
     init: Annotated[str | None, typer.Option(
         help="Start from this model's weights, e.g. fapc/weights/default.safetensors to "
         "fine-tune the shipped model on your data.")] = None,
@@ -115,7 +118,7 @@ def train(
              "seed": seed, "val_fraction": val_fraction, "points": points,
              "procedural": procedural, "fa": fa, "group": group, "amp": amp, "mode": mode,
              "backbone": backbone, "shape_points": shape_points, "outliers": outliers,
-             "init": init}
+             "init": init, "workers": workers}
     if data:
         given["data"] = list(data)
     if val_shapes:

@@ -24,12 +24,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from fapc.datasets import Shape, load_shapes, make_cloud, procedural_shapes
+from fapc.datasets import load_shapes, procedural_shapes
 from fapc.errors import FapcError
 from fapc.models.checkpoint import save_model
 from fapc.models.normal_net import NormalNet, NormalNetConfig, unoriented_loss
 from fapc.normals import resolve_device
-from fapc.patches import PatchBuilder
+from fapc.train_data import batch_stream, split_shapes, validation_set
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,7 @@ class TrainConfig:
     mode: str = "patch"  # or "shape": one FA-PointNet/DGCNN over whole clouds
     backbone: str = "pointnet"  # shape mode: pointnet or dgcnn
     shape_points: int = 512
+    workers: int = 0  # DataLoader processes building batches (0: in the training process)
 
     def model_config(self) -> NormalNetConfig:
         """The model settings: every :class:`NormalNetConfig` field of the same name (kept
@@ -120,107 +121,6 @@ class TrainConfig:
             if key in d:
                 d[key] = tuple(d[key])
         return cls(**d)
-
-
-class _Pool:
-    """Clouds currently sampled from, each with its patch builder; refreshed over time."""
-
-    def __init__(self, shapes: list[Shape], cfg: TrainConfig, spec, seed: int) -> None:
-        self.shapes, self.cfg, self.spec, self.seed = shapes, cfg, spec, seed
-        self.items: list[tuple[PatchBuilder, np.ndarray]] = []
-
-    def _make(self, draw: int) -> tuple[PatchBuilder, np.ndarray]:
-        rng = np.random.default_rng([self.seed, draw])
-        shape = self.shapes[rng.integers(len(self.shapes))]
-        noise = float(rng.choice(self.cfg.noise))
-        density = "uniform"
-        if rng.random() < self.cfg.density_prob:
-            density = str(rng.choice(["gradient", "stripe"]))
-        pts, nrm = make_cloud(shape, n=self.cfg.points, noise=noise, density=density,
-                              outliers=self.cfg.outliers, seed=int(rng.integers(1 << 31)))
-        pts = pts - pts.mean(0)
-        return PatchBuilder(pts, self.spec, seed=draw), nrm
-
-    def refresh(self, step: int) -> None:
-        """Deterministic in ``step``: a resumed run sees the same clouds."""
-        base = (step // self.cfg.refresh_every) * self.cfg.pool
-        if not self.items:
-            self.items = [self._make(base + i) for i in range(self.cfg.pool)]
-        else:
-            slot = (step // self.cfg.refresh_every) % self.cfg.pool
-            self.items[slot] = self._make(base + slot)
-
-    def shape_batch(self, rng: np.random.Generator, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``size`` whole clouds of ``shape_points`` points: ``(B, N, 3)`` and normals."""
-        ps, ns = [], []
-        for _ in range(size):
-            shape = self.shapes[rng.integers(len(self.shapes))]
-            pts, nrm = make_cloud(shape, n=self.cfg.shape_points, noise=float(rng.choice(
-                self.cfg.noise)), seed=int(rng.integers(1 << 31)))
-            if len(pts) < self.cfg.shape_points:  # a small cloud: repeat points
-                extra = rng.choice(len(pts), self.cfg.shape_points - len(pts))
-                pts, nrm = np.concatenate([pts, pts[extra]]), np.concatenate([nrm, nrm[extra]])
-            ps.append(pts.astype(np.float32))
-            ns.append(nrm.astype(np.float32))
-        return torch.from_numpy(np.stack(ps)), torch.from_numpy(np.stack(ns))
-
-    def batch(self, rng: np.random.Generator, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        per = np.full(len(self.items), size // len(self.items))
-        per[: size % len(self.items)] += 1
-        ps, ns = [], []
-        for (builder, nrm), m in zip(self.items, per, strict=True):
-            good = np.flatnonzero(np.abs(nrm).sum(1) > 0)
-            q = rng.choice(good, size=m, replace=len(good) < m)
-            p, _, _ = builder.patches(q)
-            ps.append(p)
-            ns.append(nrm[q].astype(np.float32))
-        return torch.from_numpy(np.concatenate(ps)), torch.from_numpy(np.concatenate(ns))
-
-
-def split_shapes(shapes: list[Shape], fraction: float, seed: int, *,
-                 names: tuple[str, ...] | list[str] = ()) -> tuple[list[Shape], list[Shape]]:
-    """Hold out whole shapes for validation: the shapes called ``names`` when given (so the
-    held-out set can be chosen by kind, e.g. one sharp CAD part, one sculpted model, one
-    primitive), else ``fraction`` of them by a seeded shuffle of names."""
-    if names:
-        missing = sorted(set(names) - {s.name for s in shapes})
-        if missing:
-            raise FapcError(f"validation shapes not among the training data: {missing}")
-        return ([s for s in shapes if s.name not in names], [s for s in shapes if s.name in names])
-    order = sorted(s.name for s in shapes)
-    rng = random.Random(seed)
-    rng.shuffle(order)
-    n_val = min(len(order) - 1, max(1, round(fraction * len(order)))) if len(order) > 1 else 0
-    val = set(order[:n_val])
-    return [s for s in shapes if s.name not in val], [s for s in shapes if s.name in val]
-
-
-def validation_set(shapes: list[Shape], cfg: TrainConfig, spec) -> list[tuple[str, torch.Tensor,
-                                                                           torch.Tensor]]:
-    """Fixed patches: every validation shape at every noise level, ``val_queries`` each
-    (shape mode: 4 whole clouds of ``shape_points`` points each)."""
-    out = []
-    if cfg.mode == "shape":
-        for i, s in enumerate(shapes):
-            for j, noise in enumerate(cfg.noise):
-                clouds = [make_cloud(s, n=cfg.shape_points, noise=noise,
-                                     seed=10_000 + 97 * i + 13 * j + r) for r in range(4)]
-                m = min(len(p) for p, _ in clouds)
-                out.append((f"{s.name}@{noise:g}",
-                            torch.from_numpy(np.stack([p[:m] for p, _ in clouds]).astype(np.float32)),
-                            torch.from_numpy(np.stack([n[:m] for _, n in clouds]).astype(np.float32))))
-        return out
-    for i, s in enumerate(shapes):
-        for j, noise in enumerate(cfg.noise):
-            pts, nrm = make_cloud(s, n=cfg.points, noise=noise, seed=10_000 + 97 * i + j)
-            pts = pts - pts.mean(0)
-            rng = np.random.default_rng(20_000 + 97 * i + j)
-            good = np.flatnonzero(np.abs(nrm).sum(1) > 0)
-            q = rng.choice(good, size=min(cfg.val_queries, len(good)), replace=False)
-            p, _, _ = PatchBuilder(pts, spec, seed=i).patches(q)
-            out.append((f"{s.name}@{noise:g}", torch.from_numpy(p),
-                        torch.from_numpy(nrm[q].astype(np.float32))))
-    return out
 
 
 def evaluate_patches(model: NormalNet, val, device: torch.device) -> dict[str, float]:
@@ -318,7 +218,6 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, int, dict[str, float]], N
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     step, best = 0, float("inf")
-    rng = np.random.default_rng([cfg.seed, rank])
     os.makedirs(cfg.out, exist_ok=True)
     state_path = os.path.join(cfg.out, "state.pt")
     if resume:
@@ -335,7 +234,6 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, int, dict[str, float]], N
         sched.load_state_dict(state["scheduler"])
         step, best = int(state["step"]), float(state["best"])
         torch.set_rng_state(state["torch_rng"])
-        rng = np.random.default_rng([cfg.seed, rank, step])
     # the weights that are validated and saved: an EMA copy when cfg.ema > 0
     kept = copy.deepcopy(model) if cfg.ema > 0 else model
     if resume and cfg.ema > 0 and "ema" in state:
@@ -347,7 +245,8 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, int, dict[str, float]], N
         with open(os.path.join(cfg.out, "config.json"), "w") as f:
             json.dump(asdict(cfg), f, indent=2)
     val = validation_set(val_shapes, cfg, mcfg.patch) if rank == 0 else []
-    pool = _Pool(train_shapes, cfg, mcfg.patch, seed=cfg.seed * 1000 + rank)
+    batches = batch_stream(train_shapes, cfg, mcfg.patch, seed=cfg.seed * 1000 + rank, step=step,
+                           rank=rank, pin=device.type == "cuda")
     log_path = os.path.join(cfg.out, "log.csv")
     new_log = not (resume and os.path.exists(log_path))
     t0 = time.perf_counter()
@@ -360,13 +259,9 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, int, dict[str, float]], N
             writer.writerow(["step", "epoch", "lr", "train_loss", "val_loss", "val_rmse", "seconds"]
                             + [f"val_rmse@{level:g}" for level in cfg.noise])
         while step < total:
-            if cfg.mode == "patch" and (step % cfg.refresh_every == 0 or not pool.items):
-                pool.refresh(step)
-            if cfg.mode == "shape":
-                patches, target = pool.shape_batch(rng, cfg.batch_size)
-            else:
-                patches, target = pool.batch(rng, cfg.batch_size)
-            patches, target = patches.to(device), target.to(device)
+            patches, target = next(batches)
+            patches = patches.to(device, non_blocking=True)
+            target = target.to(device, non_blocking=True)
             pred = ddp(patches)["normal"].float().reshape(-1, 3)
             loss = unoriented_loss(pred, target.reshape(-1, 3), cfg.loss)
             opt.zero_grad(set_to_none=True)
@@ -406,6 +301,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, int, dict[str, float]], N
                 os.replace(tmp, state_path)
             if on_step and rank == 0:
                 on_step(step, total, {**metrics, "loss": last_loss})
+    batches.close()  # stops DataLoader workers, if any
     if world > 1:
         digests = [None] * world
         dist.all_gather_object(digests, _digest(model))

@@ -8,6 +8,7 @@ import os
 import pickle
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -402,3 +403,30 @@ def test_validation_shapes_by_name_or_by_seeded_share(tmp_path):
     toml = tmp_path / "t.toml"
     toml.write_text(f'val_shapes = ["{names[1]}"]\n')
     assert TrainConfig.from_toml(str(toml)).val_shapes == (names[1],)
+
+
+def test_worker_processes_build_distinct_batches_and_train_the_run(tmp_path):
+    from fapc.train_data import PatchStream, batch_stream
+
+    cfg = TrainConfig(out=str(tmp_path / "run"), epochs=2, steps_per_epoch=6, workers=2,
+                      **TINY)
+    shapes = procedural_shapes(("box", "cube"))
+    spec = cfg.model_config().patch
+    stream = iter(PatchStream(shapes, cfg, spec, seed=5))
+    p, n = next(stream)
+    assert p.shape == (cfg.batch_size, spec.size, 3) and n.shape == (cfg.batch_size, 3)
+    assert torch.allclose(n.norm(dim=1), torch.ones(cfg.batch_size), atol=1e-5)
+    # two worker processes: each its own pool, so their first batches differ
+    got = batch_stream(shapes, cfg, spec, seed=5, step=0, rank=0, pin=False)
+    first, second = next(got), next(got)
+    got.close()
+    assert not torch.equal(first[0], second[0])
+    # in-process batches are fixed by the seed
+    a = next(batch_stream(shapes, replace(cfg, workers=0), spec, seed=5, step=0, rank=0, pin=False))
+    b = next(batch_stream(shapes, replace(cfg, workers=0), spec, seed=5, step=0, rank=0, pin=False))
+    assert torch.equal(a[0], b[0])
+    train(cfg)
+    assert [int(r["step"]) for r in _log(tmp_path / "run")] == [6, 12]
+    with pytest.raises(FapcError, match="workers"):
+        next(batch_stream(shapes, replace(cfg, workers=-1), spec, seed=5, step=0, rank=0,
+                          pin=False))

@@ -1,0 +1,176 @@
+"""Training data: the pool of sampled clouds that patches are drawn from, the validation
+patches, and the stream that builds batches in ``DataLoader`` worker processes.
+
+With ``workers=0`` batches are built in the training process, in an order fixed by the seed
+(the shipped model's run). With ``workers=W`` each of ``W`` processes holds its own pool,
+seeded by ``(seed, rank, worker)``; batches then arrive in the order the workers finish them,
+so such a run is not bit-reproducible, and ``--resume`` restarts the workers' pools.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from fapc.datasets import Shape, make_cloud
+from fapc.errors import FapcError
+from fapc.patches import PatchBuilder
+
+if TYPE_CHECKING:
+    from fapc.train import TrainConfig
+
+
+class Pool:
+    """Clouds currently sampled from, each with its patch builder; refreshed over time."""
+
+    def __init__(self, shapes: list[Shape], cfg: TrainConfig, spec, seed: int) -> None:
+        self.shapes, self.cfg, self.spec, self.seed = shapes, cfg, spec, seed
+        self.items: list[tuple[PatchBuilder, np.ndarray]] = []
+
+    def _make(self, draw: int) -> tuple[PatchBuilder, np.ndarray]:
+        rng = np.random.default_rng([self.seed, draw])
+        shape = self.shapes[rng.integers(len(self.shapes))]
+        noise = float(rng.choice(self.cfg.noise))
+        density = "uniform"
+        if rng.random() < self.cfg.density_prob:
+            density = str(rng.choice(["gradient", "stripe"]))
+        pts, nrm = make_cloud(shape, n=self.cfg.points, noise=noise, density=density,
+                              outliers=self.cfg.outliers, seed=int(rng.integers(1 << 31)))
+        pts = pts - pts.mean(0)
+        return PatchBuilder(pts, self.spec, seed=draw), nrm
+
+    def refresh(self, step: int) -> None:
+        """Deterministic in ``step``: a resumed run sees the same clouds."""
+        base = (step // self.cfg.refresh_every) * self.cfg.pool
+        if not self.items:
+            self.items = [self._make(base + i) for i in range(self.cfg.pool)]
+        else:
+            slot = (step // self.cfg.refresh_every) % self.cfg.pool
+            self.items[slot] = self._make(base + slot)
+
+    def shape_batch(self, rng: np.random.Generator, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``size`` whole clouds of ``shape_points`` points: ``(B, N, 3)`` and normals."""
+        ps, ns = [], []
+        for _ in range(size):
+            shape = self.shapes[rng.integers(len(self.shapes))]
+            pts, nrm = make_cloud(shape, n=self.cfg.shape_points, noise=float(rng.choice(
+                self.cfg.noise)), seed=int(rng.integers(1 << 31)))
+            if len(pts) < self.cfg.shape_points:  # a small cloud: repeat points
+                extra = rng.choice(len(pts), self.cfg.shape_points - len(pts))
+                pts, nrm = np.concatenate([pts, pts[extra]]), np.concatenate([nrm, nrm[extra]])
+            ps.append(pts.astype(np.float32))
+            ns.append(nrm.astype(np.float32))
+        return torch.from_numpy(np.stack(ps)), torch.from_numpy(np.stack(ns))
+
+    def batch(self, rng: np.random.Generator, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        per = np.full(len(self.items), size // len(self.items))
+        per[: size % len(self.items)] += 1
+        ps, ns = [], []
+        for (builder, nrm), m in zip(self.items, per, strict=True):
+            good = np.flatnonzero(np.abs(nrm).sum(1) > 0)
+            q = rng.choice(good, size=m, replace=len(good) < m)
+            p, _, _ = builder.patches(q)
+            ps.append(p)
+            ns.append(nrm[q].astype(np.float32))
+        return torch.from_numpy(np.concatenate(ps)), torch.from_numpy(np.concatenate(ns))
+
+
+def split_shapes(shapes: list[Shape], fraction: float, seed: int, *,
+                 names: tuple[str, ...] | list[str] = ()) -> tuple[list[Shape], list[Shape]]:
+    """Hold out whole shapes for validation: the shapes called ``names`` when given (so the
+    held-out set can be chosen by kind, e.g. one sharp CAD part, one sculpted model, one
+    primitive), else ``fraction`` of them by a seeded shuffle of names."""
+    if names:
+        missing = sorted(set(names) - {s.name for s in shapes})
+        if missing:
+            raise FapcError(f"validation shapes not among the training data: {missing}")
+        return ([s for s in shapes if s.name not in names], [s for s in shapes if s.name in names])
+    order = sorted(s.name for s in shapes)
+    rng = random.Random(seed)
+    rng.shuffle(order)
+    n_val = min(len(order) - 1, max(1, round(fraction * len(order)))) if len(order) > 1 else 0
+    val = set(order[:n_val])
+    return [s for s in shapes if s.name not in val], [s for s in shapes if s.name in val]
+
+
+def validation_set(shapes: list[Shape], cfg: TrainConfig, spec) -> list[tuple[str, torch.Tensor,
+                                                                           torch.Tensor]]:
+    """Fixed patches: every validation shape at every noise level, ``val_queries`` each
+    (shape mode: 4 whole clouds of ``shape_points`` points each)."""
+    out = []
+    if cfg.mode == "shape":
+        for i, s in enumerate(shapes):
+            for j, noise in enumerate(cfg.noise):
+                clouds = [make_cloud(s, n=cfg.shape_points, noise=noise,
+                                     seed=10_000 + 97 * i + 13 * j + r) for r in range(4)]
+                m = min(len(p) for p, _ in clouds)
+                out.append((f"{s.name}@{noise:g}",
+                            torch.from_numpy(np.stack([p[:m] for p, _ in clouds]).astype(np.float32)),
+                            torch.from_numpy(np.stack([n[:m] for _, n in clouds]).astype(np.float32))))
+        return out
+    for i, s in enumerate(shapes):
+        for j, noise in enumerate(cfg.noise):
+            pts, nrm = make_cloud(s, n=cfg.points, noise=noise, seed=10_000 + 97 * i + j)
+            pts = pts - pts.mean(0)
+            rng = np.random.default_rng(20_000 + 97 * i + j)
+            good = np.flatnonzero(np.abs(nrm).sum(1) > 0)
+            q = rng.choice(good, size=min(cfg.val_queries, len(good)), replace=False)
+            p, _, _ = PatchBuilder(pts, spec, seed=i).patches(q)
+            out.append((f"{s.name}@{noise:g}", torch.from_numpy(p),
+                        torch.from_numpy(nrm[q].astype(np.float32))))
+    return out
+
+
+class PatchStream(torch.utils.data.IterableDataset):
+    """Endless training batches, ``(patches (B, P, 3), normals (B, 3))`` (shape mode:
+    ``(B, N, 3)`` clouds and ``(B, N, 3)`` normals), for a ``DataLoader`` with
+    ``batch_size=None``. Each worker builds its own :class:`Pool` and refreshes one of its
+    clouds every ``refresh_every`` of its batches, as the in-process loop does."""
+
+    def __init__(self, shapes: list[Shape], cfg: TrainConfig, spec, *, seed: int) -> None:
+        super().__init__()
+        self.shapes, self.cfg, self.spec, self.seed = shapes, cfg, spec, seed
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else 0
+        torch.set_num_threads(1)
+        pool = Pool(self.shapes, self.cfg, self.spec, seed=self.seed + 100_000 * (worker + 1))
+        rng = np.random.default_rng([self.seed, worker, 1])
+        i = 0
+        while True:
+            if self.cfg.mode == "shape":
+                yield pool.shape_batch(rng, self.cfg.batch_size)
+            else:
+                if i % self.cfg.refresh_every == 0:
+                    pool.refresh(i)
+                yield pool.batch(rng, self.cfg.batch_size)
+            i += 1
+
+
+def batch_stream(shapes: list[Shape], cfg: TrainConfig, spec, *, seed: int, step: int,
+                 rank: int, pin: bool):
+    """An iterator of training batches. ``cfg.workers == 0``: built here, deterministic in
+    ``(seed, rank, step)`` (a resumed run sees the same clouds). Else a ``DataLoader`` over
+    :class:`PatchStream` in ``cfg.workers`` processes."""
+    if cfg.workers < 0:
+        raise FapcError(f"workers must be >= 0, got {cfg.workers}")
+    if cfg.workers > 0:
+        loader = torch.utils.data.DataLoader(
+            PatchStream(shapes, cfg, spec, seed=seed), batch_size=None, num_workers=cfg.workers,
+            pin_memory=pin, prefetch_factor=4, persistent_workers=True)
+        yield from loader
+        return
+    pool = Pool(shapes, cfg, spec, seed=seed)
+    rng = np.random.default_rng([cfg.seed, rank] if step == 0 else [cfg.seed, rank, step])
+    while True:
+        if cfg.mode == "shape":
+            yield pool.shape_batch(rng, cfg.batch_size)
+        else:
+            if step % cfg.refresh_every == 0 or not pool.items:
+                pool.refresh(step)
+            yield pool.batch(rng, cfg.batch_size)
+        step += 1
