@@ -93,6 +93,9 @@ def train(
         help="Shape mode: points per cloud (default 512).")] = None,
     outliers: Annotated[float | None, typer.Option(
         help="Fraction of uniform outliers added to training clouds (default 0).")] = None,
+    time_limit: Annotated[float | None, typer.Option(
+        help="Seconds: end the run by then, the learning rate annealed over that time; the "
+        "last step is validated and saved (default 0: off).")] = None,
     workers: Annotated[int | None, typer.Option(
         help="Processes that build training batches (default 0: the training process; "
         "on a GPU host use most CPU cores).")] = None,
@@ -118,7 +121,8 @@ def train(
              "seed": seed, "val_fraction": val_fraction, "points": points,
              "procedural": procedural, "fa": fa, "group": group, "amp": amp, "mode": mode,
              "backbone": backbone, "shape_points": shape_points, "outliers": outliers,
-             "init": init, "workers": workers}
+             "init": init, "workers": workers,
+             "time_limit": time_limit}
     if data:
         given["data"] = list(data)
     if val_shapes:

@@ -43,6 +43,7 @@ class TrainConfig:
     epochs: int = 10
     steps_per_epoch: int = 200
     max_steps: int | None = None
+    time_limit: float = 0.0  # seconds: stop (and anneal the learning rate) by then (0: off)
     batch_size: int = 256
     lr: float = 3e-3
     weight_decay: float = 1e-4
@@ -175,6 +176,18 @@ def _digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def _all_ranks_agree(flag: bool, world: int, device: torch.device) -> bool:
+    """``flag`` on rank 0, for every rank (clocks differ between processes); ``device`` is
+    the rank's own (NCCL broadcasts CUDA tensors only)."""
+    if world == 1:
+        return flag
+    import torch.distributed as dist
+
+    t = torch.tensor([float(flag)], device=device)
+    dist.broadcast(t, src=0)
+    return bool(t.item())
+
+
 def train(cfg: TrainConfig, *, on_step: Callable[[int, int, dict[str, float]], None] | None = None,
           resume: bool = False) -> dict[str, Any]:
     """Run training; returns the final metrics. See the module docstring for the run files."""
@@ -215,8 +228,18 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, int, dict[str, float]], N
     model.use_bf16 = cfg.amp and device.type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = cfg.total_steps
+    t0 = time.perf_counter()
+
+    def progress(s: int) -> float:
+        """Share of the schedule done: of the steps or, with ``time_limit``, of the time,
+        whichever is further (so a time-limited run still anneals its learning rate)."""
+        done = min(s, total) / total
+        if cfg.time_limit:
+            done = max(done, min(1.0, (time.perf_counter() - t0) / cfg.time_limit))
+        return done
+
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+        opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * progress(s))))
     step, best = 0, float("inf")
     os.makedirs(cfg.out, exist_ok=True)
     state_path = os.path.join(cfg.out, "state.pt")
@@ -249,7 +272,6 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, int, dict[str, float]], N
                            rank=rank, pin=device.type == "cuda")
     log_path = os.path.join(cfg.out, "log.csv")
     new_log = not (resume and os.path.exists(log_path))
-    t0 = time.perf_counter()
     metrics: dict[str, float] = {}
     model.train()
     running = []
@@ -258,7 +280,8 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, int, dict[str, float]], N
         if new_log:
             writer.writerow(["step", "epoch", "lr", "train_loss", "val_loss", "val_rmse", "seconds"]
                             + [f"val_rmse@{level:g}" for level in cfg.noise])
-        while step < total:
+        out_of_time = False
+        while step < total and not out_of_time:
             patches, target = next(batches)
             patches = patches.to(device, non_blocking=True)
             target = target.to(device, non_blocking=True)
@@ -277,7 +300,10 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, int, dict[str, float]], N
             step += 1
             last_loss = float(loss.detach())
             running.append(last_loss)
-            end_epoch = step % cfg.steps_per_epoch == 0 or step == total
+            if cfg.time_limit:
+                out_of_time = _all_ranks_agree(time.perf_counter() - t0 >= cfg.time_limit, world,
+                                               device)
+            end_epoch = step % cfg.steps_per_epoch == 0 or step == total or out_of_time
             if rank == 0 and end_epoch:
                 metrics = evaluate_patches(kept, val, device)
                 metrics.update(train_loss=float(np.mean(running)), step=step,

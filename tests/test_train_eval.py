@@ -430,3 +430,14 @@ def test_worker_processes_build_distinct_batches_and_train_the_run(tmp_path):
     with pytest.raises(FapcError, match="workers"):
         next(batch_stream(shapes, replace(cfg, workers=-1), spec, seed=5, step=0, rank=0,
                           pin=False))
+
+
+def test_time_limit_ends_the_run_validated_saved_and_annealed(tmp_path):
+    cfg = TrainConfig(out=str(tmp_path / "run"), epochs=1000, steps_per_epoch=1000,
+                      time_limit=3.0, **TINY)
+    train(cfg)
+    rows = _log(tmp_path / "run")
+    assert len(rows) == 1  # stopped long before the first epoch's end: one final row
+    assert 0 < int(rows[0]["step"]) < 1000
+    assert float(rows[0]["lr"]) < 0.05 * cfg.lr  # the cosine ran its course with the clock
+    assert (tmp_path / "run" / "best.safetensors").exists()
