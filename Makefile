@@ -47,8 +47,8 @@ bench: $(STAMP) ## speed + accuracy benchmarks (reads ../shared/data when presen
 
 gpu-check: ## on a GPU host without .venv: CUDA tests + 1M/10M benchmark, logs in OUT
 	@mkdir -p $(OUT)
-	set -o pipefail; PYTHONPATH=. $(PYTHON) -m pytest -q -p no:cacheprovider -m cuda tests 2>&1 | tee $(OUT)/cuda-tests.log
-	set -o pipefail; PYTHONPATH=. PYTHONUNBUFFERED=1 $(PYTHON) -m fapc.gpu_check --out $(OUT) 2>&1 | tee $(OUT)/gpu-check.log
+	set -o pipefail; PYTHONPATH=.$${PYTHONPATH:+:$$PYTHONPATH} $(PYTHON) -m pytest -q -p no:cacheprovider -m cuda tests 2>&1 | tee $(OUT)/cuda-tests.log
+	set -o pipefail; PYTHONPATH=.$${PYTHONPATH:+:$$PYTHONPATH} PYTHONUNBUFFERED=1 $(PYTHON) -m fapc.gpu_check --out $(OUT) 2>&1 | tee $(OUT)/gpu-check.log
 
 clean: ## remove build outputs (keeps .venv)
 	rm -rf out build dist *.egg-info .pytest_cache .ruff_cache
