@@ -117,6 +117,38 @@ def bench_core(n: int = 1_000_000, *, device: str = "cpu", k: int = 32) -> dict[
             "frame_neighbourhoods": m, "k": k, "frames_s": t_fr, "frames_per_s": m / t_fr}
 
 
+def bench_knn(n: int = 1_000_000, *, device: str = "cpu", k: int = 32, far_k: int = 256,
+              far_stride: int = 8) -> dict[str, Any]:
+    """The exact grid kNN (:mod:`fapc.knn_torch`) on a synthetic surface of ``n`` points:
+    ``k`` neighbours of every point (the near scale), and ``far_k`` neighbours in a
+    1/``far_stride`` subsample (the far scale, as the default model asks); grid build
+    included. Points per second."""
+    from fapc.knn_torch import GridKNN
+
+    dev = torch.device(device)
+    pts = torch.from_numpy(synthetic_surface(n, seed=1, noise=1e-3).astype(np.float32)).to(dev)
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    def near() -> None:
+        GridKNN(pts, k).query(pts, k)
+        sync()
+
+    def far() -> None:
+        GridKNN(pts[::far_stride], far_k).query(pts, far_k)
+        sync()
+
+    near()  # warm-up
+    t_near, _ = _timed(near, repeat=3)
+    far()
+    t_far, _ = _timed(far, repeat=3)
+    return {"device": device, "points": n, "k": k, "knn_s": t_near, "knn_points_per_s": n / t_near,
+            "far_k": far_k, "far_stride": far_stride, "far_knn_s": t_far,
+            "far_knn_points_per_s": n / t_far}
+
+
 def bench_accuracy(root: str | None = None, *, model: str | None = None,
                    queries: int = 5000) -> dict[str, Any] | None:
     """The accuracy table on the TEST split (``../shared/data``): the model and PCA with

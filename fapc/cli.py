@@ -78,7 +78,8 @@ def normals(
     model: Annotated[str | None, typer.Option(
         help="FA model: .safetensors file or run directory [the shipped model].")] = None,
     device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda.")] = "auto",
-    batch_size: Annotated[int, typer.Option(help="Query points per network batch.")] = 4096,
+    batch_size: Annotated[int | None, typer.Option(
+        help="Query points per network batch (default 4096 on a CPU, 65536 on CUDA).")] = None,
     precision: Annotated[str, typer.Option(
         help="Network arithmetic: auto (= float32) or bf16 (faster on a GPU; a few normals "
         "in 1000 move by 0.1-1 deg).")] = "auto",

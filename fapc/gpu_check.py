@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         sys.stderr.write("gpu-check: no CUDA device\n")
         return 2
-    from fapc.bench import bench_core
+    from fapc.bench import bench_core, bench_knn
     from fapc.profile import parse_sizes, profile_file, synthetic_file
 
     res: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
@@ -68,14 +68,19 @@ def main(argv: list[str] | None = None) -> int:
     _emit({"cpu_vs_cuda": res["cpu_vs_cuda"]})
     res["core"] = bench_core(1_000_000, device="cuda")
     _emit({"core": res["core"]})
+    res["knn"] = bench_knn(1_000_000, device="cuda")
+    _emit({"knn": res["knn"]})
     res["pipeline"] = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in parse_sizes(args.sizes):
             f = synthetic_file(n, tmp)
             profile_file(f, device="cuda") if n <= 1_000_000 else None  # warm-up on small
-            for precision in ("float32", "bf16"):
-                r = profile_file(f, device="cuda", batch_size=65536, precision=precision)
-                r["precision"] = precision
+            runs = [("float32", None), ("bf16", None)]  # None: fapc normals' CUDA default
+            if n <= 1_000_000:
+                runs.append(("float32", 1 << 18))
+            for precision, batch in runs:
+                r = profile_file(f, device="cuda", batch_size=batch, precision=precision)
+                r["precision"], r["batch_size"] = precision, batch or 65536
                 res["pipeline"].append(r)
                 _emit(r)
     with open(os.path.join(args.out, "gpu-check.json"), "w") as f:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+ROW_BUDGET = 1 << 26  # entries of the (queries, candidates) block of one ring search
+
 
 def _cell_size(points: torch.Tensor, k: int, *, probes: int = 256, seed: int = 0) -> float:
     """The median k-th neighbour distance of a few random probes (brute force)."""
@@ -105,6 +107,10 @@ class GridKNN:
         end = torch.searchsorted(self.keys, keys, right=True)
         counts = (end - start).reshape(-1)  # (M*C,)
         per_query = counts.reshape(q.shape[0], -1).sum(1)  # (M,)
+        if q.shape[0] > 1 and q.shape[0] * int(per_query.max()) > ROW_BUDGET:
+            half = q.shape[0] // 2  # dense spots: fewer queries per padded block
+            a, b = self._ring(q[:half], qc[:half], k, r), self._ring(q[half:], qc[half:], k, r)
+            return tuple(torch.cat([x, y]) for x, y in zip(a, b, strict=True))
         total = int(per_query.sum())
         qid = torch.repeat_interleave(torch.arange(q.shape[0], device=dev), per_query)
         seg = torch.repeat_interleave(torch.arange(counts.numel(), device=dev), counts)
@@ -112,18 +118,18 @@ class GridKNN:
         pos = torch.arange(total, device=dev) - first[seg] + start.reshape(-1)[seg]
         cand = self.order[pos]  # (T,) point indices
         d = (self.points[cand] - q[qid]).norm(dim=1)
-        # group by query, ascending distance: stable sort by distance, then by query
-        o = torch.sort(d, stable=True).indices
-        o = o[torch.sort(qid[o], stable=True).indices]
-        base = torch.cumsum(per_query, 0) - per_query  # (M,)
-        have = per_query >= k
-        take = base.unsqueeze(1) + torch.arange(k, device=dev).unsqueeze(0)  # (M, k)
-        take = torch.where(have.unsqueeze(1), take, base.unsqueeze(1).clamp(max=max(total - 1, 0)))
-        if total == 0:
+        if total == 0 or int(per_query.max()) < k:  # no query has k candidates yet
             return (torch.zeros(q.shape[0], k, dtype=torch.long, device=dev),
                     torch.zeros(q.shape[0], k, dtype=q.dtype, device=dev),
                     torch.zeros(q.shape[0], dtype=torch.bool, device=dev))
-        sel = o[take]
-        dk = d[sel]
+        # each query's candidates in one padded row, then a row-wise top-k (no global sort)
+        width = int(per_query.max())
+        base = torch.cumsum(per_query, 0) - per_query  # (M,)
+        slot = torch.arange(total, device=dev) - base[qid]  # place within the query's row
+        rows = torch.full((q.shape[0], width), float("inf"), dtype=d.dtype, device=dev)
+        rows[qid, slot] = d
+        dk, j = rows.topk(k, dim=1, largest=False, sorted=True)  # (M, k)
+        sel = (base.unsqueeze(1) + j).clamp(max=total - 1)  # j < per_query where it counts
+        have = per_query >= k
         ok = have & (dk[:, -1] <= r * self.h)
         return cand[sel], dk, ok

@@ -101,12 +101,18 @@ def run_network(model: Any, patches: torch.Tensor) -> dict[str, torch.Tensor]:
     return model.fit(patches, torch.cat([p[0] for p in parts]), glob)
 
 
+def default_batch_size(device: torch.device) -> int:
+    """Query points per network batch: 4096 keeps a CPU's activations in cache; a GPU needs
+    large batches to be busy (1 M points in 16 batches)."""
+    return 1 << 16 if device.type == "cuda" else 4096
+
+
 def fa_normals(
     points: np.ndarray,
     model: Any,
     *,
     device: torch.device,
-    batch_size: int = 4096,
+    batch_size: int | None = None,
     query_index: np.ndarray | None = None,
     seed: int = 0,
     knn: str = "auto",
@@ -120,6 +126,9 @@ def fa_normals(
         knn = "torch" if device.type == "cuda" else "scipy"
     if knn not in ("scipy", "torch"):
         raise ValueError(f"knn must be auto, scipy or torch, got {knn!r}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batch_size = batch_size or default_batch_size(device)
     qi = np.arange(len(points)) if query_index is None else np.asarray(query_index)
     if knn == "torch":
         return _fa_normals_device(points, model, device=device, batch_size=batch_size,
@@ -163,7 +172,7 @@ def estimate_normals(
     k: int = 30,
     model: str | os.PathLike | Any | None = None,
     device: str | torch.device | None = "auto",
-    batch_size: int = 4096,
+    batch_size: int | None = None,
     query_index: np.ndarray | None = None,
     knn: str = "auto",
     precision: str = "auto",
@@ -179,7 +188,7 @@ def estimate_normals(
         model: for ``fa``: a ``.safetensors`` file, a run directory, a loaded ``NormalNet``,
             or None for the shipped default model.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
-        batch_size: query points per network batch.
+        batch_size: query points per network batch (default 4096 on a CPU, 65536 on CUDA).
         query_index: estimate only at these point indices (results are then ``(Q, ...)``).
         knn: neighbour search for ``fa``: ``scipy`` (CPU), ``torch`` (exact grid search on
             ``device``) or ``auto`` (torch on CUDA, scipy on the CPU).

@@ -31,7 +31,7 @@ class NormalsOptions:
     k: int = 30
     model: str | None = None
     device: str = "auto"
-    batch_size: int = 4096
+    batch_size: int | None = None  # per device: normals.default_batch_size
     precision: str = "auto"
     from_mesh: str | None = None
     orient: str = "none"

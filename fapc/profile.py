@@ -45,7 +45,7 @@ def peak_rss_mb() -> float:
 
 
 def profile_file(path: str, *, method: str = "fa", device: str = "cpu", model: str | None = None,
-                 k: int = 30, orient: str = "none", batch_size: int = 8192,
+                 k: int = 30, orient: str = "none", batch_size: int | None = None,
                  out_path: str | None = None, precision: str = "auto") -> dict[str, Any]:
     """Run the pipeline on one file, timing each stage (seconds)."""
     from fapc.normals import resolve_device
@@ -107,14 +107,15 @@ def profile_file(path: str, *, method: str = "fa", device: str = "cpu", model: s
 
 
 def _profile_fa(pts: np.ndarray, t: dict[str, float], *, dev: torch.device, model: str | None,
-                batch_size: int, now: Callable[[], float], precision: str) -> np.ndarray:
+                batch_size: int | None, now: Callable[[], float], precision: str) -> np.ndarray:
     from fapc.frames import compute_frames
     from fapc.models.checkpoint import load_model
-    from fapc.normals import configure_precision, run_network
+    from fapc.normals import configure_precision, default_batch_size, run_network
     from fapc.patches import PatchBuilder, TorchPatchBuilder
 
     net, _ = load_model(model, device=dev)
     configure_precision(net, dev, precision)
+    batch_size = batch_size or default_batch_size(dev)
     n = len(pts)
     t0 = now()
     if dev.type == "cuda":

@@ -35,6 +35,18 @@ def test_grid_knn_is_exact(device):
     assert (idx.cpu().numpy() == ref_i).mean() > 0.9999  # only exact ties may differ
 
 
+def test_grid_knn_stays_exact_when_dense_spots_split_the_queries(monkeypatch):
+    import fapc.knn_torch as knn_torch
+
+    monkeypatch.setattr(knn_torch, "ROW_BUDGET", 64 * 40)  # forces many halvings
+    p = _lidar_like(3000, seed=1)
+    idx, dist = GridKNN(torch.from_numpy(p), 24).query(torch.from_numpy(p), 24)
+    ref_d, _ = cKDTree(p).query(p, 24)
+    np.testing.assert_allclose(dist.numpy(), ref_d, atol=1e-9)
+    np.testing.assert_allclose(np.linalg.norm(p[idx.numpy()] - p[:, None], axis=2), ref_d,
+                               atol=1e-9)
+
+
 @pytest.mark.parametrize("options", [{}, {"far_smooth": 1},
                                      {"far_smooth": 1, "k_ext": 8, "refine": 1},
                                      {"far_smooth": 1, "refine": 1, "wide_stride": 8}])
