@@ -96,6 +96,9 @@ def train(
     time_limit: Annotated[float | None, typer.Option(
         help="Seconds: end the run by then, the learning rate annealed over that time; the "
         "last step is validated and saved (default 0: off).")] = None,
+    bank: Annotated[int | None, typer.Option(
+        help="Patches built per training cloud when it is sampled, then drawn from: one "
+        "large query instead of many small ones (e.g. 4096; default 0: built per batch).")] = None,
     workers: Annotated[int | None, typer.Option(
         help="Processes that build training batches (default 0: the training process; "
         "on a GPU host use most CPU cores).")] = None,
@@ -121,7 +124,7 @@ def train(
              "seed": seed, "val_fraction": val_fraction, "points": points,
              "procedural": procedural, "fa": fa, "group": group, "amp": amp, "mode": mode,
              "backbone": backbone, "shape_points": shape_points, "outliers": outliers,
-             "init": init, "workers": workers,
+             "init": init, "workers": workers, "bank": bank,
              "time_limit": time_limit}
     if data:
         given["data"] = list(data)

@@ -60,6 +60,7 @@ class TrainConfig:
     procedural_names: tuple[str, ...] = ()
     pool: int = 6
     refresh_every: int = 25
+    bank: int = 0  # patches built per cloud when it is made, then drawn from (0: per batch)
     amp: bool = True
     fa: bool = True
     group: str = "SO3"

@@ -23,14 +23,40 @@ if TYPE_CHECKING:
     from fapc.train import TrainConfig
 
 
+class _Cloud:
+    """One sampled cloud of the pool: its patch builder and normals ``(N, 3)``; with a bank,
+    instead, ``bank`` patches built at once ``(M, P, 3)`` and their normals ``(M, 3)``."""
+
+    def __init__(self, builder: PatchBuilder, normals: np.ndarray, *, bank: int,
+                 rng: np.random.Generator) -> None:
+        self.good = np.flatnonzero(np.abs(normals).sum(1) > 0)
+        self.builder: PatchBuilder | None = builder
+        self.normals = normals
+        self.bank: tuple[np.ndarray, np.ndarray] | None = None
+        if bank:  # one large query costs about what a few small ones do
+            q = rng.choice(self.good, size=min(bank, len(self.good)), replace=False)
+            self.bank = (builder.patches(q)[0], normals[q].astype(np.float32))
+            self.builder = None
+
+    def sample(self, rng: np.random.Generator, m: int) -> tuple[np.ndarray, np.ndarray]:
+        """``m`` patches ``(m, P, 3)`` and their normals ``(m, 3)``."""
+        if self.bank is not None:
+            p, n = self.bank
+            i = rng.choice(len(p), size=m, replace=len(p) < m)
+            return p[i], n[i]
+        q = rng.choice(self.good, size=m, replace=len(self.good) < m)
+        return self.builder.patches(q)[0], self.normals[q].astype(np.float32)
+
+
 class Pool:
-    """Clouds currently sampled from, each with its patch builder; refreshed over time."""
+    """Clouds currently sampled from, each with its patch builder (or, with ``cfg.bank``, a
+    bank of patches built when the cloud is made); refreshed over time."""
 
     def __init__(self, shapes: list[Shape], cfg: TrainConfig, spec, seed: int) -> None:
         self.shapes, self.cfg, self.spec, self.seed = shapes, cfg, spec, seed
-        self.items: list[tuple[PatchBuilder, np.ndarray]] = []
+        self.items: list[_Cloud] = []
 
-    def _make(self, draw: int) -> tuple[PatchBuilder, np.ndarray]:
+    def _make(self, draw: int) -> _Cloud:
         rng = np.random.default_rng([self.seed, draw])
         shape = self.shapes[rng.integers(len(self.shapes))]
         noise = float(rng.choice(self.cfg.noise))
@@ -40,7 +66,8 @@ class Pool:
         pts, nrm = make_cloud(shape, n=self.cfg.points, noise=noise, density=density,
                               outliers=self.cfg.outliers, seed=int(rng.integers(1 << 31)))
         pts = pts - pts.mean(0)
-        return PatchBuilder(pts, self.spec, seed=draw), nrm
+        return _Cloud(PatchBuilder(pts, self.spec, seed=draw), nrm, bank=self.cfg.bank,
+                      rng=np.random.default_rng([self.seed, draw, 2]))
 
     def refresh(self, step: int) -> None:
         """Deterministic in ``step``: a resumed run sees the same clouds."""
@@ -69,12 +96,10 @@ class Pool:
         per = np.full(len(self.items), size // len(self.items))
         per[: size % len(self.items)] += 1
         ps, ns = [], []
-        for (builder, nrm), m in zip(self.items, per, strict=True):
-            good = np.flatnonzero(np.abs(nrm).sum(1) > 0)
-            q = rng.choice(good, size=m, replace=len(good) < m)
-            p, _, _ = builder.patches(q)
+        for cloud, m in zip(self.items, per, strict=True):
+            p, n = cloud.sample(rng, m)
             ps.append(p)
-            ns.append(nrm[q].astype(np.float32))
+            ns.append(n)
         return torch.from_numpy(np.concatenate(ps)), torch.from_numpy(np.concatenate(ns))
 
 

@@ -441,3 +441,29 @@ def test_time_limit_ends_the_run_validated_saved_and_annealed(tmp_path):
     assert 0 < int(rows[0]["step"]) < 1000
     assert float(rows[0]["lr"]) < 0.05 * cfg.lr  # the cosine ran its course with the clock
     assert (tmp_path / "run" / "best.safetensors").exists()
+
+
+def test_patch_bank_holds_the_builders_patches_and_trains(tmp_path):
+    from fapc.patches import PatchBuilder
+    from fapc.train_data import Pool
+
+    cfg = TrainConfig(out=str(tmp_path / "run"), epochs=2, steps_per_epoch=5, bank=50, **TINY)
+    spec = cfg.model_config().patch
+    pool = Pool(procedural_shapes(("box", "cube")), cfg, spec, seed=3)
+    pool.refresh(0)
+    cloud = pool.items[0]
+    bank_p, bank_n = cloud.bank
+    assert bank_p.shape == (50, spec.size, 3) and bank_n.shape == (50, 3)
+    assert cloud.builder is None  # the cloud's kD-trees are not kept
+    # the bank rows are the patches of the cloud's own points: rebuild one cloud and compare
+    ref = Pool(procedural_shapes(("box", "cube")), replace(cfg, bank=0), spec, seed=3)
+    ref.refresh(0)
+    rebuilt = ref.items[0]
+    assert isinstance(rebuilt.builder, PatchBuilder)
+    q = np.random.default_rng([3, 0, 2]).choice(rebuilt.good, size=50, replace=False)
+    np.testing.assert_array_equal(rebuilt.builder.patches(q)[0], bank_p)
+    np.testing.assert_array_equal(rebuilt.normals[q].astype(np.float32), bank_n)
+    p, n = pool.batch(np.random.default_rng(0), 64)  # more than a bank holds: with repeats
+    assert p.shape == (64, spec.size, 3) and n.shape == (64, 3)
+    train(cfg)
+    assert [int(r["step"]) for r in _log(tmp_path / "run")] == [5, 10]
