@@ -84,6 +84,12 @@ def bench_pca(n: int = 1_000_000, k: int = 30, *, method: str = "pca",
     return res
 
 
+def _sync(dev: torch.device) -> None:
+    """Wait for queued GPU work, so a timer reads the work's end."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def bench_core(n: int = 1_000_000, *, device: str = "cpu", k: int = 32) -> dict[str, Any]:
     """Eigensolver and frame construction throughput on ``n`` neighbourhoods (float32)."""
     from fapc.eigen import sym3_eigh
@@ -94,13 +100,9 @@ def bench_core(n: int = 1_000_000, *, device: str = "cpu", k: int = 32) -> dict[
     a = torch.randn(n, 3, 3, generator=g)
     cov = (a @ a.transpose(-1, -2)).to(dev)
 
-    def sync() -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-
     def eig() -> None:
         sym3_eigh(cov)
-        sync()
+        _sync(dev)
 
     eig()  # warm-up
     t_eig, _ = _timed(eig, repeat=3)
@@ -109,7 +111,7 @@ def bench_core(n: int = 1_000_000, *, device: str = "cpu", k: int = 32) -> dict[
 
     def frames() -> None:
         local_frames(patches, group="SO3")
-        sync()
+        _sync(dev)
 
     frames()
     t_fr, _ = _timed(frames, repeat=3)
@@ -128,17 +130,13 @@ def bench_knn(n: int = 1_000_000, *, device: str = "cpu", k: int = 32, far_k: in
     dev = torch.device(device)
     pts = torch.from_numpy(synthetic_surface(n, seed=1, noise=1e-3).astype(np.float32)).to(dev)
 
-    def sync() -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-
     def near() -> None:
         GridKNN(pts, k).query(pts, k)
-        sync()
+        _sync(dev)
 
     def far() -> None:
         GridKNN(pts[::far_stride], far_k).query(pts, far_k)
-        sync()
+        _sync(dev)
 
     near()  # warm-up
     t_near, _ = _timed(near, repeat=3)

@@ -61,7 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("gpu-check: no CUDA device\n")
         return 2
     from fapc.bench import bench_core, bench_knn
+    from fapc.normals import default_batch_size
     from fapc.profile import parse_sizes, profile_file, synthetic_file
+
+    cuda = torch.device("cuda")
 
     res: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
     res["cpu_vs_cuda"] = compare_cpu_cuda()
@@ -80,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(("float32", 1 << 18))
             for precision, batch in runs:
                 r = profile_file(f, device="cuda", batch_size=batch, precision=precision)
-                r["precision"], r["batch_size"] = precision, batch or 65536
+                r["precision"], r["batch_size"] = precision, batch or default_batch_size(cuda)
                 res["pipeline"].append(r)
                 _emit(r)
     with open(os.path.join(args.out, "gpu-check.json"), "w") as f:

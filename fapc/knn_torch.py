@@ -107,7 +107,8 @@ class GridKNN:
         end = torch.searchsorted(self.keys, keys, right=True)
         counts = (end - start).reshape(-1)  # (M*C,)
         per_query = counts.reshape(q.shape[0], -1).sum(1)  # (M,)
-        if q.shape[0] > 1 and q.shape[0] * int(per_query.max()) > ROW_BUDGET:
+        width = int(per_query.max())  # the longest candidate list: one padded row each
+        if q.shape[0] > 1 and q.shape[0] * width > ROW_BUDGET:
             half = q.shape[0] // 2  # dense spots: fewer queries per padded block
             a, b = self._ring(q[:half], qc[:half], k, r), self._ring(q[half:], qc[half:], k, r)
             return tuple(torch.cat([x, y]) for x, y in zip(a, b, strict=True))
@@ -118,12 +119,11 @@ class GridKNN:
         pos = torch.arange(total, device=dev) - first[seg] + start.reshape(-1)[seg]
         cand = self.order[pos]  # (T,) point indices
         d = (self.points[cand] - q[qid]).norm(dim=1)
-        if total == 0 or int(per_query.max()) < k:  # no query has k candidates yet
+        if total == 0 or width < k:  # no query has k candidates yet
             return (torch.zeros(q.shape[0], k, dtype=torch.long, device=dev),
                     torch.zeros(q.shape[0], k, dtype=q.dtype, device=dev),
                     torch.zeros(q.shape[0], dtype=torch.bool, device=dev))
         # each query's candidates in one padded row, then a row-wise top-k (no global sort)
-        width = int(per_query.max())
         base = torch.cumsum(per_query, 0) - per_query  # (M,)
         slot = torch.arange(total, device=dev) - base[qid]  # place within the query's row
         rows = torch.full((q.shape[0], width), float("inf"), dtype=d.dtype, device=dev)

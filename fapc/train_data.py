@@ -164,16 +164,7 @@ class PatchStream(torch.utils.data.IterableDataset):
         worker = info.id if info is not None else 0
         torch.set_num_threads(1)
         pool = Pool(self.shapes, self.cfg, self.spec, seed=self.seed + 100_000 * (worker + 1))
-        rng = np.random.default_rng([self.seed, worker, 1])
-        i = 0
-        while True:
-            if self.cfg.mode == "shape":
-                yield pool.shape_batch(rng, self.cfg.batch_size)
-            else:
-                if i % self.cfg.refresh_every == 0:
-                    pool.refresh(i)
-                yield pool.batch(rng, self.cfg.batch_size)
-            i += 1
+        yield from _endless(pool, self.cfg, np.random.default_rng([self.seed, worker, 1]), 0)
 
 
 def batch_stream(shapes: list[Shape], cfg: TrainConfig, spec, *, seed: int, step: int,
@@ -189,8 +180,13 @@ def batch_stream(shapes: list[Shape], cfg: TrainConfig, spec, *, seed: int, step
             pin_memory=pin, prefetch_factor=4, persistent_workers=True)
         yield from loader
         return
-    pool = Pool(shapes, cfg, spec, seed=seed)
     rng = np.random.default_rng([cfg.seed, rank] if step == 0 else [cfg.seed, rank, step])
+    yield from _endless(Pool(shapes, cfg, spec, seed=seed), cfg, rng, step)
+
+
+def _endless(pool: Pool, cfg: TrainConfig, rng: np.random.Generator, step: int):
+    """Batches from ``pool`` for ever, from ``step`` on; in patch mode one cloud is replaced
+    every ``refresh_every`` steps (all of them first, or on a resume)."""
     while True:
         if cfg.mode == "shape":
             yield pool.shape_batch(rng, cfg.batch_size)
