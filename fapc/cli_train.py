@@ -102,6 +102,9 @@ def train(
     workers: Annotated[int | None, typer.Option(
         help="Processes that build training batches (default 0: the training process; "
         "on a GPU host use most CPU cores).")] = None,
+    loss: Annotated[str | None, typer.Option(
+        help="sin (mean |sin| of the angle, default), sin2, or rmse (the benchmark's mean of "
+        "per-cloud RMSEs: each training shape at each noise level a group).")] = None,
     init: Annotated[str | None, typer.Option(
         help="Start from this model's weights, e.g. fapc/weights/default.safetensors to "
         "fine-tune the shipped model on your data.")] = None,
@@ -124,7 +127,7 @@ def train(
              "seed": seed, "val_fraction": val_fraction, "points": points,
              "procedural": procedural, "fa": fa, "group": group, "amp": amp, "mode": mode,
              "backbone": backbone, "shape_points": shape_points, "outliers": outliers,
-             "init": init, "workers": workers, "bank": bank,
+             "init": init, "workers": workers, "bank": bank, "loss": loss,
              "time_limit": time_limit}
     if data:
         given["data"] = list(data)

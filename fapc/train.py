@@ -26,6 +26,7 @@ import torch
 
 from fapc.datasets import load_shapes, procedural_shapes
 from fapc.errors import FapcError
+from fapc.losses import GroupRMSELoss
 from fapc.models.checkpoint import save_model
 from fapc.models.normal_net import NormalNet, NormalNetConfig, unoriented_loss
 from fapc.normals import resolve_device
@@ -274,6 +275,10 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, int, dict[str, float]], N
     log_path = os.path.join(cfg.out, "log.csv")
     new_log = not (resume and os.path.exists(log_path))
     metrics: dict[str, float] = {}
+    if cfg.loss not in ("sin", "sin2", "rmse"):
+        raise FapcError(f"loss must be sin, sin2 or rmse, got {cfg.loss!r}")
+    # "rmse": the benchmark's mean of per-cloud RMSEs, one group per training shape and noise
+    group_loss = GroupRMSELoss(len(train_shapes) * len(cfg.noise)) if cfg.loss == "rmse" else None
     model.train()
     running = []
     with open(log_path, "w" if new_log else "a", newline="") as logf:
@@ -283,11 +288,14 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, int, dict[str, float]], N
                             + [f"val_rmse@{level:g}" for level in cfg.noise])
         out_of_time = False
         while step < total and not out_of_time:
-            patches, target = next(batches)
+            patches, target, group = next(batches)
             patches = patches.to(device, non_blocking=True)
             target = target.to(device, non_blocking=True)
             pred = ddp(patches)["normal"].float().reshape(-1, 3)
-            loss = unoriented_loss(pred, target.reshape(-1, 3), cfg.loss)
+            if group_loss is not None:
+                loss = group_loss(pred, target.reshape(-1, 3), group.reshape(-1))
+            else:
+                loss = unoriented_loss(pred, target.reshape(-1, 3), cfg.loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

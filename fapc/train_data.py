@@ -25,10 +25,12 @@ if TYPE_CHECKING:
 
 class _Cloud:
     """One sampled cloud of the pool: its patch builder and normals ``(N, 3)``; with a bank,
-    instead, ``bank`` patches built at once ``(M, P, 3)`` and their normals ``(M, 3)``."""
+    instead, ``bank`` patches built at once ``(M, P, 3)`` and their normals ``(M, 3)``.
+    ``group``: the id of its shape and noise level (:func:`group_id`)."""
 
     def __init__(self, builder: PatchBuilder, normals: np.ndarray, *, bank: int,
-                 rng: np.random.Generator) -> None:
+                 rng: np.random.Generator, group: int = 0) -> None:
+        self.group = group
         self.good = np.flatnonzero(np.abs(normals).sum(1) > 0)
         self.builder: PatchBuilder | None = builder
         self.normals = normals
@@ -48,6 +50,12 @@ class _Cloud:
         return self.builder.patches(q)[0], self.normals[q].astype(np.float32)
 
 
+def group_id(shape: int, noise: float, cfg: TrainConfig) -> int:
+    """The loss group of a cloud: its shape index and noise level, ``shape * levels + level``
+    (:class:`fapc.losses.GroupRMSELoss`; the benchmark scores each such cloud by its RMSE)."""
+    return shape * len(cfg.noise) + list(cfg.noise).index(noise)
+
+
 class Pool:
     """Clouds currently sampled from, each with its patch builder (or, with ``cfg.bank``, a
     bank of patches built when the cloud is made); refreshed over time."""
@@ -58,7 +66,8 @@ class Pool:
 
     def _make(self, draw: int) -> _Cloud:
         rng = np.random.default_rng([self.seed, draw])
-        shape = self.shapes[rng.integers(len(self.shapes))]
+        index = int(rng.integers(len(self.shapes)))
+        shape = self.shapes[index]
         noise = float(rng.choice(self.cfg.noise))
         density = "uniform"
         if rng.random() < self.cfg.density_prob:
@@ -67,7 +76,8 @@ class Pool:
                               outliers=self.cfg.outliers, seed=int(rng.integers(1 << 31)))
         pts = pts - pts.mean(0)
         return _Cloud(PatchBuilder(pts, self.spec, seed=draw), nrm, bank=self.cfg.bank,
-                      rng=np.random.default_rng([self.seed, draw, 2]))
+                      rng=np.random.default_rng([self.seed, draw, 2]),
+                      group=group_id(index, noise, self.cfg))
 
     def refresh(self, step: int) -> None:
         """Deterministic in ``step``: a resumed run sees the same clouds."""
@@ -78,29 +88,39 @@ class Pool:
             slot = (step // self.cfg.refresh_every) % self.cfg.pool
             self.items[slot] = self._make(base + slot)
 
-    def shape_batch(self, rng: np.random.Generator, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``size`` whole clouds of ``shape_points`` points: ``(B, N, 3)`` and normals."""
-        ps, ns = [], []
+    def shape_batch(self, rng: np.random.Generator, size: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``size`` whole clouds of ``shape_points`` points: ``(B, N, 3)``, normals
+        ``(B, N, 3)`` and loss groups ``(B, N)``."""
+        ps, ns, gs = [], [], []
         for _ in range(size):
-            shape = self.shapes[rng.integers(len(self.shapes))]
-            pts, nrm = make_cloud(shape, n=self.cfg.shape_points, noise=float(rng.choice(
-                self.cfg.noise)), seed=int(rng.integers(1 << 31)))
+            index = int(rng.integers(len(self.shapes)))
+            noise = float(rng.choice(self.cfg.noise))
+            pts, nrm = make_cloud(self.shapes[index], n=self.cfg.shape_points, noise=noise,
+                                  seed=int(rng.integers(1 << 31)))
             if len(pts) < self.cfg.shape_points:  # a small cloud: repeat points
                 extra = rng.choice(len(pts), self.cfg.shape_points - len(pts))
                 pts, nrm = np.concatenate([pts, pts[extra]]), np.concatenate([nrm, nrm[extra]])
             ps.append(pts.astype(np.float32))
             ns.append(nrm.astype(np.float32))
-        return torch.from_numpy(np.stack(ps)), torch.from_numpy(np.stack(ns))
+            gs.append(np.full(len(pts), group_id(index, noise, self.cfg)))
+        return (torch.from_numpy(np.stack(ps)), torch.from_numpy(np.stack(ns)),
+                torch.from_numpy(np.stack(gs)))
 
-    def batch(self, rng: np.random.Generator, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, rng: np.random.Generator, size: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``size`` patches ``(B, P, 3)``, their normals ``(B, 3)`` and loss groups ``(B,)``,
+        spread evenly over the pool's clouds."""
         per = np.full(len(self.items), size // len(self.items))
         per[: size % len(self.items)] += 1
-        ps, ns = [], []
+        ps, ns, gs = [], [], []
         for cloud, m in zip(self.items, per, strict=True):
             p, n = cloud.sample(rng, m)
             ps.append(p)
             ns.append(n)
-        return torch.from_numpy(np.concatenate(ps)), torch.from_numpy(np.concatenate(ns))
+            gs.append(np.full(len(p), cloud.group))
+        return (torch.from_numpy(np.concatenate(ps)), torch.from_numpy(np.concatenate(ns)),
+                torch.from_numpy(np.concatenate(gs)))
 
 
 def split_shapes(shapes: list[Shape], fraction: float, seed: int, *,
@@ -150,8 +170,8 @@ def validation_set(shapes: list[Shape], cfg: TrainConfig, spec) -> list[tuple[st
 
 
 class PatchStream(torch.utils.data.IterableDataset):
-    """Endless training batches, ``(patches (B, P, 3), normals (B, 3))`` (shape mode:
-    ``(B, N, 3)`` clouds and ``(B, N, 3)`` normals), for a ``DataLoader`` with
+    """Endless training batches, ``(patches (B, P, 3), normals (B, 3), groups (B,))`` (shape
+    mode: ``(B, N, 3)`` clouds, ``(B, N, 3)`` normals and ``(B, N)`` groups), for a ``DataLoader`` with
     ``batch_size=None``. Each worker builds its own :class:`Pool` and refreshes one of its
     clouds every ``refresh_every`` of its batches, as the in-process loop does."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import pickle
 import subprocess
@@ -22,7 +23,8 @@ from fapc.errors import FapcError
 from fapc.evaluate import build_clouds, evaluate, model_method, pca_method
 from fapc.models.checkpoint import load_model, save_model
 from fapc.models.normal_net import NormalNet, NormalNetConfig
-from fapc.train import TrainConfig, split_shapes, train
+from fapc.train import TrainConfig, evaluate_patches, split_shapes, train
+from fapc.train_data import validation_set
 
 runner = CliRunner()
 
@@ -413,8 +415,9 @@ def test_worker_processes_build_distinct_batches_and_train_the_run(tmp_path):
     shapes = procedural_shapes(("box", "cube"))
     spec = cfg.model_config().patch
     stream = iter(PatchStream(shapes, cfg, spec, seed=5))
-    p, n = next(stream)
+    p, n, g = next(stream)
     assert p.shape == (cfg.batch_size, spec.size, 3) and n.shape == (cfg.batch_size, 3)
+    assert g.shape == (cfg.batch_size,) and 0 <= int(g.min()) and int(g.max()) < 2 * len(cfg.noise)
     assert torch.allclose(n.norm(dim=1), torch.ones(cfg.batch_size), atol=1e-5)
     # two worker processes: each its own pool, so their first batches differ
     got = batch_stream(shapes, cfg, spec, seed=5, step=0, rank=0, pin=False)
@@ -463,7 +466,23 @@ def test_patch_bank_holds_the_builders_patches_and_trains(tmp_path):
     q = np.random.default_rng([3, 0, 2]).choice(rebuilt.good, size=50, replace=False)
     np.testing.assert_array_equal(rebuilt.builder.patches(q)[0], bank_p)
     np.testing.assert_array_equal(rebuilt.normals[q].astype(np.float32), bank_n)
-    p, n = pool.batch(np.random.default_rng(0), 64)  # more than a bank holds: with repeats
+    p, n, g = pool.batch(np.random.default_rng(0), 64)  # more than a bank holds: with repeats
     assert p.shape == (64, spec.size, 3) and n.shape == (64, 3)
+    # each patch carries its cloud's group: shape index x noise levels + level
+    assert set(g.tolist()) == {c.group for c in pool.items}
     train(cfg)
     assert [int(r["step"]) for r in _log(tmp_path / "run")] == [5, 10]
+
+
+def test_rmse_loss_trains_and_unknown_losses_are_refused(tmp_path):
+    cfg = TrainConfig(out=str(tmp_path / "run"), epochs=2, steps_per_epoch=8, loss="rmse", **TINY)
+    torch.manual_seed(cfg.seed)  # the run's initial weights, on the run's validation shapes
+    first = evaluate_patches(cfg.build_model(), validation_set(
+        procedural_shapes()[:2], cfg, cfg.model_config().patch), torch.device("cpu"))
+    train(cfg)
+    rows = _log(tmp_path / "run")
+    assert [int(r["step"]) for r in rows] == [8, 16]
+    assert all(math.isfinite(float(r["train_loss"])) for r in rows)
+    assert float(rows[-1]["val_rmse"]) < first["val_rmse"]
+    with pytest.raises(FapcError, match="loss"):
+        train(replace(cfg, loss="l3", out=str(tmp_path / "bad")))
