@@ -45,6 +45,11 @@ from fapc.frames import compute_frames
 from fapc.patches import PatchSpec
 
 
+# Smallest RMS radius of the near scale, in units of the patch's (unit) RMS radius: a near
+# scale of copies of one point (radius 0) would otherwise blow its features up to ~1e6.
+NEAR_R_MIN = 1e-3
+
+
 @dataclass
 class NormalNetConfig:
     """Everything needed to rebuild the network (saved in the model file's metadata)."""
@@ -221,7 +226,7 @@ class NormalNet(nn.Module):
         flags = self.scale_flags.to(local.dtype).expand(b, f, k).unsqueeze(-1)
         feats = [local, flags]
         if c.near_features:  # the same coordinates at the near scale's own radius
-            near_r = patches[:, : c.k_near].pow(2).sum(-1).mean(-1).sqrt().clamp_min(1e-6)
+            near_r = patches[:, : c.k_near].pow(2).sum(-1).mean(-1).sqrt().clamp_min(NEAR_R_MIN)
             feats.insert(1, local / near_r[:, None, None, None])
         x = torch.cat(feats, -1).reshape(b * f, k, -1)
         with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16,
@@ -255,7 +260,7 @@ class NormalNet(nn.Module):
         if self.config.near_features:  # x R W1^T + (x R / r_near) W2^T = x R (W1 + W2 / r)^T
             near_r = patches[:, : self.config.k_near].pow(2).sum(-1).mean(-1).sqrt()
             w2 = l1.weight[:, 3:6].t().to(rot.dtype)
-            w_eff = w_eff + w2 / near_r.clamp_min(1e-6)[:, None, None]
+            w_eff = w_eff + w2 / near_r.clamp_min(NEAR_R_MIN)[:, None, None]
         # the first layer in float32 (it sees the coordinates; bf16 would round them to 3
         # digits), the rest under bf16 autocast when asked for
         eff = rot @ w_eff.unsqueeze(1)  # (B, F, 3, w0)
@@ -301,7 +306,8 @@ class NormalNet(nn.Module):
         fit_w = base
         if c.refine:  # per patch: e.g. wide (off) under heavy noise; (B, 1) invariant
             i = self.global_index["scale"]
-            log_scale = self.refine_log_scale + g[:, i:i + 1]
+            # bounded: a degenerate patch (copies of one point) must not overflow exp()
+            log_scale = (self.refine_log_scale + g[:, i:i + 1]).clamp(-10, 10)
         aug = homogeneous(patches)  # (B, K, 4)
         for _ in range(c.refine):  # robust passes: down-weight points far from the plane
             # (plane, not quadratic, residuals: a quadratic bends across a crease and leaves
@@ -312,7 +318,10 @@ class NormalNet(nn.Module):
             r2 = plane_residuals(aug[:, :n_pts], vecs[..., 0], mean).square()  # (B, K)
             w_pts = fit_w[:, :n_pts]
             s2 = (w_pts * r2).sum(-1, keepdim=True) / w_pts.sum(-1, keepdim=True)  # weighted MSE
-            w_pts = base[:, :n_pts] * torch.exp(-0.5 * r2 / ((2 * log_scale).exp() * s2 + 1e-8))
+            w_new = base[:, :n_pts] * torch.exp(-0.5 * r2 / ((2 * log_scale).exp() * s2 + 1e-8))
+            # a pass that weighs every point 0 (underflow, e.g. a patch of copies of one
+            # point) keeps the previous weights
+            w_pts = torch.where(w_new.sum(-1, keepdim=True) > 0, w_new, w_pts)
             fit_w = torch.cat([w_pts, base[:, n_pts:]], 1)
         vals, vecs, _ = moment_fit(aug, fit_w)
         normal = vecs[..., 0]  # (B, 3): the plane fit's normal
