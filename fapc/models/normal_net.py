@@ -44,7 +44,6 @@ from fapc.eigen import sym3_eigh
 from fapc.frames import compute_frames
 from fapc.patches import PatchSpec
 
-
 # Smallest RMS radius of the near scale, in units of the patch's (unit) RMS radius: a near
 # scale of copies of one point (radius 0) would otherwise blow its features up to ~1e6.
 NEAR_R_MIN = 1e-3
