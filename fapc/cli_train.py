@@ -103,8 +103,8 @@ def train(
         help="Processes that build training batches (default 0: the training process; "
         "on a GPU host use most CPU cores).")] = None,
     loss: Annotated[str | None, typer.Option(
-        help="sin (mean |sin| of the angle, default), sin2, or rmse (the benchmark's mean of "
-        "per-cloud RMSEs: each training shape at each noise level a group).")] = None,
+        help="rmse (the default: the benchmark's mean of per-cloud RMSEs, each training "
+        "shape at each noise level a group), sin (mean |sin| of the angle) or sin2.")] = None,
     init: Annotated[str | None, typer.Option(
         help="Start from this model's weights, e.g. fapc/weights/default.safetensors to "
         "fine-tune the shipped model on your data.")] = None,

@@ -78,7 +78,7 @@ class TrainConfig:
     k_wide: int = 32
     refine: int = 0
     gate: bool = False
-    loss: str = "sin"
+    loss: str = "rmse"  # or "sin", "sin2" (see fapc.losses)
     ema: float = 0.0  # decay of an exponential moving average of the weights (0: off)
     init: str | None = None  # start from this model's weights (patch sizes may differ)
     mode: str = "patch"  # or "shape": one FA-PointNet/DGCNN over whole clouds
