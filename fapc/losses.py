@@ -1,17 +1,33 @@
 """Training losses on unoriented normals.
 
-:func:`fapc.models.normal_net.unoriented_loss` is a plain mean over patches. The benchmark,
-though, scores each cloud (a shape at a noise level) by the RMSE of its angles and averages
-those RMSEs. :class:`GroupRMSELoss` follows that metric: its gradient is the gradient of the
-mean over groups of ``sqrt(mean angle^2)``, so a large error (a normal at a crease) costs what
-it costs in the benchmark, and a clean cloud's errors weigh as much as a noisy cloud's RMSE.
+:func:`unoriented_loss` is a plain mean over patches. The benchmark, though, scores each
+cloud (a shape at a noise level) by the RMSE of its angles and averages those RMSEs.
+:class:`GroupRMSELoss` follows that metric: its gradient is the gradient of the mean over
+groups of ``sqrt(mean angle^2)``, so a large error (a normal at a crease) costs what it costs
+in the benchmark, and a clean cloud's errors weigh as much as a noisy cloud's RMSE.
+:func:`make_loss` gives any of them by name, with one call signature.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
+
+LOSSES = ("rmse", "sin", "sin2")
+
+
+def unoriented_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "sin") -> torch.Tensor:
+    """Mean ``|sin|`` (``kind="sin"``) or ``sin^2`` of the unoriented angle; ``(B, 3)`` each.
+
+    ``|sin|`` keeps a useful gradient for small errors (clean, sharp patches) where ``sin^2``
+    lets the noisy patches dominate."""
+    t = target / target.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    s2 = (1 - (pred * t).sum(-1) ** 2).clamp_min(0)
+    if kind == "sin2":
+        return s2.mean()
+    return (s2 + 1e-8).sqrt().mean()
 
 
 def unoriented_angle(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -70,3 +86,14 @@ class GroupRMSELoss:
             rmse = self.mean_sq.sqrt().clamp_min(self.floor)  # (G,)
             weight = 1.0 / (2 * rmse * counts.clamp_min(1) * present.sum())  # (G,)
         return (theta2 * weight[group].to(theta2.dtype)).sum()
+
+
+def make_loss(kind: str, *, groups: int
+              ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The training loss ``(pred (B, 3), target (B, 3), group (B,)) -> scalar`` called
+    ``kind`` (one of :data:`LOSSES`); ``groups``: how many group ids ``rmse`` tracks."""
+    if kind not in LOSSES:
+        raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {kind!r}")
+    if kind == "rmse":
+        return GroupRMSELoss(groups)
+    return lambda pred, target, group: unoriented_loss(pred, target, kind)

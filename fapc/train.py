@@ -26,9 +26,9 @@ import torch
 
 from fapc.datasets import load_shapes, procedural_shapes
 from fapc.errors import FapcError
-from fapc.losses import GroupRMSELoss
+from fapc.losses import make_loss, unoriented_loss
 from fapc.models.checkpoint import save_model
-from fapc.models.normal_net import NormalNet, NormalNetConfig, unoriented_loss
+from fapc.models.normal_net import NormalNet, NormalNetConfig
 from fapc.normals import resolve_device
 from fapc.train_data import batch_stream, split_shapes, validation_set
 
@@ -78,7 +78,7 @@ class TrainConfig:
     k_wide: int = 32
     refine: int = 0
     gate: bool = False
-    loss: str = "rmse"  # or "sin", "sin2" (see fapc.losses)
+    loss: str = "rmse"  # fapc.losses.LOSSES
     ema: float = 0.0  # decay of an exponential moving average of the weights (0: off)
     init: str | None = None  # start from this model's weights (patch sizes may differ)
     mode: str = "patch"  # or "shape": one FA-PointNet/DGCNN over whole clouds
@@ -216,6 +216,10 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, int, dict[str, float]], N
     if not val_shapes:
         log.warning("no shape left for validation: validating on procedural shapes")
         val_shapes = procedural_shapes()[:2]
+    try:  # "rmse": one group per training shape and noise level (fapc.train_data.group_id)
+        loss_fn = make_loss(cfg.loss, groups=len(train_shapes) * len(cfg.noise))
+    except ValueError as e:
+        raise FapcError(str(e)) from None
     mcfg = cfg.model_config()
     model = cfg.build_model().to(device)
     if cfg.init and not resume:  # warm start: the weights of another model of the same widths
@@ -275,10 +279,6 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, int, dict[str, float]], N
     log_path = os.path.join(cfg.out, "log.csv")
     new_log = not (resume and os.path.exists(log_path))
     metrics: dict[str, float] = {}
-    if cfg.loss not in ("sin", "sin2", "rmse"):
-        raise FapcError(f"loss must be sin, sin2 or rmse, got {cfg.loss!r}")
-    # "rmse": the benchmark's mean of per-cloud RMSEs, one group per training shape and noise
-    group_loss = GroupRMSELoss(len(train_shapes) * len(cfg.noise)) if cfg.loss == "rmse" else None
     model.train()
     running = []
     with open(log_path, "w" if new_log else "a", newline="") as logf:
@@ -292,10 +292,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, int, dict[str, float]], N
             patches = patches.to(device, non_blocking=True)
             target = target.to(device, non_blocking=True)
             pred = ddp(patches)["normal"].float().reshape(-1, 3)
-            if group_loss is not None:
-                loss = group_loss(pred, target.reshape(-1, 3), group.reshape(-1))
-            else:
-                loss = unoriented_loss(pred, target.reshape(-1, 3), cfg.loss)
+            loss = loss_fn(pred, target.reshape(-1, 3), group.reshape(-1))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

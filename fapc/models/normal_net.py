@@ -397,15 +397,3 @@ def jet_normal(patches: torch.Tensor, weights: torch.Tensor, axes: torch.Tensor,
     n_local = torch.stack([torch.ones_like(c[:, 0]), -c[:, 1], -c[:, 2]], -1)  # (h, u, v)
     n = (axes @ n_local.unsqueeze(-1)).squeeze(-1)
     return n / n.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-
-
-def unoriented_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "sin") -> torch.Tensor:
-    """Mean ``|sin|`` (``kind="sin"``) or ``sin^2`` of the unoriented angle; ``(B, 3)`` each.
-
-    ``|sin|`` keeps a useful gradient for small errors (clean, sharp patches) where ``sin^2``
-    lets the noisy patches dominate."""
-    t = target / target.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    s2 = (1 - (pred * t).sum(-1) ** 2).clamp_min(0)
-    if kind == "sin2":
-        return s2.mean()
-    return (s2 + 1e-8).sqrt().mean()
