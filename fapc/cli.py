@@ -85,6 +85,9 @@ def normals(
         "in 1000 move by 0.1-1 deg).")] = "auto",
     from_mesh: Annotated[str | None, typer.Option(
         help="For meshes: 'vertices' or 'sample:N' (area-uniform samples).")] = None,
+    snap: Annotated[bool, typer.Option(
+        help="fa: put normals that straddle a sharp edge back onto one face (clean and "
+        "lightly noisy data; heavy noise is left alone).")] = True,
     fields: Annotated[str, typer.Option(
         help="Comma-separated outputs: normals,confidence,curvature.")] = "normals,confidence,"
     "curvature",
@@ -141,7 +144,7 @@ def normals(
             _fail(str(e))
     opts = NormalsOptions(method=method, k=k, model=model, device=device, orient=orient,
                           batch_size=batch_size, precision=precision, from_mesh=from_mesh,
-                          fields=chosen,
+                          snap=snap, fields=chosen,
                           drop_invalid=drop_invalid, strict=strict, overwrite=overwrite,
                           ascii=ascii, debug=debug)
 

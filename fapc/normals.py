@@ -116,11 +116,14 @@ def fa_normals(
     query_index: np.ndarray | None = None,
     seed: int = 0,
     knn: str = "auto",
+    snap: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The FA network's normals at ``query_index`` (default all) of finite ``points (N, 3)``
     float64 (centred). ``knn``: ``scipy`` (patches built on the CPU), ``torch`` (exact grid
-    kNN on ``device``: the whole pipeline stays there) or ``auto`` (torch on CUDA)."""
-    from fapc.patches import PatchBuilder
+    kNN on ``device``: the whole pipeline stays there) or ``auto`` (torch on CUDA).
+    ``snap``: put normals that straddle a crease back onto one face (:mod:`fapc.sharpen`);
+    with ``query_index`` this runs the network on the queries' patch points too."""
+    from fapc.patches import PatchBuilder, TorchPatchBuilder
 
     if knn == "auto":
         knn = "torch" if device.type == "cuda" else "scipy"
@@ -129,40 +132,70 @@ def fa_normals(
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     batch_size = batch_size or default_batch_size(device)
-    qi = np.arange(len(points)) if query_index is None else np.asarray(query_index)
-    if knn == "torch":
-        return _fa_normals_device(points, model, device=device, batch_size=batch_size,
-                                  query_index=qi, seed=seed)
-    builder = PatchBuilder(points, model.config.patch, seed=seed)
-    n = len(qi)
-    normals = np.empty((n, 3), np.float32)
-    conf = np.empty(n, np.float32)
-    curv = np.empty(n, np.float32)
+    n = len(points)
+    qi = np.arange(n) if query_index is None else np.asarray(query_index, np.int64)
+    on_device = knn == "torch"
+    builder: Any = (TorchPatchBuilder(points, model.config.patch, device=device, seed=seed)
+                    if on_device else PatchBuilder(points, model.config.patch, seed=seed))
+    index = (lambda i: torch.as_tensor(i, device=device)) if on_device else np.asarray
+    run = qi  # points the network sees: the queries, and with snap their candidates
+    if snap and query_index is not None:
+        cand = [np.asarray(torch.as_tensor(builder.neighbours(index(qi[s:s + batch_size]))).cpu())
+                for s in range(0, len(qi), batch_size)]
+        run = np.unique(np.concatenate([qi, *[c.ravel() for c in cand]]))
+    out = _network_pass(builder, model, run, index, device=device, batch_size=batch_size)
+    if snap:
+        out["normal"] = _snap(builder, out["normal"], run, qi, index, n=n, device=device,
+                              batch_size=batch_size)  # (Q, 3)
+        pos = np.searchsorted(run, qi)  # the queries' rows among the points run
+        out["confidence"], out["curvature"] = out["confidence"][pos], out["curvature"][pos]
+    return out["normal"], out["confidence"], out["curvature"]
+
+
+def _network_pass(builder: Any, model: Any, run: np.ndarray, index: Any, *,
+                  device: torch.device, batch_size: int) -> dict[str, np.ndarray]:
+    """The network's outputs at the points ``run (M,)``: normal ``(M, 3)``, confidence and
+    curvature ``(M,)``, float32 numpy."""
+    keys = ("normal", "confidence", "curvature")
+    outs: dict[str, list[np.ndarray]] = {key: [] for key in keys}
     with torch.inference_mode():
-        for s in range(0, n, batch_size):
-            sl = slice(s, min(s + batch_size, n))
-            patches = torch.from_numpy(builder.patches(qi[sl])[0]).to(device, non_blocking=True)
-            out = run_network(model, patches)
-            normals[sl] = out["normal"].float().cpu().numpy()
-            conf[sl] = out["confidence"].float().cpu().numpy()
-            curv[sl] = out["curvature"].float().cpu().numpy()
-    return normals, conf, curv
+        for s in range(0, len(run), batch_size):
+            patches = builder.patches(index(run[s:s + batch_size]))[0]
+            patches = torch.as_tensor(patches).to(device, non_blocking=True)
+            res = run_network(model, patches)
+            for key in keys:
+                outs[key].append(res[key].float().cpu().numpy())
+    return {key: np.concatenate(outs[key]) for key in keys}
 
 
-def _fa_normals_device(points, model, *, device, batch_size, query_index, seed):
-    from fapc.patches import TorchPatchBuilder
+def _snap(builder: Any, normals: np.ndarray, run: np.ndarray, qi: np.ndarray, index: Any, *,
+          n: int, device: torch.device, batch_size: int) -> np.ndarray:
+    """Crease snapping (:func:`fapc.sharpen.snap_normals`) of the queries ``qi``, given the
+    network's ``normals (M, 3)`` at ``run``; candidates are each query's patch points, the
+    support its near scale. Returns ``(Q, 3)`` float32."""
+    from fapc.sharpen import SnapSettings, snap_normals, spread
 
-    builder = TorchPatchBuilder(points, model.config.patch, device=device, seed=seed)
-    qi = torch.as_tensor(query_index, device=device)
-    outs: dict[str, list[torch.Tensor]] = {"normal": [], "confidence": [], "curvature": []}
+    dtype = torch.float64 if device.type == "cpu" else torch.float32
+    pts = torch.as_tensor(builder.points, device=device).to(dtype)  # (N, 3)
+    full = torch.zeros(n, 3, dtype=dtype, device=device)
+    run_t = torch.as_tensor(run, device=device)
+    full[run_t] = torch.as_tensor(normals, device=device).to(dtype)
+    spreads = torch.zeros(n, dtype=dtype, device=device)
+    k_near, k_cand = builder.spec.k_near, builder.spec.k_near + builder.spec.k_far
+    out = np.empty((len(qi), 3), np.float32)
     with torch.inference_mode():
+        for s in range(0, len(run), batch_size):
+            idx = run_t[s:s + batch_size]
+            near = torch.as_tensor(builder.near(index(run[s:s + batch_size])), device=device)
+            spreads[idx] = spread(pts, full, idx, near[:, :SnapSettings.spread_k])
         for s in range(0, len(qi), batch_size):
-            patches, _ = builder.patches(qi[s:s + batch_size])
-            out = model(patches)
-            for key in outs:
-                outs[key].append(out[key].float())
-    return tuple(torch.cat(outs[key]).cpu().numpy() for key in ("normal", "confidence",
-                                                                "curvature"))
+            q = index(qi[s:s + batch_size])
+            cand = torch.as_tensor(builder.neighbours(q), device=device)[:, :k_cand]
+            q_t = torch.as_tensor(q, device=device)
+            snapped, _ = snap_normals(pts, full, spreads, query=q_t, candidates=cand,
+                                      support=cand[:, :k_near])
+            out[s:s + len(q)] = snapped.float().cpu().numpy()
+    return out
 
 
 def estimate_normals(
@@ -176,6 +209,7 @@ def estimate_normals(
     query_index: np.ndarray | None = None,
     knn: str = "auto",
     precision: str = "auto",
+    snap: bool = True,
 ) -> NormalsResult:
     """Estimate unoriented normals, a confidence and the curvature of every point.
 
@@ -195,6 +229,9 @@ def estimate_normals(
         precision: the network's arithmetic for ``fa``: ``float32`` (= ``auto``) or ``bf16``
             (autocast on the widest layer; frames and fits stay float32 or wider). bf16 moves
             0.2-0.4 % of normals by more than 0.1 degree (none by 1 degree in our checks).
+        snap: for ``fa``: put normals that straddle a sharp edge back onto one face
+            (:mod:`fapc.sharpen`; clean and lightly noisy data only). With ``query_index``
+            the network then also runs at the queries' patch points.
 
     Raises:
         FapcError: no finite point, or fewer finite points than a neighbourhood needs.
@@ -246,7 +283,7 @@ def estimate_normals(
         nrm, conf, curv = shape_normals(finite, net, device=dev, query_index=qi_f)
     else:
         nrm, conf, curv = fa_normals(finite, net, device=dev, batch_size=batch_size,
-                                     query_index=qi_f, knn=knn)
+                                     query_index=qi_f, knn=knn, snap=snap)
     m = len(pts) if query_index is None else len(query_index)
     if ok.all():
         return NormalsResult(nrm, conf, curv, ok)

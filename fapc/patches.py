@@ -174,15 +174,19 @@ class PatchBuilder:
                                              torch.from_numpy(self.wide_centres),
                                              torch.from_numpy(np.asarray(owner, np.int64)))
 
-    def neighbours(self, query_index: np.ndarray) -> np.ndarray:
-        """``(Q,)`` query indices -> ``(Q, size)`` neighbour indices into points."""
-        q = self.points[query_index]
+    def near(self, index: np.ndarray) -> np.ndarray:
+        """``(M,)`` point indices -> ``(M, k_near)`` their nearest points, nearest first."""
         if self.near_all is not None:
-            near = self.near_all[query_index]
-        else:
-            _, near = self.tree.query(q, k=self.spec.k_near, workers=-1)
+            return self.near_all[index]
+        _, near = self.tree.query(self.points[index], k=self.spec.k_near, workers=-1)
+        return np.asarray(near, np.int64).reshape(len(index), -1)
+
+    def neighbours(self, query_index: np.ndarray) -> np.ndarray:
+        """``(Q,)`` query indices -> ``(Q, k_near + k_far_all)`` neighbour indices into
+        points: the near scale's, then the far scale's."""
+        q = self.points[query_index]
+        near = self.near(query_index)
         _, far = self.far_tree.query(q, k=self.spec.k_far_all, workers=-1)
-        near = np.asarray(near, np.int64).reshape(len(q), -1)
         far = self.far_index[np.asarray(far, np.int64).reshape(len(q), -1)]
         return np.concatenate([near, far], axis=1)
 
@@ -254,15 +258,22 @@ class TorchPatchBuilder:
                                for s in range(0, n, 1 << 18)])
             self.wide_moments = cell_moments(self.points, self.wide_centres, owner)
 
+    def near(self, index: torch.Tensor) -> torch.Tensor:
+        """``(M,)`` point indices -> ``(M, k_near)`` their nearest points, nearest first."""
+        if self.near_all is not None:
+            return self.near_all[index]
+        return self.grid.query(self.points[index], self.spec.k_near)[0]
+
+    def neighbours(self, query_index: torch.Tensor) -> torch.Tensor:
+        """``(Q,)`` indices -> ``(Q, k_near + k_far_all)``: near, then far neighbours."""
+        far, _ = self.far_grid.query(self.points[query_index], self.spec.k_far_all)
+        return torch.cat([self.near(query_index), self.far_index[far]], 1)
+
     def patches(self, query_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(Q,)`` indices -> ``patches (Q, K, 3)`` float32 and ``scale (Q,)``."""
         q = self.points[query_index]  # (Q, 3)
-        if self.near_all is not None:
-            near = self.near_all[query_index]
-        else:
-            near, _ = self.grid.query(q, self.spec.k_near)
-        far, _ = self.far_grid.query(q, self.spec.k_far_all)
-        far = self.far_index[far]
+        nb = self.neighbours(query_index)
+        near, far = nb[:, :self.spec.k_near], nb[:, self.spec.k_near:]
         if self.smooth is not None:
             pos = torch.cat([self.points[near], self.smooth[far]], 1)
         else:

@@ -33,6 +33,7 @@ class NormalsOptions:
     device: str = "auto"
     batch_size: int | None = None  # per device: normals.default_batch_size
     precision: str = "auto"
+    snap: bool = True  # fa: crease snapping (fapc.sharpen)
     from_mesh: str | None = None
     orient: str = "none"
     fields: tuple[str, ...] = ALL_FIELDS
@@ -173,7 +174,7 @@ def process_file(job: Job, opts: NormalsOptions) -> FileResult:
         try:
             est = estimate_normals(cloud.points, method=opts.method, k=opts.k, model=opts.model,
                                    device=opts.device, batch_size=opts.batch_size,
-                                   precision=opts.precision)
+                                   precision=opts.precision, snap=opts.snap)
         except FapcError as e:
             raise FapcError(e.reason, path=job.input) from None
         if opts.orient != "none":
