@@ -143,36 +143,47 @@ def fa_normals(
         cand = [np.asarray(torch.as_tensor(builder.neighbours(index(qi[s:s + batch_size]))).cpu())
                 for s in range(0, len(qi), batch_size)]
         run = np.unique(np.concatenate([qi, *[c.ravel() for c in cand]]))
-    out = _network_pass(builder, model, run, index, device=device, batch_size=batch_size)
+    out, far = _network_pass(builder, model, run, index, device=device, batch_size=batch_size,
+                             keep_far=snap)
     if snap:
-        out["normal"] = _snap(builder, out["normal"], run, qi, index, n=n, device=device,
-                              batch_size=batch_size)  # (Q, 3)
         pos = np.searchsorted(run, qi)  # the queries' rows among the points run
+        out["normal"] = _snap(builder, out["normal"], far, run, pos, index, n=n, device=device,
+                              batch_size=batch_size)  # (Q, 3)
         out["confidence"], out["curvature"] = out["confidence"][pos], out["curvature"][pos]
     return out["normal"], out["confidence"], out["curvature"]
 
 
 def _network_pass(builder: Any, model: Any, run: np.ndarray, index: Any, *,
-                  device: torch.device, batch_size: int) -> dict[str, np.ndarray]:
+                  device: torch.device, batch_size: int, keep_far: bool = False
+                  ) -> tuple[dict[str, np.ndarray], torch.Tensor | None]:
     """The network's outputs at the points ``run (M,)``: normal ``(M, 3)``, confidence and
-    curvature ``(M,)``, float32 numpy."""
+    curvature ``(M,)``, float32 numpy; with ``keep_far`` also each point's far-scale
+    neighbours ``(M, k_far)`` int32 on ``device`` (crease snapping's candidates, kept so
+    that it need not search them again)."""
     keys = ("normal", "confidence", "curvature")
     outs: dict[str, list[np.ndarray]] = {key: [] for key in keys}
+    spec = builder.spec
+    far = torch.empty(len(run), spec.k_far, dtype=torch.int32, device=device) if keep_far else None
     with torch.inference_mode():
         for s in range(0, len(run), batch_size):
-            patches = builder.patches(index(run[s:s + batch_size]))[0]
+            patches, _, nb = builder.patches(index(run[s:s + batch_size]))
+            if far is not None:
+                far[s:s + len(nb)] = torch.as_tensor(nb[:, spec.k_near:spec.k_near + spec.k_far],
+                                                     device=device)
             patches = torch.as_tensor(patches).to(device, non_blocking=True)
             res = run_network(model, patches)
             for key in keys:
                 outs[key].append(res[key].float().cpu().numpy())
-    return {key: np.concatenate(outs[key]) for key in keys}
+    return {key: np.concatenate(outs[key]) for key in keys}, far
 
 
-def _snap(builder: Any, normals: np.ndarray, run: np.ndarray, qi: np.ndarray, index: Any, *,
-          n: int, device: torch.device, batch_size: int) -> np.ndarray:
-    """Crease snapping (:func:`fapc.sharpen.snap_normals`) of the queries ``qi``, given the
-    network's ``normals (M, 3)`` at ``run``; candidates are each query's patch points, the
-    support its near scale. Returns ``(Q, 3)`` float32."""
+def _snap(builder: Any, normals: np.ndarray, far: torch.Tensor, run: np.ndarray,
+          pos: np.ndarray, index: Any, *, n: int, device: torch.device,
+          batch_size: int) -> np.ndarray:
+    """Crease snapping (:func:`fapc.sharpen.snap_normals`) of the queries ``run[pos]``, given
+    the network's ``normals (M, 3)`` and far neighbours ``far (M, k_far)`` at ``run (M,)``;
+    a query's candidates are its patch's points (near, then far), its support the near
+    scale. Returns ``(Q, 3)`` float32."""
     from fapc.sharpen import SnapSettings, snap_normals, spread
 
     dtype = torch.float64 if device.type == "cpu" else torch.float32
@@ -181,22 +192,22 @@ def _snap(builder: Any, normals: np.ndarray, run: np.ndarray, qi: np.ndarray, in
     run_t = torch.as_tensor(run, device=device)
     full[run_t] = torch.as_tensor(normals, device=device).to(dtype)
     spreads = torch.zeros(n, dtype=dtype, device=device)
-    k_near, k_cand = builder.spec.k_near, builder.spec.k_near + builder.spec.k_far
-    out = np.empty((len(qi), 3), np.float32)
+    pos_t = torch.as_tensor(pos, device=device)
+    out = np.empty((len(pos), 3), np.float32)
     with torch.inference_mode():
         for s in range(0, len(run), batch_size):
             idx = run_t[s:s + batch_size]
             near = torch.as_tensor(builder.near(index(run[s:s + batch_size])), device=device)
             spreads[idx] = spread(pts, full, idx, near[:, :SnapSettings.spread_k])
-        for s in range(0, len(qi), batch_size):
-            q = index(qi[s:s + batch_size])
-            cand = torch.as_tensor(builder.neighbours(q), device=device)[:, :k_cand]
-            q_t = torch.as_tensor(q, device=device)
-            snapped, _ = snap_normals(pts, full, spreads, query=q_t, candidates=cand,
-                                      support=cand[:, :k_near])
+        for s in range(0, len(pos), batch_size):
+            rows = pos_t[s:s + batch_size]  # (B,) rows of run
+            q = run_t[rows]
+            near = torch.as_tensor(builder.near(index(run[pos[s:s + batch_size]])), device=device)
+            cand = torch.cat([near, far[rows].long()], 1)  # (B, k_near + k_far)
+            snapped, _ = snap_normals(pts, full, spreads, query=q, candidates=cand,
+                                      support=near)
             out[s:s + len(q)] = snapped.float().cpu().numpy()
     return out
-
 
 def estimate_normals(
     points: Any,

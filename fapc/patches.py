@@ -269,8 +269,10 @@ class TorchPatchBuilder:
         far, _ = self.far_grid.query(self.points[query_index], self.spec.k_far_all)
         return torch.cat([self.near(query_index), self.far_index[far]], 1)
 
-    def patches(self, query_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(Q,)`` indices -> ``patches (Q, K, 3)`` float32 and ``scale (Q,)``."""
+    def patches(self, query_index: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(Q,)`` indices -> ``patches (Q, K, 3)`` float32, ``scale (Q,)`` and the
+        neighbours ``(Q, K')`` (as :meth:`PatchBuilder.patches`)."""
         q = self.points[query_index]  # (Q, 3)
         nb = self.neighbours(query_index)
         near, far = nb[:, :self.spec.k_near], nb[:, self.spec.k_near:]
@@ -285,4 +287,4 @@ class TorchPatchBuilder:
             local = torch.cat([local, wide_summary(self.wide_moments[cells], offsets)], 1)
         scale = patch_scale(local, self.spec)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        return local / scale[:, None, None], scale
+        return local / scale[:, None, None], scale, nb

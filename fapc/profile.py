@@ -130,7 +130,7 @@ def _profile_fa(pts: np.ndarray, t: dict[str, float], *, dev: torch.device, mode
             q = np.arange(s, min(s + batch_size, n))
             t0 = now()
             if dev.type == "cuda":
-                patches, _ = builder.patches(torch.as_tensor(q, device=dev))
+                patches = builder.patches(torch.as_tensor(q, device=dev))[0]
             else:
                 patches = torch.from_numpy(builder.patches(q)[0])
             t["knn"] += now() - t0

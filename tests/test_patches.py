@@ -27,10 +27,16 @@ def test_patch_rows_are_near_then_far_then_ring_with_the_inner_scale():
     d = np.linalg.norm(p1, axis=-1)
     assert (d[:, 22:].min(1) >= d[:, 12:22].max(1) - 1e-6).all()
     np.testing.assert_allclose(p1 * s1[:, None, None], pts[nb1] - pts[q][:, None], atol=1e-5)
-    torch_p, torch_s = TorchPatchBuilder(pts, ringed, device="cpu").patches(torch.from_numpy(q))
+    torch_p, torch_s, torch_nb = TorchPatchBuilder(pts, ringed, device="cpu").patches(
+        torch.from_numpy(q))
     np.testing.assert_allclose(torch_s.numpy(), s1, rtol=1e-5)
     np.testing.assert_allclose(np.sort(np.linalg.norm(torch_p.numpy(), axis=-1)), np.sort(d),
                                atol=1e-4)
+    # the same neighbour sets (ties aside), near rows then far rows
+    assert torch_nb.shape == nb1.shape
+    same = [set(a[:12]) == set(b[:12]) and set(a[12:]) == set(b[12:])
+            for a, b in zip(torch_nb.numpy(), nb1)]
+    assert np.mean(same) > 0.95
 
 
 def test_wide_summary_carries_the_weighted_moments_of_its_cells_raw_points():
@@ -61,7 +67,7 @@ def test_wide_summary_carries_the_weighted_moments_of_its_cells_raw_points():
         np.testing.assert_allclose(pseudo.mean(0), mean, atol=1e-5 * s[j])
         dp = pseudo - pseudo.mean(0)
         np.testing.assert_allclose(dp.T @ dp / 6, cov, atol=1e-5 * s[j] ** 2)
-    torch_p, torch_s = TorchPatchBuilder(pts, spec, device="cpu").patches(torch.from_numpy(q))
+    torch_p, torch_s, _ = TorchPatchBuilder(pts, spec, device="cpu").patches(torch.from_numpy(q))
     np.testing.assert_allclose(torch_s.numpy(), s, rtol=1e-5)
     # the same pseudo-points up to the order (and signs) of the axes
     np.testing.assert_allclose(np.sort(np.linalg.norm(torch_p.numpy()[:, 22:], axis=-1), 1),
