@@ -35,7 +35,7 @@ def test_patch_rows_are_near_then_far_then_ring_with_the_inner_scale():
     # the same neighbour sets (ties aside), near rows then far rows
     assert torch_nb.shape == nb1.shape
     same = [set(a[:12]) == set(b[:12]) and set(a[12:]) == set(b[12:])
-            for a, b in zip(torch_nb.numpy(), nb1)]
+            for a, b in zip(torch_nb.numpy(), nb1, strict=True)]
     assert np.mean(same) > 0.95
 
 
