@@ -85,9 +85,9 @@ def normals(
         "in 1000 move by 0.1-1 deg).")] = "auto",
     from_mesh: Annotated[str | None, typer.Option(
         help="For meshes: 'vertices' or 'sample:N' (area-uniform samples).")] = None,
-    snap: Annotated[bool, typer.Option(
-        help="fa: put normals that straddle a sharp edge back onto one face (clean and "
-        "lightly noisy data; heavy noise is left alone).")] = True,
+    consensus: Annotated[bool, typer.Option(
+        help="fa: each normal consults its neighbours' once more: it snaps onto one face at "
+        "a sharp edge (clean data) and smooths with them under heavy noise.")] = True,
     fields: Annotated[str, typer.Option(
         help="Comma-separated outputs: normals,confidence,curvature.")] = "normals,confidence,"
     "curvature",
@@ -144,7 +144,7 @@ def normals(
             _fail(str(e))
     opts = NormalsOptions(method=method, k=k, model=model, device=device, orient=orient,
                           batch_size=batch_size, precision=precision, from_mesh=from_mesh,
-                          snap=snap, fields=chosen,
+                          consensus=consensus, fields=chosen,
                           drop_invalid=drop_invalid, strict=strict, overwrite=overwrite,
                           ascii=ascii, debug=debug)
 

@@ -116,13 +116,14 @@ def fa_normals(
     query_index: np.ndarray | None = None,
     seed: int = 0,
     knn: str = "auto",
-    snap: bool = True,
+    consensus: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The FA network's normals at ``query_index`` (default all) of finite ``points (N, 3)``
     float64 (centred). ``knn``: ``scipy`` (patches built on the CPU), ``torch`` (exact grid
     kNN on ``device``: the whole pipeline stays there) or ``auto`` (torch on CUDA).
-    ``snap``: put normals that straddle a crease back onto one face (:mod:`fapc.sharpen`);
-    with ``query_index`` this runs the network on the queries' patch points too."""
+    ``consensus``: snap normals that straddle a crease onto one face (clean data), smooth
+    them with their patch's under heavy noise (:mod:`fapc.consensus`); with ``query_index``
+    this runs the network on the queries' patch points too."""
     from fapc.patches import PatchBuilder, TorchPatchBuilder
 
     if knn == "auto":
@@ -138,17 +139,17 @@ def fa_normals(
     builder: Any = (TorchPatchBuilder(points, model.config.patch, device=device, seed=seed)
                     if on_device else PatchBuilder(points, model.config.patch, seed=seed))
     index = (lambda i: torch.as_tensor(i, device=device)) if on_device else np.asarray
-    run = qi  # points the network sees: the queries, and with snap their candidates
-    if snap and query_index is not None:
+    run = qi  # points the network sees: the queries, and with consensus their candidates
+    if consensus and query_index is not None:
         cand = [np.asarray(torch.as_tensor(builder.neighbours(index(qi[s:s + batch_size]))).cpu())
                 for s in range(0, len(qi), batch_size)]
         run = np.unique(np.concatenate([qi, *[c.ravel() for c in cand]]))
     out, far = _network_pass(builder, model, run, index, device=device, batch_size=batch_size,
-                             keep_far=snap)
-    if snap:
+                             keep_far=consensus)
+    if consensus:
         pos = np.searchsorted(run, qi)  # the queries' rows among the points run
-        out["normal"] = _snap(builder, out["normal"], far, run, pos, index, n=n, device=device,
-                              batch_size=batch_size)  # (Q, 3)
+        out["normal"] = _consensus(builder, out["normal"], far, run, pos, index, n=n,
+                                   device=device, batch_size=batch_size)  # (Q, 3)
         out["confidence"], out["curvature"] = out["confidence"][pos], out["curvature"][pos]
     return out["normal"], out["confidence"], out["curvature"]
 
@@ -158,7 +159,7 @@ def _network_pass(builder: Any, model: Any, run: np.ndarray, index: Any, *,
                   ) -> tuple[dict[str, np.ndarray], torch.Tensor | None]:
     """The network's outputs at the points ``run (M,)``: normal ``(M, 3)``, confidence and
     curvature ``(M,)``, float32 numpy; with ``keep_far`` also each point's far-scale
-    neighbours ``(M, k_far)`` int32 on ``device`` (crease snapping's candidates, kept so
+    neighbours ``(M, k_far)`` int32 on ``device`` (the consensus step's candidates, kept so
     that it need not search them again)."""
     keys = ("normal", "confidence", "curvature")
     outs: dict[str, list[np.ndarray]] = {key: [] for key in keys}
@@ -177,14 +178,15 @@ def _network_pass(builder: Any, model: Any, run: np.ndarray, index: Any, *,
     return {key: np.concatenate(outs[key]) for key in keys}, far
 
 
-def _snap(builder: Any, normals: np.ndarray, far: torch.Tensor, run: np.ndarray,
+def _consensus(builder: Any, normals: np.ndarray, far: torch.Tensor, run: np.ndarray,
           pos: np.ndarray, index: Any, *, n: int, device: torch.device,
           batch_size: int) -> np.ndarray:
-    """Crease snapping (:func:`fapc.sharpen.snap_normals`) of the queries ``run[pos]``, given
+    """Neighbour consensus (:func:`fapc.consensus.consensus_normals`) of the queries
+    ``run[pos]``, given
     the network's ``normals (M, 3)`` and far neighbours ``far (M, k_far)`` at ``run (M,)``;
     a query's candidates are its patch's points (near, then far), its support the near
     scale. Returns ``(Q, 3)`` float32."""
-    from fapc.sharpen import SnapSettings, snap_normals, spread
+    from fapc.consensus import ConsensusSettings, consensus_normals, spread
 
     dtype = torch.float64 if device.type == "cpu" else torch.float32
     pts = torch.as_tensor(builder.points, device=device).to(dtype)  # (N, 3)
@@ -198,15 +200,15 @@ def _snap(builder: Any, normals: np.ndarray, far: torch.Tensor, run: np.ndarray,
         for s in range(0, len(run), batch_size):
             idx = run_t[s:s + batch_size]
             near = torch.as_tensor(builder.near(index(run[s:s + batch_size])), device=device)
-            spreads[idx] = spread(pts, full, idx, near[:, :SnapSettings.spread_k])
+            spreads[idx] = spread(pts, full, idx, near[:, :ConsensusSettings.spread_k])
         for s in range(0, len(pos), batch_size):
             rows = pos_t[s:s + batch_size]  # (B,) rows of run
             q = run_t[rows]
             near = torch.as_tensor(builder.near(index(run[pos[s:s + batch_size]])), device=device)
             cand = torch.cat([near, far[rows].long()], 1)  # (B, k_near + k_far)
-            snapped, _ = snap_normals(pts, full, spreads, query=q, candidates=cand,
-                                      support=near)
-            out[s:s + len(q)] = snapped.float().cpu().numpy()
+            refined, _, _ = consensus_normals(pts, full, spreads, query=q, candidates=cand,
+                                              support=near)
+            out[s:s + len(q)] = refined.float().cpu().numpy()
     return out
 
 def estimate_normals(
@@ -220,7 +222,7 @@ def estimate_normals(
     query_index: np.ndarray | None = None,
     knn: str = "auto",
     precision: str = "auto",
-    snap: bool = True,
+    consensus: bool = True,
 ) -> NormalsResult:
     """Estimate unoriented normals, a confidence and the curvature of every point.
 
@@ -240,9 +242,10 @@ def estimate_normals(
         precision: the network's arithmetic for ``fa``: ``float32`` (= ``auto``) or ``bf16``
             (autocast on the widest layer; frames and fits stay float32 or wider). bf16 moves
             0.2-0.4 % of normals by more than 0.1 degree (none by 1 degree in our checks).
-        snap: for ``fa``: put normals that straddle a sharp edge back onto one face
-            (:mod:`fapc.sharpen`; clean and lightly noisy data only). With ``query_index``
-            the network then also runs at the queries' patch points.
+        consensus: for ``fa``: each normal looks at its patch's normals once more
+            (:mod:`fapc.consensus`): it snaps onto one face where it straddles a sharp edge
+            (clean and lightly noisy data) and smooths with them under heavy noise. With
+            ``query_index`` the network then also runs at the queries' patch points.
 
     Raises:
         FapcError: no finite point, or fewer finite points than a neighbourhood needs.
@@ -294,7 +297,7 @@ def estimate_normals(
         nrm, conf, curv = shape_normals(finite, net, device=dev, query_index=qi_f)
     else:
         nrm, conf, curv = fa_normals(finite, net, device=dev, batch_size=batch_size,
-                                     query_index=qi_f, knn=knn, snap=snap)
+                                     query_index=qi_f, knn=knn, consensus=consensus)
     m = len(pts) if query_index is None else len(query_index)
     if ok.all():
         return NormalsResult(nrm, conf, curv, ok)

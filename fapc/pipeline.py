@@ -33,7 +33,7 @@ class NormalsOptions:
     device: str = "auto"
     batch_size: int | None = None  # per device: normals.default_batch_size
     precision: str = "auto"
-    snap: bool = True  # fa: crease snapping (fapc.sharpen)
+    consensus: bool = True  # fa: snap at creases, smooth under heavy noise
     from_mesh: str | None = None
     orient: str = "none"
     fields: tuple[str, ...] = ALL_FIELDS
@@ -174,7 +174,8 @@ def process_file(job: Job, opts: NormalsOptions) -> FileResult:
         try:
             est = estimate_normals(cloud.points, method=opts.method, k=opts.k, model=opts.model,
                                    device=opts.device, batch_size=opts.batch_size,
-                                   precision=opts.precision, snap=opts.snap)
+                                   precision=opts.precision,
+                                   consensus=opts.consensus)
         except FapcError as e:
             raise FapcError(e.reason, path=job.input) from None
         if opts.orient != "none":

@@ -1,5 +1,6 @@
-"""Crease snapping (fapc.sharpen): blended normals at a sharp edge go back onto a face; flat,
-noisy or already right normals stay; the result moves with the cloud."""
+"""Neighbour consensus (fapc.consensus): blended normals at a sharp edge go back onto a face;
+right normals and curved line scans stay; heavy noise is smoothed, not snapped; the result
+moves with the cloud."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from scipy.spatial import cKDTree
 
 from fapc.normals import estimate_normals
 from fapc.pca import pca_normals
-from fapc.sharpen import SnapSettings, snap_normals, spread
+from fapc.consensus import ConsensusSettings, consensus_normals, spread
 from fapc.testing import random_rotation
 
 
@@ -26,16 +27,17 @@ def l_shape(n: int, *, seed: int = 0, noise: float = 0.0) -> tuple[np.ndarray, n
     return pts + noise * rng.normal(size=pts.shape), nrm
 
 
-def snap_cloud(pts: np.ndarray, nrm: np.ndarray, *, k_cand: int = 48, k_support: int = 24
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """Snap every point, candidates its ``k_cand`` and support its ``k_support`` nearest."""
+def snap_cloud(pts: np.ndarray, nrm: np.ndarray, *, k_cand: int = 48, k_support: int = 24,
+               smoothing: bool = False) -> tuple[np.ndarray, ...]:
+    """Consensus at every point, candidates its ``k_cand`` and support its ``k_support``
+    nearest: normals, snapped (and the smoothing weights when ``smoothing``)."""
     _, idx = cKDTree(pts).query(pts, k=k_cand)
     p, n, idx = torch.from_numpy(pts), torch.from_numpy(nrm), torch.from_numpy(idx)
     allp = torch.arange(len(p))
-    spreads = spread(p, n, allp, idx[:, :SnapSettings.spread_k])
-    out, snapped = snap_normals(p, n, spreads, query=allp, candidates=idx,
-                                support=idx[:, :k_support])
-    return out.numpy(), snapped.numpy()
+    spreads = spread(p, n, allp, idx[:, :ConsensusSettings.spread_k])
+    out, snapped, t = consensus_normals(p, n, spreads, query=allp, candidates=idx,
+                                        support=idx[:, :k_support])
+    return (out.numpy(), snapped.numpy()) + ((t.numpy(),) if smoothing else ())
 
 
 def rmse(err: np.ndarray) -> float:
@@ -57,12 +59,22 @@ def test_blended_normals_at_a_crease_go_back_onto_their_face():
     assert snapped[before > 10].mean() > 0.9
 
 
-def test_heavy_noise_is_left_alone():
-    pts, _ = l_shape(4000, noise=0.02)  # about the point spacing
-    est = pca_normals(pts, k=32)[0].astype(np.float64)
-    out, snapped = snap_cloud(pts, est)
+def test_heavy_noise_is_smoothed_not_snapped():
+    pts, gt = l_shape(4000, noise=0.02)  # about the point spacing
+    est = pca_normals(pts, k=16)[0].astype(np.float64)
+    out, snapped, t = snap_cloud(pts, est, smoothing=True)
     assert not snapped.any()
-    np.testing.assert_array_equal(out, est)
+    assert (t > 0).mean() > 0.5
+    before, after = angle_deg(est, gt), angle_deg(out, gt)
+    away = np.abs(pts[:, 0]) + np.abs(pts[:, 2]) > 0.3  # away from the edge
+    assert rmse(after[away]) < 0.85 * rmse(before[away]), (rmse(before[away]), rmse(after[away]))
+
+
+def test_clean_data_is_not_smoothed():
+    pts, _ = l_shape(4000)
+    est = pca_normals(pts, k=32)[0].astype(np.float64)
+    _, _, t = snap_cloud(pts, est, smoothing=True)
+    assert (t == 0).all()
 
 
 def test_a_curved_line_scan_is_left_alone():
@@ -101,11 +113,11 @@ def test_shapes_are_checked():
     q = torch.arange(2)
     idx = torch.zeros(2, 12, dtype=torch.long)
     with pytest.raises(ValueError, match="shape"):
-        snap_normals(p, torch.zeros(10, 2), torch.zeros(10), query=q, candidates=idx, support=idx)
+        consensus_normals(p, torch.zeros(10, 2), torch.zeros(10), query=q, candidates=idx, support=idx)
     with pytest.raises(ValueError, match="one row per query"):
-        snap_normals(p, p, torch.zeros(10), query=q, candidates=idx[:1], support=idx)
+        consensus_normals(p, p, torch.zeros(10), query=q, candidates=idx[:1], support=idx)
     with pytest.raises(ValueError, match="support"):
-        snap_normals(p, p, torch.zeros(10), query=q, candidates=idx, support=idx[:, :4])
+        consensus_normals(p, p, torch.zeros(10), query=q, candidates=idx, support=idx[:, :4])
 
 
 def cube_surface(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -119,7 +131,7 @@ def cube_surface(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 def test_the_shipped_model_snaps_at_a_cubes_edges_and_queries_agree_with_the_full_run():
     pts, gt = cube_surface(12000)
-    plain = estimate_normals(pts, method="fa", device="cpu", snap=False)
+    plain = estimate_normals(pts, method="fa", device="cpu", consensus=False)
     snapped = estimate_normals(pts, method="fa", device="cpu")
     e_plain, e_snap = angle_deg(plain.normals, gt), angle_deg(snapped.normals, gt)
     assert rmse(e_snap) < 0.7 * rmse(e_plain), (rmse(e_plain), rmse(e_snap))
