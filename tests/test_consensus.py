@@ -10,9 +10,9 @@ import torch
 from conftest import angle_deg
 from scipy.spatial import cKDTree
 
+from fapc.consensus import ConsensusSettings, consensus_normals, spread
 from fapc.normals import estimate_normals
 from fapc.pca import pca_normals
-from fapc.consensus import ConsensusSettings, consensus_normals, spread
 from fapc.testing import random_rotation
 
 
