@@ -148,7 +148,7 @@ def fa_normals(
                              keep_far=consensus)
     if consensus:
         pos = np.searchsorted(run, qi)  # the queries' rows among the points run
-        out["normal"] = _consensus(builder, out["normal"], far, run, pos, index, n=n,
+        out["normal"] = consensus_pass(builder, out["normal"], far, run, pos, index, n=n,
                                    device=device, batch_size=batch_size)  # (Q, 3)
         out["confidence"], out["curvature"] = out["confidence"][pos], out["curvature"][pos]
     return out["normal"], out["confidence"], out["curvature"]
@@ -178,7 +178,7 @@ def _network_pass(builder: Any, model: Any, run: np.ndarray, index: Any, *,
     return {key: np.concatenate(outs[key]) for key in keys}, far
 
 
-def _consensus(builder: Any, normals: np.ndarray, far: torch.Tensor, run: np.ndarray,
+def consensus_pass(builder: Any, normals: np.ndarray, far: torch.Tensor, run: np.ndarray,
           pos: np.ndarray, index: Any, *, n: int, device: torch.device,
           batch_size: int) -> np.ndarray:
     """Neighbour consensus (:func:`fapc.consensus.consensus_normals`) of the queries

@@ -110,7 +110,7 @@ def _profile_fa(pts: np.ndarray, t: dict[str, float], *, dev: torch.device, mode
                 batch_size: int | None, now: Callable[[], float], precision: str) -> np.ndarray:
     from fapc.frames import compute_frames
     from fapc.models.checkpoint import load_model
-    from fapc.normals import configure_precision, default_batch_size, run_network
+    from fapc.normals import configure_precision, consensus_pass, default_batch_size, run_network
     from fapc.patches import PatchBuilder, TorchPatchBuilder
 
     net, _ = load_model(model, device=dev)
@@ -125,14 +125,19 @@ def _profile_fa(pts: np.ndarray, t: dict[str, float], *, dev: torch.device, mode
     t["knn"] = now() - t0
     t["frames"] = t["network"] = 0.0
     normals = np.empty((n, 3), np.float32)
+    spec = net.config.patch
+    far = torch.empty(n, spec.k_far, dtype=torch.int32, device=dev)  # consensus candidates
     with torch.inference_mode():
         for s in range(0, n, batch_size):
             q = np.arange(s, min(s + batch_size, n))
             t0 = now()
             if dev.type == "cuda":
-                patches = builder.patches(torch.as_tensor(q, device=dev))[0]
+                patches, _, nb = builder.patches(torch.as_tensor(q, device=dev))
             else:
-                patches = torch.from_numpy(builder.patches(q)[0])
+                patches, _, nb = builder.patches(q)
+                patches = torch.from_numpy(patches)
+            far[s:s + len(q)] = torch.as_tensor(nb[:, spec.k_near:spec.k_near + spec.k_far],
+                                                device=dev)
             t["knn"] += now() - t0
             t0 = now()
             compute_frames(patches, group=net.config.group,
@@ -142,6 +147,12 @@ def _profile_fa(pts: np.ndarray, t: dict[str, float], *, dev: torch.device, mode
             normals[q] = run_network(net, patches)["normal"].float().cpu().numpy()
             t["network"] += now() - t0
     t["network"] = max(t["network"] - t["frames"], 0.0)  # the forward pass includes frames
+    t0 = now()
+    run = np.arange(n)
+    index = (lambda i: torch.as_tensor(i, device=dev)) if dev.type == "cuda" else np.asarray
+    normals = consensus_pass(builder, normals, far, run, run, index, n=n, device=dev,
+                         batch_size=batch_size)
+    t["consensus"] = now() - t0
     return normals
 
 
