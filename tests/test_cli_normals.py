@@ -239,3 +239,22 @@ def test_bad_precision_is_a_usage_error_and_writes_nothing(tmp_path):
             "--precision", "fp8")
     assert r.exit_code == 2 and "--precision" in r.stderr
     assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
+
+
+def test_no_consensus_gives_the_networks_own_normals_and_consensus_helps_at_edges(tmp_path):
+    from test_consensus import cube_surface
+
+    from fapc.normals import estimate_normals
+
+    pts, gt = cube_surface(6000, seed=3)
+    write_cloud(tmp_path / "cube.ply", PointCloud(points=pts))
+    for flag in ("--consensus", "--no-consensus"):
+        r = run("normals", str(tmp_path / "cube.ply"), "-o", str(tmp_path / f"{flag}.ply"),
+                flag, "--device", "cpu")
+        assert r.exit_code == 0, r.output
+    n_on = read_cloud(tmp_path / "--consensus.ply").normals
+    n_off = read_cloud(tmp_path / "--no-consensus.ply").normals
+    plain = estimate_normals(pts, device="cpu", consensus=False).normals
+    assert angle_deg(n_off, plain).max() < 1e-3
+    err_on, err_off = angle_deg(n_on, gt), angle_deg(n_off, gt)
+    assert np.sqrt(np.mean(err_on ** 2)) < 0.8 * np.sqrt(np.mean(err_off ** 2))
