@@ -179,13 +179,13 @@ def _network_pass(builder: Any, model: Any, run: np.ndarray, index: Any, *,
 
 
 def consensus_pass(builder: Any, normals: np.ndarray, far: torch.Tensor, run: np.ndarray,
-          pos: np.ndarray, index: Any, *, n: int, device: torch.device,
-          batch_size: int) -> np.ndarray:
+                   pos: np.ndarray, index: Any, *, n: int, device: torch.device,
+                   batch_size: int) -> np.ndarray:
     """Neighbour consensus (:func:`fapc.consensus.consensus_normals`) of the queries
-    ``run[pos]``, given
-    the network's ``normals (M, 3)`` and far neighbours ``far (M, k_far)`` at ``run (M,)``;
-    a query's candidates are its patch's points (near, then far), its support the near
-    scale. Returns ``(Q, 3)`` float32."""
+    ``run[pos]`` (``pos (Q,)``), given the network's ``normals (M, 3)`` and far neighbours
+    ``far (M, k_far)`` at the points ``run (M,)`` of a cloud of ``n``; a query's candidates
+    are its patch's points (near, then far), its support the near scale. ``index`` turns
+    numpy indices into what ``builder`` takes. Returns ``(Q, 3)`` float32."""
     from fapc.consensus import ConsensusSettings, consensus_normals, spread
 
     dtype = torch.float64 if device.type == "cpu" else torch.float32
@@ -210,6 +210,7 @@ def consensus_pass(builder: Any, normals: np.ndarray, far: torch.Tensor, run: np
                                               support=near)
             out[s:s + len(q)] = refined.float().cpu().numpy()
     return out
+
 
 def estimate_normals(
     points: Any,
