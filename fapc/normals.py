@@ -138,23 +138,22 @@ def fa_normals(
     on_device = knn == "torch"
     builder: Any = (TorchPatchBuilder(points, model.config.patch, device=device, seed=seed)
                     if on_device else PatchBuilder(points, model.config.patch, seed=seed))
-    index = (lambda i: torch.as_tensor(i, device=device)) if on_device else np.asarray
     run = qi  # points the network sees: the queries, and with consensus their candidates
     if consensus and query_index is not None:
-        cand = [np.asarray(torch.as_tensor(builder.neighbours(index(qi[s:s + batch_size]))).cpu())
-                for s in range(0, len(qi), batch_size)]
+        cand = [torch.as_tensor(builder.neighbours(builder.as_index(qi[s:s + batch_size])))
+                .cpu().numpy() for s in range(0, len(qi), batch_size)]
         run = np.unique(np.concatenate([qi, *[c.ravel() for c in cand]]))
-    out, far = _network_pass(builder, model, run, index, device=device, batch_size=batch_size,
+    out, far = _network_pass(builder, model, run, device=device, batch_size=batch_size,
                              keep_far=consensus)
     if consensus:
         pos = np.searchsorted(run, qi)  # the queries' rows among the points run
-        out["normal"] = consensus_pass(builder, out["normal"], far, run, pos, index, n=n,
-                                   device=device, batch_size=batch_size)  # (Q, 3)
+        out["normal"] = consensus_pass(builder, out["normal"], far, run, pos, n=n,
+                                       device=device, batch_size=batch_size)  # (Q, 3)
         out["confidence"], out["curvature"] = out["confidence"][pos], out["curvature"][pos]
     return out["normal"], out["confidence"], out["curvature"]
 
 
-def _network_pass(builder: Any, model: Any, run: np.ndarray, index: Any, *,
+def _network_pass(builder: Any, model: Any, run: np.ndarray, *,
                   device: torch.device, batch_size: int, keep_far: bool = False
                   ) -> tuple[dict[str, np.ndarray], torch.Tensor | None]:
     """The network's outputs at the points ``run (M,)``: normal ``(M, 3)``, confidence and
@@ -167,10 +166,9 @@ def _network_pass(builder: Any, model: Any, run: np.ndarray, index: Any, *,
     far = torch.empty(len(run), spec.k_far, dtype=torch.int32, device=device) if keep_far else None
     with torch.inference_mode():
         for s in range(0, len(run), batch_size):
-            patches, _, nb = builder.patches(index(run[s:s + batch_size]))
+            patches, _, nb = builder.patches(builder.as_index(run[s:s + batch_size]))
             if far is not None:
-                far[s:s + len(nb)] = torch.as_tensor(nb[:, spec.k_near:spec.k_near + spec.k_far],
-                                                     device=device)
+                far[s:s + len(nb)] = torch.as_tensor(nb[:, spec.far_rows], device=device)
             patches = torch.as_tensor(patches).to(device, non_blocking=True)
             res = run_network(model, patches)
             for key in keys:
@@ -179,13 +177,13 @@ def _network_pass(builder: Any, model: Any, run: np.ndarray, index: Any, *,
 
 
 def consensus_pass(builder: Any, normals: np.ndarray, far: torch.Tensor, run: np.ndarray,
-                   pos: np.ndarray, index: Any, *, n: int, device: torch.device,
+                   pos: np.ndarray, *, n: int, device: torch.device,
                    batch_size: int) -> np.ndarray:
     """Neighbour consensus (:func:`fapc.consensus.consensus_normals`) of the queries
     ``run[pos]`` (``pos (Q,)``), given the network's ``normals (M, 3)`` and far neighbours
     ``far (M, k_far)`` at the points ``run (M,)`` of a cloud of ``n``; a query's candidates
-    are its patch's points (near, then far), its support the near scale. ``index`` turns
-    numpy indices into what ``builder`` takes. Returns ``(Q, 3)`` float32."""
+    are its patch's points (near, then far), its support the near scale. Returns ``(Q, 3)``
+    float32."""
     from fapc.consensus import ConsensusSettings, consensus_normals, spread
 
     dtype = torch.float64 if device.type == "cpu" else torch.float32
@@ -199,12 +197,14 @@ def consensus_pass(builder: Any, normals: np.ndarray, far: torch.Tensor, run: np
     with torch.inference_mode():
         for s in range(0, len(run), batch_size):
             idx = run_t[s:s + batch_size]
-            near = torch.as_tensor(builder.near(index(run[s:s + batch_size])), device=device)
+            near = torch.as_tensor(builder.near(builder.as_index(run[s:s + batch_size])),
+                                   device=device)
             spreads[idx] = spread(pts, full, idx, near[:, :ConsensusSettings.spread_k])
         for s in range(0, len(pos), batch_size):
             rows = pos_t[s:s + batch_size]  # (B,) rows of run
             q = run_t[rows]
-            near = torch.as_tensor(builder.near(index(run[pos[s:s + batch_size]])), device=device)
+            near = torch.as_tensor(builder.near(builder.as_index(run[pos[s:s + batch_size]])),
+                                   device=device)
             cand = torch.cat([near, far[rows].long()], 1)  # (B, k_near + k_far)
             refined, _, _ = consensus_normals(pts, full, spreads, query=q, candidates=cand,
                                               support=near)

@@ -47,6 +47,11 @@ class PatchSpec:
         """Far neighbours per query, outer ring included."""
         return self.k_far + self.k_ext
 
+    @property
+    def far_rows(self) -> slice:
+        """The far scale's columns of a neighbour array (the network's far points)."""
+        return slice(self.k_near, self.k_near + self.k_far)
+
 
 WIDE_ROWS = 6  # pseudo-points per wide summary
 
@@ -174,6 +179,11 @@ class PatchBuilder:
                                              torch.from_numpy(self.wide_centres),
                                              torch.from_numpy(np.asarray(owner, np.int64)))
 
+    @staticmethod
+    def as_index(index: np.ndarray) -> np.ndarray:
+        """Point indices as this builder takes them (numpy int64)."""
+        return np.asarray(index, np.int64)
+
     def near(self, index: np.ndarray) -> np.ndarray:
         """``(M,)`` point indices -> ``(M, k_near)`` their nearest points, nearest first."""
         if self.near_all is not None:
@@ -257,6 +267,10 @@ class TorchPatchBuilder:
             owner = torch.cat([self.wide_grid.query(self.points[s:s + (1 << 18)], 1)[0][:, 0]
                                for s in range(0, n, 1 << 18)])
             self.wide_moments = cell_moments(self.points, self.wide_centres, owner)
+
+    def as_index(self, index: np.ndarray) -> torch.Tensor:
+        """Point indices as this builder takes them (a tensor on its device)."""
+        return torch.as_tensor(index, device=self.points.device)
 
     def near(self, index: torch.Tensor) -> torch.Tensor:
         """``(M,)`` point indices -> ``(M, k_near)`` their nearest points, nearest first."""

@@ -131,13 +131,9 @@ def _profile_fa(pts: np.ndarray, t: dict[str, float], *, dev: torch.device, mode
         for s in range(0, n, batch_size):
             q = np.arange(s, min(s + batch_size, n))
             t0 = now()
-            if dev.type == "cuda":
-                patches, _, nb = builder.patches(torch.as_tensor(q, device=dev))
-            else:
-                patches, _, nb = builder.patches(q)
-                patches = torch.from_numpy(patches)
-            far[s:s + len(q)] = torch.as_tensor(nb[:, spec.k_near:spec.k_near + spec.k_far],
-                                                device=dev)
+            patches, _, nb = builder.patches(builder.as_index(q))
+            patches = torch.as_tensor(patches)
+            far[s:s + len(q)] = torch.as_tensor(nb[:, spec.far_rows], device=dev)
             t["knn"] += now() - t0
             t0 = now()
             compute_frames(patches, group=net.config.group,
@@ -149,9 +145,8 @@ def _profile_fa(pts: np.ndarray, t: dict[str, float], *, dev: torch.device, mode
     t["network"] = max(t["network"] - t["frames"], 0.0)  # the forward pass includes frames
     t0 = now()
     run = np.arange(n)
-    index = (lambda i: torch.as_tensor(i, device=dev)) if dev.type == "cuda" else np.asarray
-    normals = consensus_pass(builder, normals, far, run, run, index, n=n, device=dev,
-                         batch_size=batch_size)
+    normals = consensus_pass(builder, normals, far, run, run, n=n, device=dev,
+                             batch_size=batch_size)
     t["consensus"] = now() - t0
     return normals
 
