@@ -15,6 +15,8 @@ import os
 import sys
 import tempfile
 import time
+import traceback
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -51,6 +53,16 @@ def _emit(obj: dict) -> None:
     sys.stdout.flush()
 
 
+def _stage(res: dict, key: str, fn: Callable[[], object]) -> object:
+    """Run one stage; a failure is recorded (with its traceback) and the later stages still run."""
+    try:
+        res[key] = fn()
+    except Exception as exc:  # a GPU host is lent briefly: keep whatever else can be measured
+        res[key] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+    _emit({key: res[key]})
+    return res[key]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fapc.gpu_check")
     p.add_argument("--out", default="out/gpu-check")
@@ -67,28 +79,40 @@ def main(argv: list[str] | None = None) -> int:
     cuda = torch.device("cuda")
 
     res: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
-    res["cpu_vs_cuda"] = compare_cpu_cuda()
-    _emit({"cpu_vs_cuda": res["cpu_vs_cuda"]})
-    res["core"] = bench_core(1_000_000, device="cuda")
-    _emit({"core": res["core"]})
-    res["knn"] = bench_knn(1_000_000, device="cuda")
-    _emit({"knn": res["knn"]})
+    out = os.path.join(args.out, "gpu-check.json")
+
+    def save() -> None:  # after every stage, so a run cut short still leaves its figures
+        with open(out, "w") as f:
+            json.dump(res, f, indent=2)
+
+    _stage(res, "cpu_vs_cuda", compare_cpu_cuda)
+    save()
+    _stage(res, "core", lambda: bench_core(1_000_000, device="cuda"))
+    _stage(res, "knn", lambda: bench_knn(1_000_000, device="cuda"))
+    save()
     res["pipeline"] = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in parse_sizes(args.sizes):
             f = synthetic_file(n, tmp)
-            profile_file(f, device="cuda") if n <= 1_000_000 else None  # warm-up on small
+            if n <= 1_000_000:  # warm-up (kernels, allocator) on the smaller cloud
+                _stage(res, "warm_up", lambda f=f: profile_file(f, device="cuda"))
             runs = [("float32", None), ("bf16", None)]  # None: fapc normals' CUDA default
             if n <= 1_000_000:
                 runs.append(("float32", 1 << 18))
             for precision, batch in runs:
-                r = profile_file(f, device="cuda", batch_size=batch, precision=precision)
-                r["precision"], r["batch_size"] = precision, batch or default_batch_size(cuda)
-                res["pipeline"].append(r)
-                _emit(r)
-    with open(os.path.join(args.out, "gpu-check.json"), "w") as f:
-        json.dump(res, f, indent=2)
-    return 0 if res["cpu_vs_cuda"]["ok"] else 1
+                def one(f: str = f, precision: str = precision, batch: int | None = batch) -> dict:
+                    r = profile_file(f, device="cuda", batch_size=batch, precision=precision)
+                    r["precision"] = precision
+                    r["batch_size"] = batch or default_batch_size(cuda)
+                    return r
+                res["pipeline"].append(_stage(res, "last_pipeline", one))
+                save()
+    res.pop("last_pipeline", None)
+    save()
+    ok = res["cpu_vs_cuda"].get("ok", False)
+    failed = [k for k, v in res.items() if isinstance(v, dict) and "error" in v]
+    failed += [f"pipeline[{i}]" for i, r in enumerate(res["pipeline"]) if "error" in r]
+    return 0 if ok and not failed else 1
 
 
 if __name__ == "__main__":
