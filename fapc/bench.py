@@ -119,7 +119,7 @@ def bench_core(n: int = 1_000_000, *, device: str = "cpu", k: int = 32) -> dict[
             "frame_neighbourhoods": m, "k": k, "frames_s": t_fr, "frames_per_s": m / t_fr}
 
 
-def bench_knn(n: int = 1_000_000, *, device: str = "cpu", k: int = 32, far_k: int = 256,
+def bench_knn(n: int = 1_000_000, *, device: str = "cpu", k: int = 32, far_k: int = 32,
               far_stride: int = 8) -> dict[str, Any]:
     """The exact grid kNN (:mod:`fapc.knn_torch`) on a synthetic surface of ``n`` points:
     ``k`` neighbours of every point (the near scale), and ``far_k`` neighbours in a
