@@ -79,7 +79,7 @@ def normals(
         help="FA model: .safetensors file or run directory [the shipped model].")] = None,
     device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda.")] = "auto",
     batch_size: Annotated[int | None, typer.Option(
-        help="Query points per network batch (default 4096 on a CPU, 65536 on CUDA).")] = None,
+        help="Query points per network batch (default 4096 on a CPU, 262144 on CUDA).")] = None,
     precision: Annotated[str, typer.Option(
         help="Network arithmetic: auto (= float32) or bf16 (faster on a GPU; a few normals "
         "in 1000 move by 0.1-1 deg).")] = "auto",

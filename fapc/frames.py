@@ -19,6 +19,7 @@ stability" section for what the normal model does about it and how much its outp
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -47,12 +48,16 @@ def sign_flips(group: str, *, dtype: torch.dtype = torch.float32,
                device: torch.device | str | None = None) -> torch.Tensor:
     """The sign vectors ``s`` of the frame: ``(8, 3)`` with reflections, else the ``(4, 3)``
     with product +1 (so ``det(V diag(s)) = det V = +1``)."""
-    g = _check_group(group)
-    s = torch.tensor([[a, b, c] for a in (1, -1) for b in (1, -1) for c in (1, -1)],
-                     dtype=dtype, device=device)
+    return _sign_flips(_check_group(group), dtype, torch.device(device or "cpu"))
+
+
+@functools.lru_cache(maxsize=64)
+def _sign_flips(g: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # cached per device: made once, never during a CUDA graph's capture (a host-to-device copy)
+    rows = [[a, b, c] for a in (1, -1) for b in (1, -1) for c in (1, -1)]
     if g in ("SO3", "SE3"):
-        s = s[s.prod(dim=1) > 0]
-    return s
+        rows = [r for r in rows if r[0] * r[1] * r[2] > 0]
+    return torch.tensor(rows, dtype=dtype, device=device)
 
 
 @dataclass

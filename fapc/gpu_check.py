@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         sys.stderr.write("gpu-check: no CUDA device\n")
         return 2
+    from fapc import normals as normals_mod
     from fapc.bench import bench_core, bench_knn
     from fapc.normals import default_batch_size
     from fapc.profile import parse_sizes, profile_file, synthetic_file
@@ -96,14 +97,18 @@ def main(argv: list[str] | None = None) -> int:
             f = synthetic_file(n, tmp)
             if n <= 1_000_000:  # warm-up (kernels, allocator) on the smaller cloud
                 _stage(res, "warm_up", lambda f=f: profile_file(f, device="cuda"))
-            runs = [("float32", None), ("bf16", None)]  # None: fapc normals' CUDA default
+            runs = [("float32", True), ("bf16", True)]  # fapc normals' CUDA defaults
             if n <= 1_000_000:
-                runs.append(("float32", 1 << 18))
-            for precision, batch in runs:
-                def one(f: str = f, precision: str = precision, batch: int | None = batch) -> dict:
-                    r = profile_file(f, device="cuda", batch_size=batch, precision=precision)
-                    r["precision"] = precision
-                    r["batch_size"] = batch or default_batch_size(cuda)
+                runs.append(("float32", False))  # without CUDA graphs, for comparison
+            for precision, graphs in runs:
+                def one(f: str = f, precision: str = precision, graphs: bool = graphs) -> dict:
+                    normals_mod.CUDA_GRAPHS = graphs
+                    try:
+                        r = profile_file(f, device="cuda", precision=precision)
+                    finally:
+                        normals_mod.CUDA_GRAPHS = True
+                    r["precision"], r["cuda_graphs"] = precision, graphs
+                    r["batch_size"] = default_batch_size(cuda)
                     return r
                 res["pipeline"].append(_stage(res, "last_pipeline", one))
                 save()

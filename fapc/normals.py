@@ -67,6 +67,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 PRECISIONS = ("auto", "float32", "bf16")
 CPU_MICRO_BATCH = 512  # queries per network call on a CPU (see fa_normals)
+CUDA_GRAPHS = True  # replay the network from CUDA graphs (fapc.cuda_graphs)
+CUDA_BATCH = 1 << 18  # query points per batch on CUDA (patches, consensus)
 
 
 @functools.lru_cache(maxsize=4)
@@ -91,7 +93,15 @@ def run_network(model: Any, patches: torch.Tensor) -> dict[str, torch.Tensor]:
     """``model(patches)`` of a :class:`~fapc.models.normal_net.NormalNet` for ``patches
     (B, K, 3)``; on a CPU its network runs in micro-batches of :data:`CPU_MICRO_BATCH`
     queries, whose ``(b * F * K, width)`` activations stay in cache (about twice as fast as
-    one pass over thousands of queries)."""
+    one pass over thousands of queries); on CUDA it is replayed from a CUDA graph
+    (:mod:`fapc.cuda_graphs`, one launch per micro-batch instead of thousands) unless
+    :data:`CUDA_GRAPHS` is off or capture fails."""
+    if patches.device.type == "cuda" and CUDA_GRAPHS and not torch.is_grad_enabled():
+        from fapc.cuda_graphs import graphed_forward
+
+        graphed = graphed_forward(model, patches)
+        if graphed is not None:
+            return graphed(patches)
     if patches.device.type != "cpu" or len(patches) <= CPU_MICRO_BATCH:
         return model(patches)
     # micro-batch the network only: the weighted fits (many small ops) gain from long batches
@@ -102,9 +112,9 @@ def run_network(model: Any, patches: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def default_batch_size(device: torch.device) -> int:
-    """Query points per network batch: 4096 keeps a CPU's activations in cache; a GPU needs
-    large batches to be busy (1 M points in 16 batches)."""
-    return 1 << 16 if device.type == "cuda" else 4096
+    """Query points per batch: 4096 keeps a CPU's activations in cache; a GPU needs long
+    batches to be busy (:data:`CUDA_BATCH`; its network runs in graphed micro-batches)."""
+    return CUDA_BATCH if device.type == "cuda" else 4096
 
 
 def fa_normals(
@@ -236,7 +246,7 @@ def estimate_normals(
         model: for ``fa``: a ``.safetensors`` file, a run directory, a loaded ``NormalNet``,
             or None for the shipped default model.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
-        batch_size: query points per network batch (default 4096 on a CPU, 65536 on CUDA).
+        batch_size: query points per network batch (default 4096 on a CPU, 262144 on CUDA).
         query_index: estimate only at these point indices (results are then ``(Q, ...)``).
         knn: neighbour search for ``fa``: ``scipy`` (CPU), ``torch`` (exact grid search on
             ``device``) or ``auto`` (torch on CUDA, scipy on the CPU).

@@ -197,6 +197,7 @@ class NormalNet(nn.Module):
         flags = torch.cat([torch.zeros(c.k_near), torch.ones(c.k_far)])
         self.register_buffer("scale_flags", flags, persistent=False)
         # bf16 autocast on the backbone's widest product (--precision bf16); frames, fits float32+
+        # (cache_enabled=False: a CUDA graph may replay the forward pass, see fapc.cuda_graphs)
         self.use_bf16 = False
         # dtype of the weighted fits (None: the patches'); float64 on a CPU steadies the
         # robust passes against float32 rounding (fapc.normals sets it)
@@ -228,7 +229,7 @@ class NormalNet(nn.Module):
             near_r = patches[:, : c.k_near].pow(2).sum(-1).mean(-1).sqrt().clamp_min(NEAR_R_MIN)
             feats.insert(1, local / near_r[:, None, None, None])
         x = torch.cat(feats, -1).reshape(b * f, k, -1)
-        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16,
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, cache_enabled=False,
                             enabled=self.use_bf16):
             out, glob = self.backbone.from_first(self.backbone.l1(x))
         return self._shape_out(out, glob, patches.dtype, b, f, k)
@@ -270,7 +271,7 @@ class NormalNet(nn.Module):
         aug = torch.cat([patches, torch.stack([self.scale_flags.to(patches.dtype), ones],
                                               -1).expand(b, k, 2)], -1)  # (B, K, 5)
         pre = (aug.unsqueeze(1) @ eff).reshape(b * f, k, -1)  # (B*F, K, w0)
-        with torch.autocast(device_type=patches.device.type, dtype=torch.bfloat16,
+        with torch.autocast(device_type=patches.device.type, dtype=torch.bfloat16, cache_enabled=False,
                             enabled=self.use_bf16):
             out, glob = self.backbone.from_first(pre)
         return self._shape_out(out, glob, patches.dtype, b, f, k)
@@ -390,8 +391,11 @@ def jet_normal(patches: torch.Tensor, weights: torch.Tensor, axes: torch.Tensor,
     cols = torch.stack([torch.ones_like(u), u, v, u * u, u * v, v * v, h], -1)  # (B, K, 7)
     w = weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
     mom = (cols * w.unsqueeze(-1)).transpose(1, 2) @ cols  # (B, 7, 7): normal equations + rhs
-    reg = torch.tensor([1e-6, 1e-6, 1e-6, ridge, ridge / 2, ridge], dtype=mom.dtype,
-                       device=mom.device)
+    # (6,): 1e-6 on the affine terms, ridge on curvature; filled on the device by kernels
+    # (an element assignment would copy from the host, which a CUDA graph cannot capture)
+    reg = mom.new_full((6,), ridge)
+    reg[:3].fill_(1e-6)
+    reg[4:5].fill_(ridge / 2)
     m = mom[:, :6, :6] + torch.diag_embed(reg.expand(mom.shape[0], 6))
     c = spd_solve(m, mom[:, :6, 6])  # (B, 6)
     n_local = torch.stack([torch.ones_like(c[:, 0]), -c[:, 1], -c[:, 2]], -1)  # (h, u, v)
