@@ -111,3 +111,16 @@ def test_cuda_graph_replay_gives_the_eager_outputs():
     assert np.mean(err < 0.1) >= 0.999, np.sort(err)[-5:]
     assert np.median(err) < 1e-3
     torch.testing.assert_close(graphed["curvature"], eager["curvature"], atol=1e-3, rtol=1e-3)
+
+
+def test_grid_knn_is_exact_on_a_lattice():
+    # grid-sampled data (CAD): points exactly on cell faces (margin 0) and many exact ties;
+    # the distances must still be the true k nearest
+    g = np.arange(12, dtype=np.float64)
+    p = np.stack(np.meshgrid(g, g, g[:4], indexing="ij"), -1).reshape(-1, 3) * 0.25
+    for cell in (None, 0.25, 0.5):
+        idx, dist = GridKNN(torch.from_numpy(p), 20, cell=cell).query(torch.from_numpy(p), 20)
+        ref_d, _ = cKDTree(p).query(p, 20)
+        np.testing.assert_allclose(dist.numpy(), ref_d, atol=1e-12)
+        np.testing.assert_allclose(np.linalg.norm(p[idx.numpy()] - p[:, None], axis=2), ref_d,
+                                   atol=1e-12)
