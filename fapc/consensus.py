@@ -32,6 +32,7 @@ reflected or translated cloud gives the same result, moved.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -73,6 +74,20 @@ def spread(points: torch.Tensor, normals: torch.Tensor, index: torch.Tensor,
     return dist.square().mean(-1).sqrt()
 
 
+def noise_level(points: torch.Tensor, spreads: torch.Tensor, *, query: torch.Tensor,
+                candidates: torch.Tensor, support: torch.Tensor,
+                settings: ConsensusSettings = ConsensusSettings()
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``eps (Q,)``, the noise level (a low quantile of the candidates' ``spreads``, at least
+    ``floor x spacing``), and ``spacing (Q,)``, the distance to the query's
+    ``(spacing_rank + 1)``-th nearest point (``support (Q, S)``, nearest first)."""
+    s = settings
+    spacing = (points[support[:, s.spacing_rank]] - points[query]).norm(dim=-1)  # (Q,)
+    k = max(1, round(s.quantile * candidates.shape[1]))
+    eps = spreads[candidates].kthvalue(k, dim=1).values  # (Q,)
+    return torch.maximum(eps, s.floor * spacing), spacing
+
+
 def consensus_normals(
     points: torch.Tensor,
     normals: torch.Tensor,
@@ -82,8 +97,15 @@ def consensus_normals(
     candidates: torch.Tensor,
     support: torch.Tensor,
     settings: ConsensusSettings = ConsensusSettings(),
+    smoother: Any = None,
+    n_near: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Snap (clean data) or smooth (heavy noise) the normals of the ``query`` points.
+
+    With a learned ``smoother`` (:class:`fapc.models.consensus_net.ConsensusNet`), every query
+    whose noise level is at least ``gamma x spacing`` (where snapping does not apply) takes its
+    normal instead of the fixed smoothing; ``n_near``: how many of the candidates (the first)
+    are the near scale's (default: all but half).
 
     Args:
         points: ``(N, 3)``.
@@ -109,10 +131,8 @@ def consensus_normals(
     if support.shape[1] <= s.spacing_rank:
         raise ValueError(f"support needs more than {s.spacing_rank} points per query")
     own = normals[query]  # (Q, 3)
-    spacing = (points[support[:, s.spacing_rank]] - points[query]).norm(dim=-1)  # (Q,)
-    k = max(1, round(s.quantile * candidates.shape[1]))
-    eps = spreads[candidates].kthvalue(k, dim=1).values  # (Q,) noise level
-    eps = torch.maximum(eps, s.floor * spacing)
+    eps, spacing = noise_level(points, spreads, query=query, candidates=candidates,
+                               support=support, settings=s)  # (Q,) each
     out = own.clone()
     # the gates first (cheap); the work only where a step applies (a few % of queries
     # snap on clean data; smoothing is all or nothing per cloud, mostly)
@@ -122,6 +142,18 @@ def consensus_normals(
         out[snap_at], snapped[snap_at] = _snap(points, normals, own[snap_at], eps[snap_at],
                                                query[snap_at], candidates[snap_at],
                                                support[snap_at], s)
+    if smoother is not None:
+        from fapc.models.consensus_net import net_inputs
+
+        t = (eps >= s.gamma * spacing).to(points.dtype)  # (Q,) 1 where the learned step runs
+        at = t.nonzero().squeeze(1)
+        if len(at):
+            inputs = net_inputs(points, normals, spreads, own=own[at], eps=eps[at],
+                                spacing=spacing[at], query=query[at], candidates=candidates[at],
+                                n_near=candidates.shape[1] // 2 if n_near is None else n_near)
+            dtype = next(smoother.parameters()).dtype  # float32 weights: float32 inputs
+            out[at] = smoother(*(x.to(dtype) for x in inputs)).to(out.dtype)
+        return out, snapped, t
     t = ((eps / spacing - s.smooth_from) / (s.smooth_full - s.smooth_from)).clamp(0, 1)
     smooth_at = (t > 0).nonzero().squeeze(1)
     if len(smooth_at):

@@ -78,6 +78,16 @@ def _cached_model(path: str | None, device: str) -> tuple[Any, dict]:
     return load_model(path, device=device)
 
 
+def consensus_model(device: torch.device) -> Any:
+    """The shipped learned consensus step (:mod:`fapc.models.consensus_net`) on ``device``,
+    or None where the package holds none (then the fixed smoothing runs)."""
+    from fapc.models.checkpoint import CONSENSUS_MODEL
+
+    if not CONSENSUS_MODEL.exists():
+        return None
+    return _cached_model(str(CONSENSUS_MODEL), str(device))[0]
+
+
 def configure_precision(net: Any, device: torch.device, precision: str = "auto") -> None:
     """Set the model's arithmetic for ``device``: the network in float32 unless
     ``precision="bf16"`` (autocast on its widest product); the weighted fits in float64 on a
@@ -204,6 +214,7 @@ def consensus_pass(builder: Any, normals: np.ndarray, far: torch.Tensor, run: np
     spreads = torch.zeros(n, dtype=dtype, device=device)
     pos_t = torch.as_tensor(pos, device=device)
     out = np.empty((len(pos), 3), np.float32)
+    smoother = consensus_model(device)
     with torch.inference_mode():
         for s in range(0, len(run), batch_size):
             idx = run_t[s:s + batch_size]
@@ -217,7 +228,8 @@ def consensus_pass(builder: Any, normals: np.ndarray, far: torch.Tensor, run: np
                                    device=device)
             cand = torch.cat([near, far[rows].long()], 1)  # (B, k_near + k_far)
             refined, _, _ = consensus_normals(pts, full, spreads, query=q, candidates=cand,
-                                              support=near)
+                                              support=near, smoother=smoother,
+                                              n_near=near.shape[1])
             out[s:s + len(q)] = refined.float().cpu().numpy()
     return out
 

@@ -19,6 +19,8 @@ from fapc.models.normal_net import NormalNet, NormalNetConfig
 
 FORMAT = "fapc-normalnet-1"
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "default.safetensors"
+# the learned consensus step (fapc.models.consensus_net), used by default after the network
+CONSENSUS_MODEL = DEFAULT_MODEL.with_name("consensus.safetensors")
 
 
 def save_model(path: str | os.PathLike, model: torch.nn.Module, *,
@@ -89,11 +91,17 @@ def load_model(path: str | os.PathLike | None = None, *, device: str | torch.dev
         raise FapcError(f"corrupt model file ({e})".splitlines()[0], path=p) from None
     if meta.get("format") != FORMAT:
         raise FapcError(f"not a fapc model (format {meta.get('format')!r})", path=p)
-    if json.loads(meta["config"]).get("kind") == "shape":
+    kind = json.loads(meta["config"]).get("kind")
+    if kind == "shape":
         from fapc.models.shape_net import ShapeNetConfig, ShapeNormalNet
 
         config: Any = ShapeNetConfig.from_json(meta["config"])
         model: Any = ShapeNormalNet(config)
+    elif kind == "consensus":
+        from fapc.models.consensus_net import ConsensusNet, ConsensusNetConfig
+
+        config = ConsensusNetConfig.from_json(meta["config"])
+        model = ConsensusNet(config)
     else:
         config = NormalNetConfig.from_json(meta["config"])
         model = NormalNet(config)

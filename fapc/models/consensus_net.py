@@ -1,0 +1,119 @@
+"""A learned smoothing step for noisy clouds: each query's normal becomes the top eigenvector
+of a weighted sum of ``n n^T`` over itself and its patch's normals, with the weights given by
+a small network of invariant features.
+
+It replaces the fixed smoothing of :mod:`fapc.consensus` where a cloud is noisy (``eps >=
+gamma x spacing``). The fixed step weighs all 64 patch normals alike; at a crease under noise
+that blends the two faces. Here each candidate's weight reads how well it agrees with the
+query (the angle between their normals, each one's distance to the other's plane, in units of
+the point spacing), how far it lies, its own fit (its spread) and the cloud's noise level.
+
+Features are distances and unsigned cosines, so the weights are invariant and the output
+normal moves with the cloud: rotations, reflections, translations and permutations. The top
+eigenvector is found by power iteration started at the query's own normal (differentiable,
+and sign-free: ``n n^T`` does not see the sign).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+PAIR_FEATURES = 6  # per candidate: see pair_features
+QUERY_FEATURES = 2  # per query: noise level and own spread, over the spacing
+
+
+@dataclass(frozen=True)
+class ConsensusNetConfig:
+    hidden: int = 16
+    layers: int = 2  # hidden layers of the per-candidate weight network
+    iterations: int = 16  # power iterations
+    kind: str = "consensus"
+
+    @classmethod
+    def from_json(cls, text: str) -> ConsensusNetConfig:
+        import json
+
+        d = json.loads(text)
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+    def to_json(self) -> str:
+        import json
+
+        return json.dumps(asdict(self))
+
+
+def _log(x: torch.Tensor) -> torch.Tensor:
+    return torch.log(x.clamp_min(0) + 1e-3)
+
+
+def query_features(eps: torch.Tensor, spread_own: torch.Tensor,
+                   spacing: torch.Tensor) -> torch.Tensor:
+    """``(Q, QUERY_FEATURES)`` from the noise level ``eps (Q,)``, the query's own spread
+    ``(Q,)`` and the point spacing ``(Q,)``."""
+    return torch.stack([_log(eps / spacing), _log(spread_own / spacing)], -1)
+
+
+def pair_features(rel: torch.Tensor, own: torch.Tensor, nj: torch.Tensor, spread_j: torch.Tensor,
+                  spacing: torch.Tensor, far: torch.Tensor) -> torch.Tensor:
+    """``(Q, C, PAIR_FEATURES)`` for candidates at ``rel (Q, C, 3)`` (relative to the query)
+    with normals ``nj (Q, C, 3)`` and spreads ``(Q, C)``; ``own (Q, 3)`` the query's normal,
+    ``spacing (Q,)``, ``far (C,)`` 1 for far-scale slots."""
+    s = spacing[:, None]
+    cos = (nj * own[:, None]).sum(-1).abs()  # (Q, C)
+    off_own = (rel * own[:, None]).sum(-1).abs() / s  # candidate from the query's plane
+    off_cand = (rel * nj).sum(-1).abs() / s  # query from the candidate's plane
+    dist = rel.norm(dim=-1) / s
+    return torch.stack([cos, _log(off_own), _log(off_cand), _log(dist), _log(spread_j / s),
+                        far.to(rel.dtype).expand_as(cos)], -1)
+
+
+def net_inputs(points: torch.Tensor, normals: torch.Tensor, spreads: torch.Tensor, *,
+               own: torch.Tensor, eps: torch.Tensor, spacing: torch.Tensor, query: torch.Tensor,
+               candidates: torch.Tensor, n_near: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The inputs of :meth:`ConsensusNet.forward` (in the points' dtype) for the queries ``query (Q,)``
+    with normals ``own (Q, 3)``, noise level and spacing ``(Q,)`` each, and ``candidates (Q,
+    C)`` (the near scale's ``n_near`` first, then the far scale's) in a cloud of ``points (N,
+    3)`` with ``normals`` and ``spreads`` (:func:`fapc.consensus.spread`) at every point."""
+    rel = points[candidates] - points[query].unsqueeze(1)  # (Q, C, 3)
+    nj = normals[candidates]  # (Q, C, 3)
+    far = (torch.arange(candidates.shape[1], device=candidates.device) >= n_near)  # (C,)
+    pair = pair_features(rel, own, nj, spreads[candidates], spacing, far)
+    qf = query_features(eps, spreads[query], spacing)
+    return own, nj, pair, qf
+
+
+class ConsensusNet(nn.Module):
+    """Weights for the candidates' and the query's own ``n n^T``; see the module docstring."""
+
+    def __init__(self, config: ConsensusNetConfig | None = None) -> None:
+        super().__init__()
+        self.config = c = config or ConsensusNetConfig()
+        layers: list[nn.Module] = [nn.Linear(PAIR_FEATURES + QUERY_FEATURES, c.hidden), nn.ReLU()]
+        for _ in range(c.layers - 1):
+            layers += [nn.Linear(c.hidden, c.hidden), nn.ReLU()]
+        self.pair = nn.Sequential(*layers, nn.Linear(c.hidden, 1))
+        self.own = nn.Sequential(nn.Linear(QUERY_FEATURES, c.hidden), nn.ReLU(),
+                                 nn.Linear(c.hidden, 1))
+
+    def forward(self, own: torch.Tensor, nj: torch.Tensor, pair: torch.Tensor,
+                query: torch.Tensor) -> torch.Tensor:
+        """``own (Q, 3)``, ``nj (Q, C, 3)``, ``pair (Q, C, PAIR_FEATURES)``, ``query (Q,
+        QUERY_FEATURES)`` -> unit normals ``(Q, 3)``."""
+        if own.ndim != 2 or own.shape[1] != 3 or nj.shape[:1] != own.shape[:1] \
+                or pair.shape[:2] != nj.shape[:2] or pair.shape[2] != PAIR_FEATURES:
+            raise ValueError(f"own (Q, 3), nj (Q, C, 3), pair (Q, C, {PAIR_FEATURES}) expected, "
+                             f"got {tuple(own.shape)}, {tuple(nj.shape)}, {tuple(pair.shape)}")
+        x = torch.cat([pair, query[:, None].expand(-1, pair.shape[1], -1)], -1)
+        logits = torch.cat([self.own(query), self.pair(x).squeeze(-1)], 1)  # (Q, 1 + C)
+        w = torch.softmax(logits, 1)
+        vecs = torch.cat([own[:, None], nj], 1)  # (Q, 1 + C, 3)
+        m = (vecs * w[..., None]).transpose(1, 2) @ vecs  # (Q, 3, 3)
+        v = own
+        for _ in range(self.config.iterations):
+            v = (m @ v[..., None]).squeeze(-1)
+            v = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return v

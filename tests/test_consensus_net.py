@@ -1,0 +1,115 @@
+"""The learned consensus step: equivariance (float64, e3nn style), training that learns, the
+shipped weights and where the pipeline uses them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import angle_deg
+from scipy.spatial import cKDTree
+from scipy.stats import special_ortho_group
+
+from fapc.consensus import consensus_normals, spread
+from fapc.models.consensus_net import ConsensusNet, ConsensusNetConfig
+from fapc.patches import PatchSpec
+from fapc.pca import pca_normals
+from fapc.train_consensus import cloud_inputs, evaluate, train_net
+
+
+def _noisy_sphere(n: int, noise: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    d = rng.normal(size=(n, 3))
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    return d + rng.normal(scale=noise, size=(n, 3)), d  # points, true normals
+
+
+def _consensus(points: np.ndarray, normals: np.ndarray, query: np.ndarray, net: ConsensusNet
+               ) -> np.ndarray:
+    p, n = torch.from_numpy(points), torch.from_numpy(normals)
+    nb = torch.from_numpy(cKDTree(points).query(points, 48)[1])  # (N, 48), the point first
+    sp = spread(p, n, torch.arange(len(p)), nb[:, :12])
+    q = torch.from_numpy(query)
+    with torch.no_grad():
+        out, _, t = consensus_normals(p, n, sp, query=q, candidates=nb[q], support=nb[q, :24],
+                                      smoother=net, n_near=24)
+    assert t.mean() > 0.9  # noisy enough that the learned step runs at most queries
+    return out.numpy()
+
+
+def test_learned_consensus_is_equivariant_and_permutation_invariant():
+    torch.manual_seed(0)
+    net = ConsensusNet(ConsensusNetConfig(hidden=8)).double().eval()
+    pts, _ = _noisy_sphere(1500, 0.03, seed=1)
+    nrm = pca_normals(pts, k=12)[0].astype(np.float64)
+    q = np.arange(0, 1500, 7)
+    ref = _consensus(pts, nrm, q, net)
+    rng = np.random.default_rng(2)
+    for det in (1, -1):  # rotations, and rotations with a reflection
+        r = special_ortho_group.rvs(3, random_state=rng) * np.array([1, 1, det])
+        t = rng.normal(size=3) * 10
+        perm = rng.permutation(len(pts))
+        inv = np.argsort(perm)
+        got = _consensus(pts[perm] @ r.T + t, nrm[perm] @ r.T, inv[q], net)
+        err = angle_deg(ref @ r.T, got)
+        assert err.max() < 1e-5, err.max()  # arccos near 1 resolves ~1e-6 deg in float64
+
+
+def test_a_plain_weighting_of_raw_coordinates_is_not_equivariant():
+    # the same normal average, weighted by an MLP of raw relative coordinates: moves with the
+    # pose, so the features must be invariant for the step to be
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double()
+    pts, _ = _noisy_sphere(800, 0.03, seed=3)
+    nrm = torch.from_numpy(pca_normals(pts, k=12)[0].astype(np.float64))
+    nb = torch.from_numpy(cKDTree(pts).query(pts, 24)[1])
+
+    def plain(points: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
+        rel = points[nb] - points[:, None]
+        w = torch.softmax(mlp(rel).squeeze(-1), 1)  # (N, 24)
+        m = (normals[nb] * w[..., None]).transpose(1, 2) @ normals[nb]
+        return torch.linalg.eigh(m)[1][..., 2]
+
+    r = torch.from_numpy(special_ortho_group.rvs(3, random_state=4))
+    p = torch.from_numpy(pts)
+    with torch.no_grad():
+        err = angle_deg((plain(p, nrm) @ r.T).numpy(), plain(p @ r.T, nrm @ r.T).numpy())
+    assert np.median(err) > 0.01
+
+
+def test_training_learns_to_beat_its_input():
+    spec = PatchSpec(k_near=16, k_far=16, far_stride=4, far_smooth=1)
+
+    def cloud(seed: int) -> dict:
+        pts, gt = _noisy_sphere(6000, 0.02, seed=seed)
+        nrm = pca_normals(pts, k=10)[0].astype(np.float64)  # noisy "network" normals
+        q = np.arange(0, 6000, 3)
+        c = cloud_inputs(pts, nrm, gt, q, spec=spec)
+        c["level"] = "sphere"
+        return c
+
+    train, val = [cloud(10), cloud(11)], [cloud(12)]
+    assert float(val[0]["gate"].float().mean()) > 0.9
+    own = float(np.sqrt(np.mean(angle_deg(val[0]["own"].numpy(), val[0]["gt"].numpy()) ** 2)))
+    net = train_net(train, config=ConsensusNetConfig(hidden=8), epochs=3, lr=1e-2, batch=512,
+                    seed=0)
+    learned = evaluate(net, val)["sphere"][1]
+    assert learned < 0.8 * own, (learned, own)
+
+
+def test_shipped_consensus_model_loads_and_runs_only_on_noisy_data(monkeypatch):
+    import fapc.normals as normals_mod
+    from fapc.models.checkpoint import CONSENSUS_MODEL, load_model
+    from fapc.normals import estimate_normals
+
+    if not CONSENSUS_MODEL.exists():
+        pytest.skip("no shipped consensus model")
+    net, info = load_model(CONSENSUS_MODEL)
+    assert isinstance(net, ConsensusNet) and info["fapc_version"]
+    noisy, _ = _noisy_sphere(4000, 0.02, seed=5)
+    clean, _ = _noisy_sphere(4000, 0.0, seed=6)
+    learned = [estimate_normals(c, device="cpu").normals for c in (noisy, clean)]
+    monkeypatch.setattr(normals_mod, "consensus_model", lambda device: None)
+    fixed = [estimate_normals(c, device="cpu").normals for c in (noisy, clean)]
+    assert angle_deg(learned[0], fixed[0]).max() > 0.1  # the learned step ran on noisy data
+    np.testing.assert_array_equal(learned[1], fixed[1])  # clean data: its gate stays shut
