@@ -99,13 +99,16 @@ def consensus_normals(
     settings: ConsensusSettings = ConsensusSettings(),
     smoother: Any = None,
     n_near: int | None = None,
+    smoother_arrays: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Snap (clean data) or smooth (heavy noise) the normals of the ``query`` points.
 
     With a learned ``smoother`` (:class:`fapc.models.consensus_net.ConsensusNet`), every query
     whose noise level is at least ``gamma x spacing`` (where snapping does not apply) takes its
     normal instead of the fixed smoothing; ``n_near``: how many of the candidates (the first)
-    are the near scale's (default: all but half).
+    are the near scale's (default: all but half); ``smoother_arrays``: ``points``,
+    ``normals`` and ``spreads`` already in the smoother's dtype (its features are gathered from
+    them; a caller that runs many batches makes them once).
 
     Args:
         points: ``(N, 3)``.
@@ -148,11 +151,12 @@ def consensus_normals(
         t = (eps >= s.gamma * spacing).to(points.dtype)  # (Q,) 1 where the learned step runs
         at = t.nonzero().squeeze(1)
         if len(at):
-            inputs = net_inputs(points, normals, spreads, own=own[at], eps=eps[at],
+            src = smoother_arrays or (points, normals, spreads)
+            inputs = net_inputs(*src, own=own[at], eps=eps[at],
                                 spacing=spacing[at], query=query[at], candidates=candidates[at],
-                                n_near=candidates.shape[1] // 2 if n_near is None else n_near)
-            dtype = next(smoother.parameters()).dtype  # float32 weights: float32 inputs
-            out[at] = smoother(*(x.to(dtype) for x in inputs)).to(out.dtype)
+                                n_near=candidates.shape[1] // 2 if n_near is None else n_near,
+                                dtype=next(smoother.parameters()).dtype)  # the weights' dtype
+            out[at] = smoother(*inputs).to(out.dtype)
         return out, snapped, t
     t = ((eps / spacing - s.smooth_from) / (s.smooth_full - s.smooth_from)).clamp(0, 1)
     smooth_at = (t > 0).nonzero().squeeze(1)

@@ -202,8 +202,9 @@ def consensus_pass(builder: Any, normals: np.ndarray, far: torch.Tensor, run: np
     """Neighbour consensus (:func:`fapc.consensus.consensus_normals`) of the queries
     ``run[pos]`` (``pos (Q,)``), given the network's ``normals (M, 3)`` and far neighbours
     ``far (M, k_far)`` at the points ``run (M,)`` of a cloud of ``n``; a query's candidates
-    are its patch's points (near, then far), its support the near scale. Returns ``(Q, 3)``
-    float32."""
+    are its patch's points (near, then far), its support the near scale; on noisy data the
+    shipped learned smoothing (:func:`consensus_model`) runs where it is present. Returns
+    ``(Q, 3)`` float32."""
     from fapc.consensus import ConsensusSettings, consensus_normals, spread
 
     dtype = torch.float64 if device.type == "cpu" else torch.float32
@@ -221,6 +222,9 @@ def consensus_pass(builder: Any, normals: np.ndarray, far: torch.Tensor, run: np
             near = torch.as_tensor(builder.near(builder.as_index(run[s:s + batch_size])),
                                    device=device)
             spreads[idx] = spread(pts, full, idx, near[:, :ConsensusSettings.spread_k])
+        arrays = None  # the learned step's features come from float32 copies (half the cost)
+        if smoother is not None:
+            arrays = (pts.float(), full.float(), spreads.float())
         for s in range(0, len(pos), batch_size):
             rows = pos_t[s:s + batch_size]  # (B,) rows of run
             q = run_t[rows]
@@ -229,7 +233,7 @@ def consensus_pass(builder: Any, normals: np.ndarray, far: torch.Tensor, run: np
             cand = torch.cat([near, far[rows].long()], 1)  # (B, k_near + k_far)
             refined, _, _ = consensus_normals(pts, full, spreads, query=q, candidates=cand,
                                               support=near, smoother=smoother,
-                                              n_near=near.shape[1])
+                                              n_near=near.shape[1], smoother_arrays=arrays)
             out[s:s + len(q)] = refined.float().cpu().numpy()
     return out
 

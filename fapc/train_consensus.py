@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="the network's training config (its data and validation split)")
     p.add_argument("--out", required=True)
     p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--hidden", type=int, default=16)
+    p.add_argument("--hidden", type=int, default=24)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--batch", type=int, default=2048)

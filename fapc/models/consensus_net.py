@@ -27,7 +27,7 @@ QUERY_FEATURES = 2  # per query: noise level and own spread, over the spacing
 
 @dataclass(frozen=True)
 class ConsensusNetConfig:
-    hidden: int = 16
+    hidden: int = 24
     layers: int = 2  # hidden layers of the per-candidate weight network
     iterations: int = 16  # power iterations
     kind: str = "consensus"
@@ -72,17 +72,21 @@ def pair_features(rel: torch.Tensor, own: torch.Tensor, nj: torch.Tensor, spread
 
 def net_inputs(points: torch.Tensor, normals: torch.Tensor, spreads: torch.Tensor, *,
                own: torch.Tensor, eps: torch.Tensor, spacing: torch.Tensor, query: torch.Tensor,
-               candidates: torch.Tensor, n_near: int
+               candidates: torch.Tensor, n_near: int, dtype: torch.dtype | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The inputs of :meth:`ConsensusNet.forward` (in the points' dtype) for the queries ``query (Q,)``
+    """The inputs of :meth:`ConsensusNet.forward` (in ``dtype``, default the points') for the
+    queries ``query (Q,)``
     with normals ``own (Q, 3)``, noise level and spacing ``(Q,)`` each, and ``candidates (Q,
     C)`` (the near scale's ``n_near`` first, then the far scale's) in a cloud of ``points (N,
     3)`` with ``normals`` and ``spreads`` (:func:`fapc.consensus.spread`) at every point."""
-    rel = points[candidates] - points[query].unsqueeze(1)  # (Q, C, 3)
-    nj = normals[candidates]  # (Q, C, 3)
+    dtype = dtype or points.dtype
+    # differences in the points' precision (georeferenced clouds), then the features in dtype
+    rel = (points[candidates] - points[query].unsqueeze(1)).to(dtype)  # (Q, C, 3)
+    nj = normals[candidates].to(dtype)  # (Q, C, 3)
+    own, spacing = own.to(dtype), spacing.to(dtype)
     far = (torch.arange(candidates.shape[1], device=candidates.device) >= n_near)  # (C,)
-    pair = pair_features(rel, own, nj, spreads[candidates], spacing, far)
-    qf = query_features(eps, spreads[query], spacing)
+    pair = pair_features(rel, own, nj, spreads[candidates].to(dtype), spacing, far)
+    qf = query_features(eps.to(dtype), spreads[query].to(dtype), spacing)
     return own, nj, pair, qf
 
 
@@ -107,8 +111,11 @@ class ConsensusNet(nn.Module):
                 or pair.shape[:2] != nj.shape[:2] or pair.shape[2] != PAIR_FEATURES:
             raise ValueError(f"own (Q, 3), nj (Q, C, 3), pair (Q, C, {PAIR_FEATURES}) expected, "
                              f"got {tuple(own.shape)}, {tuple(nj.shape)}, {tuple(pair.shape)}")
-        x = torch.cat([pair, query[:, None].expand(-1, pair.shape[1], -1)], -1)
-        logits = torch.cat([self.own(query), self.pair(x).squeeze(-1)], 1)  # (Q, 1 + C)
+        # the first layer on [pair, query] split in two: the query's part once per query
+        first = self.pair[0]
+        h = pair @ first.weight[:, :PAIR_FEATURES].T  # (Q, C, hidden)
+        h = h + (query @ first.weight[:, PAIR_FEATURES:].T + first.bias).unsqueeze(1)
+        logits = torch.cat([self.own(query), self.pair[1:](h).squeeze(-1)], 1)  # (Q, 1 + C)
         w = torch.softmax(logits, 1)
         vecs = torch.cat([own[:, None], nj], 1)  # (Q, 1 + C, 3)
         m = (vecs * w[..., None]).transpose(1, 2) @ vecs  # (Q, 3, 3)
