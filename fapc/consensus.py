@@ -88,6 +88,13 @@ def noise_level(points: torch.Tensor, spreads: torch.Tensor, *, query: torch.Ten
     return torch.maximum(eps, s.floor * spacing), spacing
 
 
+def learned_gate(eps: torch.Tensor, spacing: torch.Tensor,
+                 settings: ConsensusSettings = ConsensusSettings()) -> torch.Tensor:
+    """``(Q,)`` bool: where the learned smoothing runs (noisy data: ``eps >= gamma x spacing``;
+    never where the spacing is 0, as among duplicate points, whose features are undefined)."""
+    return (eps >= settings.gamma * spacing) & (spacing > 0)
+
+
 def consensus_normals(
     points: torch.Tensor,
     normals: torch.Tensor,
@@ -148,7 +155,7 @@ def consensus_normals(
     if smoother is not None:
         from fapc.models.consensus_net import net_inputs
 
-        t = (eps >= s.gamma * spacing).to(points.dtype)  # (Q,) 1 where the learned step runs
+        t = learned_gate(eps, spacing, s).to(points.dtype)  # (Q,) 1 where the learned step runs
         at = t.nonzero().squeeze(1)
         if len(at):
             src = smoother_arrays or (points, normals, spreads)

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fapc.consensus import ConsensusSettings, consensus_normals, noise_level, spread
+from fapc.consensus import ConsensusSettings, consensus_normals, learned_gate, noise_level, spread
 from fapc.models.consensus_net import ConsensusNet, ConsensusNetConfig, net_inputs
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def cloud_inputs(points: np.ndarray, normals: np.ndarray, gt: np.ndarray, query:
     own, _, _ = consensus_normals(p, n, spreads, query=q, candidates=cand, support=support,
                                   settings=ConsensusSettings(smooth_from=1e9, smooth_full=2e9))
     eps, spacing = noise_level(p, spreads, query=q, candidates=cand, support=support)
-    gate = eps >= ConsensusSettings.gamma * spacing
+    gate = learned_gate(eps, spacing)
     inputs = net_inputs(p, n, spreads, own=own[gate], eps=eps[gate], spacing=spacing[gate],
                         query=q[gate], candidates=cand[gate], n_near=spec.k_near)
     return {"inputs": tuple(x.float() for x in inputs), "gate": gate, "fixed": fixed.float(),
