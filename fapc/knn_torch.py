@@ -21,7 +21,6 @@ import torch
 ROW_BUDGET = 1 << 26  # entries of the (queries, candidates) block of one ring search
 TABLE_CELLS = 1 << 25  # grids up to this many cells look runs up in a dense table
 CELL_FACTOR = 1.2  # cell size over the median k-th neighbour distance (fastest on an H200)
-SORT_QUERIES = True  # answer queries in the grid's cell order
 
 
 def _cell_size(points: torch.Tensor, k: int, *, probes: int = 256, seed: int = 0) -> float:
@@ -45,7 +44,7 @@ class GridKNN:
     nearest first, and their distances."""
 
     def __init__(self, points: torch.Tensor, k_hint: int = 32, *, cell: float | None = None,
-                 max_ring: int = 2, level: int = 0, table: bool = True) -> None:
+                 max_ring: int = 2, level: int = 0) -> None:
         if points.ndim != 2 or points.shape[1] != 3:
             raise ValueError(f"points must have shape (N, 3), got {tuple(points.shape)}")
         self.points = points
@@ -60,7 +59,7 @@ class GridKNN:
         self.keys, self.order = torch.sort(keys)
         self.table: torch.Tensor | None = None  # (cells + 1,) int32: first sorted row per key
         total = int(self.dims.prod())
-        if table and total <= TABLE_CELLS:
+        if total <= TABLE_CELLS:
             self.table = torch.zeros(total + 1, dtype=torch.int32, device=points.device)
             self.table[1:] = torch.cumsum(torch.bincount(self.keys, minlength=total), 0)
 
@@ -92,9 +91,9 @@ class GridKNN:
         dist = torch.empty(q.shape[0], k, dtype=q.dtype, device=q.device)
         # queries in cell order: neighbouring queries read the same cells and candidates
         # (coherent memory access), and each chunk is a compact region
-        perm = torch.argsort(self._key(self._cells(q))) if SORT_QUERIES else None
+        perm = torch.argsort(self._key(self._cells(q)))  # (Q,)
         for s in range(0, q.shape[0], chunk):
-            rows = perm[s:s + chunk] if perm is not None else slice(s, s + chunk)
+            rows = perm[s:s + chunk]
             idx[rows], dist[rows] = self._query_chunk(q[rows], k)
         return idx, dist
 
@@ -117,7 +116,7 @@ class GridKNN:
         if todo.numel() and self.level < 6:  # sparse region: a 4x coarser grid
             if self._coarser is None:
                 self._coarser = GridKNN(self.points, cell=self.h * 4, max_ring=self.max_ring,
-                                        level=self.level + 1, table=self.table is not None)
+                                        level=self.level + 1)
             out_i[todo], out_d[todo] = self._coarser._query_chunk(q[todo], k)
         elif todo.numel():  # still unresolved: brute force in slices, exact
             for s in range(0, todo.numel(), 256):
@@ -162,7 +161,7 @@ class GridKNN:
         slot = torch.arange(total, device=dev) - base[qid]  # place within the query's row
         rows = torch.full((q.shape[0], width), float("inf"), dtype=d.dtype, device=dev)
         rows[qid, slot] = d
-        dk, j = rows.topk(k, dim=1, largest=False, sorted=True)
+        dk, j = rows.topk(k, dim=1, largest=False, sorted=True)  # (M, k)
         sel = (base.unsqueeze(1) + j).clamp(max=total - 1)  # j < per_query where it counts
         # certain when no point outside the searched cube can be nearer than the k-th
         ok = (per_query >= k) & (dk[:, -1] <= (r + margin) * self.h)
