@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from fapc.eigen import sym3_eigh
+from fapc.gather import rows
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ def spread(points: torch.Tensor, normals: torch.Tensor, index: torch.Tensor,
     Returns:
         ``(M,)``.
     """
-    rel = points[near] - points[index].unsqueeze(1)  # (M, S, 3)
+    rel = rows(points, near) - points[index].unsqueeze(1)  # (M, S, 3)
     dist = (rel * normals[index].unsqueeze(1)).sum(-1)  # (M, S)
     return dist.square().mean(-1).sqrt()
 
@@ -84,7 +85,7 @@ def noise_level(points: torch.Tensor, spreads: torch.Tensor, *, query: torch.Ten
     s = settings
     spacing = (points[support[:, s.spacing_rank]] - points[query]).norm(dim=-1)  # (Q,)
     k = max(1, round(s.quantile * candidates.shape[1]))
-    eps = spreads[candidates].kthvalue(k, dim=1).values  # (Q,)
+    eps = rows(spreads, candidates).kthvalue(k, dim=1).values  # (Q,)
     return torch.maximum(eps, s.floor * spacing), spacing
 
 
@@ -177,8 +178,8 @@ def _snap(points: torch.Tensor, normals: torch.Tensor, own: torch.Tensor, eps: t
           s: ConsensusSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """``(M, 3)`` normals, ``(M,)`` snapped: the candidate plane through the query that
     the most support points lie on, where it beats the query's own by the margin."""
-    rel = points[support] - points[query].unsqueeze(1)  # (M, S, 3)
-    cand = torch.cat([own.unsqueeze(1), normals[candidates]], 1)  # (M, 1 + C, 3)
+    rel = rows(points, support) - points[query].unsqueeze(1)  # (M, S, 3)
+    cand = torch.cat([own.unsqueeze(1), rows(normals, candidates)], 1)  # (M, 1 + C, 3)
     r = rel @ cand.transpose(1, 2)  # (M, S, 1 + C): distances to each candidate plane
     width = (s.tau * eps).square().clamp_min(torch.finfo(r.dtype).tiny)[:, None, None]
     score = torch.exp(-0.5 * r.square() / width).sum(1)  # (M, 1 + C)
@@ -191,7 +192,7 @@ def _snap(points: torch.Tensor, normals: torch.Tensor, own: torch.Tensor, eps: t
 def _smooth(normals: torch.Tensor, own: torch.Tensor, t: torch.Tensor,
             candidates: torch.Tensor) -> torch.Tensor:
     """``(M, 3)``: top eigenvector of ``(1 - t) n n^T + t mean_j n_j n_j^T``."""
-    nj = normals[candidates]  # (M, C, 3)
+    nj = rows(normals, candidates)  # (M, C, 3)
     mean = nj.transpose(1, 2) @ nj / candidates.shape[1]  # (M, 3, 3)
     w = t[:, None, None]
     m = (1 - w) * own.unsqueeze(2) * own.unsqueeze(1) + w * mean

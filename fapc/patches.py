@@ -24,6 +24,7 @@ import torch
 from scipy.spatial import cKDTree
 
 from fapc.eigen import sym3_eigh
+from fapc.gather import rows
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ def smoothed_positions(points: np.ndarray, near: np.ndarray) -> np.ndarray:
     pts, nb = torch.from_numpy(points), torch.from_numpy(near)
     out = torch.empty_like(pts)
     for s in range(0, len(points), 1 << 16):
-        out[s:s + (1 << 16)] = pts[nb[s:s + (1 << 16)]].mean(1)
+        out[s:s + (1 << 16)] = rows(pts, nb[s:s + (1 << 16)]).mean(1)
     return out.numpy()
 
 
@@ -215,9 +216,9 @@ class PatchBuilder:
         nb_t = torch.from_numpy(nb)
         q = pts[torch.from_numpy(np.asarray(query_index, np.int64))].unsqueeze(1)  # (Q, 1, 3)
         if self.smooth is not None:  # far scale: smoothed positions
-            pos = torch.cat([pts[nb_t[:, :k]], torch.from_numpy(self.smooth)[nb_t[:, k:]]], 1)
+            pos = torch.cat([rows(pts, nb_t[:, :k]), rows(torch.from_numpy(self.smooth), nb_t[:, k:])], 1)
         else:
-            pos = pts[nb_t]
+            pos = rows(pts, nb_t)
         local = pos - q  # (Q, K, 3) float64
         if self.wide_tree is not None:
             _, cells = self.wide_tree.query(q.squeeze(1).numpy(), k=self.spec.k_wide, workers=-1)
@@ -258,7 +259,7 @@ class TorchPatchBuilder:
             for _ in range(int(spec.far_smooth)):
                 prev, self.smooth = self.smooth, torch.empty_like(self.points)
                 for s in range(0, n, 1 << 18):
-                    self.smooth[s:s + (1 << 18)] = prev[self.near_all[s:s + (1 << 18)]].mean(1)
+                    self.smooth[s:s + (1 << 18)] = rows(prev, self.near_all[s:s + (1 << 18)]).mean(1)
         self.wide_grid: GridKNN | None = None
         if spec.wide_stride:
             wide = torch.as_tensor(wide_subsample(n, spec, seed), device=device)
@@ -291,9 +292,9 @@ class TorchPatchBuilder:
         nb = self.neighbours(query_index)
         near, far = nb[:, :self.spec.k_near], nb[:, self.spec.k_near:]
         if self.smooth is not None:
-            pos = torch.cat([self.points[near], self.smooth[far]], 1)
+            pos = torch.cat([rows(self.points, near), rows(self.smooth, far)], 1)
         else:
-            pos = self.points[torch.cat([near, far], 1)]
+            pos = rows(self.points, torch.cat([near, far], 1))
         local = pos - q.unsqueeze(1)  # (Q, K, 3)
         if self.wide_grid is not None:
             cells, _ = self.wide_grid.query(q, self.spec.k_wide)

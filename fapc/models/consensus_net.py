@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from fapc.gather import rows
+
 PAIR_FEATURES = 6  # per candidate: see pair_features
 QUERY_FEATURES = 2  # per query: noise level and own spread, over the spacing
 
@@ -81,11 +83,11 @@ def net_inputs(points: torch.Tensor, normals: torch.Tensor, spreads: torch.Tenso
     3)`` with ``normals`` and ``spreads`` (:func:`fapc.consensus.spread`) at every point."""
     dtype = dtype or points.dtype
     # differences in the points' precision (georeferenced clouds), then the features in dtype
-    rel = (points[candidates] - points[query].unsqueeze(1)).to(dtype)  # (Q, C, 3)
-    nj = normals[candidates].to(dtype)  # (Q, C, 3)
+    rel = (rows(points, candidates) - points[query].unsqueeze(1)).to(dtype)  # (Q, C, 3)
+    nj = rows(normals, candidates).to(dtype)  # (Q, C, 3)
     own, spacing = own.to(dtype), spacing.to(dtype)
     far = (torch.arange(candidates.shape[1], device=candidates.device) >= n_near)  # (C,)
-    pair = pair_features(rel, own, nj, spreads[candidates].to(dtype), spacing, far)
+    pair = pair_features(rel, own, nj, rows(spreads, candidates).to(dtype), spacing, far)
     qf = query_features(eps.to(dtype), spreads[query].to(dtype), spacing)
     return own, nj, pair, qf
 
