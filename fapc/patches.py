@@ -223,8 +223,8 @@ class PatchBuilder:
         if self.wide_tree is not None:
             _, cells = self.wide_tree.query(q.squeeze(1).numpy(), k=self.spec.k_wide, workers=-1)
             cells = torch.from_numpy(np.asarray(cells, np.int64).reshape(len(nb), -1))
-            offsets = torch.from_numpy(self.wide_centres)[cells] - q  # (Q, C, 3)
-            local = torch.cat([local, wide_summary(self.wide_moments[cells], offsets)], 1)
+            offsets = rows(torch.from_numpy(self.wide_centres), cells) - q  # (Q, C, 3)
+            local = torch.cat([local, wide_summary(rows(self.wide_moments, cells), offsets)], 1)
         scale = patch_scale(local, self.spec)  # (Q,)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         patches = (local / scale[:, None, None]).to(torch.float32)
@@ -298,8 +298,8 @@ class TorchPatchBuilder:
         local = pos - q.unsqueeze(1)  # (Q, K, 3)
         if self.wide_grid is not None:
             cells, _ = self.wide_grid.query(q, self.spec.k_wide)
-            offsets = self.wide_centres[cells] - q.unsqueeze(1)  # (Q, C, 3)
-            local = torch.cat([local, wide_summary(self.wide_moments[cells], offsets)], 1)
+            offsets = rows(self.wide_centres, cells) - q.unsqueeze(1)  # (Q, C, 3)
+            local = torch.cat([local, wide_summary(rows(self.wide_moments, cells), offsets)], 1)
         scale = patch_scale(local, self.spec)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         return local / scale[:, None, None], scale, nb
