@@ -17,7 +17,10 @@ Gaussian of the distance, in units of ``eps``), and take the best if it beats th
 normal by a margin. Only where the query's own spread is many times ``eps``: a blended normal
 fits its neighbourhood badly, while on a smoothly curved or scanned surface every point bends
 away from its tangent plane alike, and a neighbour's tilted plane that happens to fit a scan
-line better must not win there.
+line better must not win there. A normal whose candidates all straddle the edge too (near a
+corner, on a thin or small feature) has nothing to snap to at first; so the snapping runs
+again (``snap_passes`` in all), each pass with the normals and spreads the last one left:
+once its neighbours have snapped, it can.
 
 **Smoothing** (``eps`` above ``smooth_from x spacing``: heavy noise). Each patch's fit
 carries its own share of the noise; the candidates' normals, spread over about four times
@@ -55,6 +58,7 @@ class ConsensusSettings:
     rho: float = 7.0  # snap only where the query's own spread > rho x eps (a blend, not a bend)
     smooth_from: float = 0.25  # smoothing starts where eps = smooth_from x spacing
     smooth_full: float = 0.35  # ... and is full from eps = smooth_full x spacing
+    snap_passes: int = 3  # snapping passes; each after the first sees the last one's normals
 
 
 def spread(points: torch.Tensor, normals: torch.Tensor, index: torch.Tensor,
@@ -108,6 +112,7 @@ def consensus_normals(
     smoother: Any = None,
     n_near: int | None = None,
     smoother_arrays: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    smooth: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Snap (clean data) or smooth (heavy noise) the normals of the ``query`` points.
 
@@ -116,7 +121,8 @@ def consensus_normals(
     normal instead of the fixed smoothing; ``n_near``: how many of the candidates (the first)
     are the near scale's (default: all but half); ``smoother_arrays``: ``points``,
     ``normals`` and ``spreads`` already in the smoother's dtype (its features are gathered from
-    them; a caller that runs many batches makes them once).
+    them; a caller that runs many batches makes them once). ``smooth=False``: snap only (the
+    passes after the first, see :attr:`ConsensusSettings.snap_passes`).
 
     Args:
         points: ``(N, 3)``.
@@ -153,6 +159,8 @@ def consensus_normals(
         out[snap_at], snapped[snap_at] = _snap(points, normals, own[snap_at], eps[snap_at],
                                                query[snap_at], candidates[snap_at],
                                                support[snap_at], s)
+    if not smooth:
+        return out, snapped, torch.zeros_like(eps)
     if smoother is not None:
         from fapc.models.consensus_net import net_inputs
 

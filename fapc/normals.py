@@ -144,6 +144,7 @@ def fa_normals(
     ``consensus``: snap normals that straddle a crease onto one face (clean data), smooth
     them with their patch's under heavy noise (:mod:`fapc.consensus`); with ``query_index``
     this runs the network on the queries' patch points too."""
+    from fapc.consensus import ConsensusSettings
     from fapc.patches import PatchBuilder, TorchPatchBuilder
 
     if knn == "auto":
@@ -158,17 +159,24 @@ def fa_normals(
     on_device = knn == "torch"
     builder: Any = (TorchPatchBuilder(points, model.config.patch, device=device, seed=seed)
                     if on_device else PatchBuilder(points, model.config.patch, seed=seed))
-    run = qi  # points the network sees: the queries, and with consensus their candidates
-    if consensus and query_index is not None:
-        cand = [torch.as_tensor(builder.neighbours(builder.as_index(qi[s:s + batch_size])))
-                .cpu().numpy() for s in range(0, len(qi), batch_size)]
-        run = np.unique(np.concatenate([qi, *[c.ravel() for c in cand]]))
+    passes = max(1, ConsensusSettings.snap_passes) if consensus else 0
+    # the points each consensus pass reads, from the last pass's (the queries) back to the
+    # points the network sees: each pass reads its queries' candidates from the pass before
+    sets = [qi] * (passes + 1)
+    if passes and query_index is not None:
+        for h in range(1, passes + 1):
+            prev = sets[h - 1]
+            cand = [torch.as_tensor(builder.neighbours(builder.as_index(prev[s:s + batch_size])))
+                    .cpu().numpy() for s in range(0, len(prev), batch_size)]
+            sets[h] = np.unique(np.concatenate([prev, *[c.ravel() for c in cand]]))
+    run = sets[-1]  # points the network sees
     out, far = _network_pass(builder, model, run, device=device, batch_size=batch_size,
                              keep_far=consensus)
     if consensus:
-        pos = np.searchsorted(run, qi)  # the queries' rows among the points run
-        out["normal"] = consensus_pass(builder, out["normal"], far, run, pos, n=n,
+        rows = [np.searchsorted(run, sets[h]) for h in range(passes - 1, -1, -1)]
+        out["normal"] = consensus_pass(builder, out["normal"], far, run, rows, n=n,
                                        device=device, batch_size=batch_size)  # (Q, 3)
+        pos = rows[-1]  # the queries' rows among the points run
         out["confidence"], out["curvature"] = out["confidence"][pos], out["curvature"][pos]
     return out["normal"], out["confidence"], out["curvature"]
 
@@ -197,14 +205,17 @@ def _network_pass(builder: Any, model: Any, run: np.ndarray, *,
 
 
 def consensus_pass(builder: Any, normals: np.ndarray, far: torch.Tensor, run: np.ndarray,
-                   pos: np.ndarray, *, n: int, device: torch.device,
+                   rows: list[np.ndarray], *, n: int, device: torch.device,
                    batch_size: int) -> np.ndarray:
-    """Neighbour consensus (:func:`fapc.consensus.consensus_normals`) of the queries
-    ``run[pos]`` (``pos (Q,)``), given the network's ``normals (M, 3)`` and far neighbours
-    ``far (M, k_far)`` at the points ``run (M,)`` of a cloud of ``n``; a query's candidates
-    are its patch's points (near, then far), its support the near scale; on noisy data the
+    """Neighbour consensus (:func:`fapc.consensus.consensus_normals`), given the network's
+    ``normals (M, 3)`` and far neighbours ``far (M, k_far)`` at the points ``run (M,)`` of a
+    cloud of ``n``. ``rows``: for each pass, the rows of ``run`` it refines (the first pass
+    snaps or smooths, the later ones snap again with the normals of the pass before, see
+    :attr:`fapc.consensus.ConsensusSettings.snap_passes`; each pass's candidates must be among
+    the rows of the pass before, the first's among all of ``run``). A query's candidates are
+    its patch's points (near, then far), its support the near scale; on noisy data the
     shipped learned smoothing (:func:`consensus_model`) runs where it is present. Returns
-    ``(Q, 3)`` float32."""
+    the normals ``(Q, 3)`` float32 at the last pass's rows."""
     from fapc.consensus import ConsensusSettings, consensus_normals, spread
 
     dtype = torch.float64 if device.type == "cpu" else torch.float32
@@ -213,29 +224,40 @@ def consensus_pass(builder: Any, normals: np.ndarray, far: torch.Tensor, run: np
     run_t = torch.as_tensor(run, device=device)
     full[run_t] = torch.as_tensor(normals, device=device).to(dtype)
     spreads = torch.zeros(n, dtype=dtype, device=device)
-    pos_t = torch.as_tensor(pos, device=device)
-    out = np.empty((len(pos), 3), np.float32)
     smoother = consensus_model(device)
+
+    def near_of(idx: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(builder.near(builder.as_index(idx)), device=device)
+
+    def update_spreads(at: torch.Tensor) -> None:  # ``at``: rows of run
+        for s in range(0, len(at), batch_size):
+            r = at[s:s + batch_size]
+            spreads[run_t[r]] = spread(pts, full, run_t[r],
+                                       near_of(run[r.cpu().numpy()])[:, :ConsensusSettings.spread_k])
+
     with torch.inference_mode():
-        for s in range(0, len(run), batch_size):
-            idx = run_t[s:s + batch_size]
-            near = torch.as_tensor(builder.near(builder.as_index(run[s:s + batch_size])),
-                                   device=device)
-            spreads[idx] = spread(pts, full, idx, near[:, :ConsensusSettings.spread_k])
-        arrays = None  # the learned step's features come from float32 copies (half the cost)
-        if smoother is not None:
-            arrays = (pts.float(), full.float(), spreads.float())
-        for s in range(0, len(pos), batch_size):
-            rows = pos_t[s:s + batch_size]  # (B,) rows of run
-            q = run_t[rows]
-            near = torch.as_tensor(builder.near(builder.as_index(run[pos[s:s + batch_size]])),
-                                   device=device)
-            cand = torch.cat([near, far[rows].long()], 1)  # (B, k_near + k_far)
-            refined, _, _ = consensus_normals(pts, full, spreads, query=q, candidates=cand,
-                                              support=near, smoother=smoother,
-                                              n_near=near.shape[1], smoother_arrays=arrays)
-            out[s:s + len(q)] = refined.float().cpu().numpy()
-    return out
+        update_spreads(torch.arange(len(run), device=device))
+        for p, pass_rows in enumerate(rows):
+            pos_t = torch.as_tensor(pass_rows, device=device)
+            arrays = None  # the learned step's features come from float32 copies (half the cost)
+            if p == 0 and smoother is not None:
+                arrays = (pts.float(), full.float(), spreads.float())
+            new = torch.empty(len(pos_t), 3, dtype=dtype, device=device)
+            for s in range(0, len(pos_t), batch_size):
+                r = pos_t[s:s + batch_size]  # (B,) rows of run
+                q = run_t[r]
+                near = near_of(run[r.cpu().numpy()])
+                cand = torch.cat([near, far[r].long()], 1)  # (B, k_near + k_far)
+                new[s:s + len(q)], _, _ = consensus_normals(
+                    pts, full, spreads, query=q, candidates=cand, support=near,
+                    smoother=smoother if p == 0 else None, n_near=near.shape[1],
+                    smoother_arrays=arrays, smooth=p == 0)
+            q_all = run_t[pos_t]
+            changed = (new != full[q_all]).any(1)  # (R,)
+            full[q_all] = new
+            if p + 1 < len(rows):  # a spread reads only its own point's normal
+                update_spreads(pos_t[changed])
+    return full[run_t[torch.as_tensor(rows[-1], device=device)]].float().cpu().numpy()
 
 
 def estimate_normals(

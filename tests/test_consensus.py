@@ -139,3 +139,34 @@ def test_the_shipped_model_snaps_at_a_cubes_edges_and_queries_agree_with_the_ful
     part = estimate_normals(pts, method="fa", device="cpu", query_index=q)
     assert angle_deg(part.normals, snapped.normals[q]).max() < 1e-4
     np.testing.assert_allclose(part.confidence, snapped.confidence[q], atol=1e-6)
+
+
+
+def test_later_snap_passes_reach_normals_whose_candidates_all_straddled_the_edge():
+    """With small candidate sets, a normal at the edge has only blended candidates in the
+    first pass; once its neighbours have snapped (their spreads measured again), it has."""
+    pts, gt = l_shape(4000, seed=2)
+    normals = torch.from_numpy(pca_normals(pts, k=48)[0].astype(np.float64))
+    normals = normals / normals.norm(dim=1, keepdim=True)
+    _, idx = cKDTree(pts).query(pts, k=16)
+    p, idx = torch.from_numpy(pts), torch.from_numpy(idx)
+    allp = torch.arange(len(p))
+    errors = [rmse(angle_deg(normals.numpy(), gt))]
+    for first in (True, False, False):
+        spreads = spread(p, normals, allp, idx[:, :ConsensusSettings.spread_k])
+        normals, _, _ = consensus_normals(p, normals, spreads, query=allp, candidates=idx,
+                                          support=idx, smooth=first)
+        errors.append(rmse(angle_deg(normals.numpy(), gt)))
+    # the first pass reaches few of them; each later one reaches the next row in
+    assert errors[1] < errors[0], errors
+    assert errors[2] < 0.85 * errors[1] and errors[3] < 0.85 * errors[2], errors
+
+
+def test_later_snap_passes_leave_a_noisy_cloud_alone(monkeypatch):
+    pts, _ = cube_surface(6000)
+    noisy = pts + 0.02 * np.random.default_rng(3).normal(size=pts.shape)
+    runs = []
+    for passes in (1, 3):
+        monkeypatch.setattr(ConsensusSettings, "snap_passes", passes)
+        runs.append(estimate_normals(noisy, method="fa", device="cpu").normals)
+    np.testing.assert_array_equal(runs[0], runs[1])
