@@ -143,7 +143,8 @@ def fa_normals(
     kNN on ``device``: the whole pipeline stays there) or ``auto`` (torch on CUDA).
     ``consensus``: snap normals that straddle a crease onto one face (clean data), smooth
     them with their patch's under heavy noise (:mod:`fapc.consensus`); with ``query_index``
-    this runs the network on the queries' patch points too."""
+    this runs the network on the queries' patch points too (and on theirs, one hop per
+    snapping pass)."""
     from fapc.consensus import ConsensusSettings
     from fapc.patches import PatchBuilder, TorchPatchBuilder
 
@@ -293,8 +294,10 @@ def estimate_normals(
             0.2-0.4 % of normals by more than 0.1 degree (none by 1 degree in our checks).
         consensus: for ``fa``: each normal looks at its patch's normals once more
             (:mod:`fapc.consensus`): it snaps onto one face where it straddles a sharp edge
-            (clean and lightly noisy data) and smooths with them under heavy noise. With
-            ``query_index`` the network then also runs at the queries' patch points.
+            (clean and lightly noisy data; in three passes, see
+            :attr:`fapc.consensus.ConsensusSettings.snap_passes`) and smooths with them under
+            heavy noise. With ``query_index`` the network then also runs at the points those
+            passes read (the queries' patch points, and theirs, three hops out).
 
     Raises:
         FapcError: no finite point, or fewer finite points than a neighbourhood needs.
