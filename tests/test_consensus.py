@@ -141,7 +141,6 @@ def test_the_shipped_model_snaps_at_a_cubes_edges_and_queries_agree_with_the_ful
     np.testing.assert_allclose(part.confidence, snapped.confidence[q], atol=1e-6)
 
 
-
 def test_later_snap_passes_reach_normals_whose_candidates_all_straddled_the_edge():
     """With small candidate sets, a normal at the edge has only blended candidates in the
     first pass; once its neighbours have snapped (their spreads measured again), it has."""
@@ -160,6 +159,38 @@ def test_later_snap_passes_reach_normals_whose_candidates_all_straddled_the_edge
     # the first pass reaches few of them; each later one reaches the next row in
     assert errors[1] < errors[0], errors
     assert errors[2] < 0.85 * errors[1] and errors[3] < 0.85 * errors[2], errors
+
+
+def slab_surface(n: int, thickness: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Points on the surface of a 1 x 1 x ``thickness`` box and their face normals."""
+    rng = np.random.default_rng(seed)
+    ext = np.array([1.0, 1.0, thickness])
+    areas = np.array([ext[1] * ext[2], ext[0] * ext[2], ext[0] * ext[1]] * 2)
+    face = rng.choice(6, n, p=areas / areas.sum())
+    axis = face % 3
+    pts = rng.uniform(0, 1, (n, 3)) * ext
+    pts[np.arange(n), axis] = (face // 3) * ext[axis]
+    return pts, np.eye(3)[axis]
+
+
+def test_the_pipelines_later_snap_passes_fix_a_thin_slabs_rims_and_queries_agree(monkeypatch):
+    """On a thin slab every candidate of a rim point straddles an edge at first; the later
+    passes fix more of them, and queries (whose network points then reach three hops out)
+    still agree with the full run."""
+    pts, gt = slab_surface(20000, 0.05)
+    runs = {}
+    for passes in (1, 3):
+        monkeypatch.setattr(ConsensusSettings, "snap_passes", passes)
+        runs[passes] = estimate_normals(pts, method="fa", device="cpu").normals
+    e1, e3 = rmse(angle_deg(runs[1], gt)), rmse(angle_deg(runs[3], gt))
+    assert e3 < 0.85 * e1, (e1, e3)
+    moved = np.flatnonzero(angle_deg(runs[1], runs[3]) > 1e-3)
+    assert len(moved) > 100, len(moved)
+    rng = np.random.default_rng(4)  # queries: points the later passes moved, and any
+    q = np.unique(np.concatenate([rng.choice(moved, 100, replace=False),
+                                  rng.choice(len(pts), 300, replace=False)]))
+    part = estimate_normals(pts, method="fa", device="cpu", query_index=q).normals
+    assert angle_deg(part, runs[3][q]).max() < 1e-4
 
 
 def test_later_snap_passes_leave_a_noisy_cloud_alone(monkeypatch):
