@@ -60,6 +60,10 @@ class ConsensusSettings:
     smooth_full: float = 0.35  # ... and is full from eps = smooth_full x spacing
     snap_passes: int = 3  # snapping passes; each after the first sees the last one's normals
 
+    def __post_init__(self) -> None:
+        if self.snap_passes < 1:
+            raise ValueError(f"snap_passes must be >= 1, got {self.snap_passes}")
+
 
 def spread(points: torch.Tensor, normals: torch.Tensor, index: torch.Tensor,
            near: torch.Tensor) -> torch.Tensor:

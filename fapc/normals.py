@@ -160,7 +160,7 @@ def fa_normals(
     on_device = knn == "torch"
     builder: Any = (TorchPatchBuilder(points, model.config.patch, device=device, seed=seed)
                     if on_device else PatchBuilder(points, model.config.patch, seed=seed))
-    passes = max(1, ConsensusSettings.snap_passes) if consensus else 0
+    passes = ConsensusSettings.snap_passes if consensus else 0
     # the points each consensus pass reads, from the last pass's (the queries) back to the
     # points the network sees: each pass reads its queries' candidates from the pass before
     sets = [qi] * (passes + 1)
@@ -218,6 +218,7 @@ def consensus_pass(builder: Any, normals: np.ndarray, far: torch.Tensor, run: np
     shipped learned smoothing (:func:`consensus_model`) runs where it is present. Returns
     the normals ``(Q, 3)`` float32 at the last pass's rows."""
     from fapc.consensus import ConsensusSettings, consensus_normals, spread
+    from fapc.gather import rows as rows_of
 
     dtype = torch.float64 if device.type == "cpu" else torch.float32
     pts = torch.as_tensor(builder.points, device=device).to(dtype)  # (N, 3)
@@ -238,26 +239,37 @@ def consensus_pass(builder: Any, normals: np.ndarray, far: torch.Tensor, run: np
 
     with torch.inference_mode():
         update_spreads(torch.arange(len(run), device=device))
+        moved = torch.zeros(n, dtype=torch.bool, device=device)  # (N,) changed by the last pass
         for p, pass_rows in enumerate(rows):
             pos_t = torch.as_tensor(pass_rows, device=device)
             arrays = None  # the learned step's features come from float32 copies (half the cost)
             if p == 0 and smoother is not None:
                 arrays = (pts.float(), full.float(), spreads.float())
-            new = torch.empty(len(pos_t), 3, dtype=dtype, device=device)
+            q_all = run_t[pos_t]
+            new = full[q_all]  # (R, 3) a copy: rows a later pass skips keep their normal
             for s in range(0, len(pos_t), batch_size):
                 r = pos_t[s:s + batch_size]  # (B,) rows of run
                 q = run_t[r]
                 near = near_of(run[r.cpu().numpy()])
                 cand = torch.cat([near, far[r].long()], 1)  # (B, k_near + k_far)
-                new[s:s + len(q)], _, _ = consensus_normals(
-                    pts, full, spreads, query=q, candidates=cand, support=near,
-                    smoother=smoother if p == 0 else None, n_near=near.shape[1],
-                    smoother_arrays=arrays, smooth=p == 0)
-            q_all = run_t[pos_t]
+                at = slice(s, s + len(q))
+                if p > 0:  # a later pass repeats the one before (snapping only) where
+                    # nothing it reads moved: the query's normal, its candidates' normals and
+                    # spreads (a spread reads only its own point's normal)
+                    go = (moved[q] | rows_of(moved, cand).any(1)).nonzero().squeeze(1)
+                    q, cand, near = q[go], cand[go], near[go]
+                    at = s + go
+                if len(q):
+                    new[at], _, _ = consensus_normals(
+                        pts, full, spreads, query=q, candidates=cand, support=near,
+                        smoother=smoother if p == 0 else None, n_near=near.shape[1],
+                        smoother_arrays=arrays, smooth=p == 0)
             changed = (new != full[q_all]).any(1)  # (R,)
             full[q_all] = new
-            if p + 1 < len(rows):  # a spread reads only its own point's normal
+            if p + 1 < len(rows):
                 update_spreads(pos_t[changed])
+                moved.zero_()
+                moved[q_all[changed]] = True
     return full[run_t[torch.as_tensor(rows[-1], device=device)]].float().cpu().numpy()
 
 
