@@ -11,7 +11,12 @@ from scipy.spatial import cKDTree
 from scipy.stats import special_ortho_group
 
 from fapc.consensus import consensus_normals, spread
-from fapc.models.consensus_net import ConsensusNet, ConsensusNetConfig
+from fapc.models.consensus_net import (
+    PAIR_FEATURES,
+    QUERY_FEATURES,
+    ConsensusNet,
+    ConsensusNetConfig,
+)
 from fapc.patches import PatchSpec
 from fapc.pca import pca_normals
 from fapc.train_consensus import cloud_inputs, evaluate, train_net
@@ -37,9 +42,10 @@ def _consensus(points: np.ndarray, normals: np.ndarray, query: np.ndarray, net: 
     return out.numpy()
 
 
-def test_learned_consensus_is_equivariant_and_permutation_invariant():
+@pytest.mark.parametrize("output", ["eig", "mean"])
+def test_learned_consensus_is_equivariant_and_permutation_invariant(output: str):
     torch.manual_seed(0)
-    net = ConsensusNet(ConsensusNetConfig(hidden=8)).double().eval()
+    net = ConsensusNet(ConsensusNetConfig(hidden=8, output=output)).double().eval()
     pts, _ = _noisy_sphere(1500, 0.03, seed=1)
     nrm = pca_normals(pts, k=12)[0].astype(np.float64)
     q = np.arange(0, 1500, 7)
@@ -53,6 +59,49 @@ def test_learned_consensus_is_equivariant_and_permutation_invariant():
         got = _consensus(pts[perm] @ r.T + t, nrm[perm] @ r.T, inv[q], net)
         err = angle_deg(ref @ r.T, got)
         assert err.max() < 1e-5, err.max()  # arccos near 1 resolves ~1e-6 deg in float64
+
+
+def _uniform_net(output: str) -> ConsensusNet:
+    """A net whose last layers are zero: every candidate and the query weigh alike."""
+    net = ConsensusNet(ConsensusNetConfig(hidden=8, output=output)).double().eval()
+    with torch.no_grad():
+        for head in (net.pair[-1], net.own[-1]):
+            head.weight.zero_()
+            head.bias.zero_()
+    return net
+
+
+def test_output_rules_on_two_directions_with_mixed_signs():
+    """Uniform weights over the query (direction a) and 64 candidates: 48 along a, 16 along b
+    at 60 degrees to it, signs mixed. The top eigenvector of sum n n^T and the sign-aligned
+    mean sit at their closed-form angles from a (9.34 and 13.67 degrees); a mean that did
+    not turn the signs would cancel to nothing."""
+    a = np.array([0.0, 0.0, 1.0])
+    b = np.array([np.sin(np.radians(60.0)), 0.0, np.cos(np.radians(60.0))])
+    sa = np.where(np.arange(48) % 2 == 0, 1.0, -1.0)[:, None]
+    sb = np.where(np.arange(16) % 2 == 0, 1.0, -1.0)[:, None]
+    nj = torch.from_numpy(np.concatenate([a * sa, b * sb])[None])  # (1, 64, 3)
+    own = torch.from_numpy(a[None])
+    pair = torch.zeros(1, 64, PAIR_FEATURES, dtype=torch.float64)
+    query = torch.zeros(1, QUERY_FEATURES, dtype=torch.float64)
+    with torch.no_grad():
+        eig = _uniform_net("eig")(own, nj, pair, query).numpy()
+        mean = _uniform_net("mean")(own, nj, pair, query).numpy()
+    sin2, cos2 = 16 * np.sin(np.radians(120.0)), 49 + 16 * np.cos(np.radians(120.0))
+    want_eig = np.degrees(0.5 * np.arctan2(sin2, cos2))  # the top eigenvector of the 2 x 2
+    want_mean = np.degrees(np.arctan2(16 * np.sin(np.radians(60.0)),
+                                      49 + 16 * np.cos(np.radians(60.0))))
+    assert abs(angle_deg(eig, a[None])[0] - want_eig) < 1e-3, (eig, want_eig)
+    assert abs(angle_deg(mean, a[None])[0] - want_mean) < 1e-6, (mean, want_mean)
+    assert abs(want_mean - want_eig) > 4.0
+
+
+def test_output_rule_and_loss_are_checked():
+    with pytest.raises(ValueError, match="output"):
+        ConsensusNetConfig(output="median")
+    with pytest.raises(ValueError, match="loss"):
+        train_net([], config=ConsensusNetConfig(), epochs=1, lr=1e-3, batch=8, seed=0,
+                  loss="l1")
 
 
 def test_a_plain_weighting_of_raw_coordinates_is_not_equivariant():
