@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 TRAIN_LEVELS = ((0.00125, "uniform"), (0.006, "uniform"), (0.012, "uniform"), (0.004, "gradient"))
 VAL_LEVELS = ((0.0, "uniform"), (0.00125, "uniform"), (0.006, "uniform"), (0.012, "uniform"))
+LOSSES = ("sq", "sin")  # mean squared angle; mean |sin| of the angle
 
 
 def cloud_inputs(points: np.ndarray, normals: np.ndarray, gt: np.ndarray, query: np.ndarray,
@@ -115,8 +116,8 @@ def train_net(clouds: list[dict[str, Any]], *, config: ConsensusNetConfig, epoch
     (mean squared angle) or ``"sin"`` (mean ``|sin|``)."""
     from fapc.losses import unoriented_angle, unoriented_loss
 
-    if loss not in ("sq", "sin"):
-        raise ValueError(f"loss must be 'sq' or 'sin', got {loss!r}")
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     torch.manual_seed(seed)
     data = [torch.cat([c["inputs"][i] for c in clouds]) for i in range(4)]
     gt = torch.cat([c["gt"][c["gate"]] for c in clouds])
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--batch", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--loss", choices=("sq", "sin"), default="sq")
+    p.add_argument("--loss", choices=LOSSES, default="sq")
     p.add_argument("--output", choices=OUTPUTS, default="mean")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
