@@ -104,7 +104,8 @@ def train(
         "on a GPU host use most CPU cores).")] = None,
     loss: Annotated[str | None, typer.Option(
         help="rmse (the default: the benchmark's mean of per-cloud RMSEs, each training "
-        "shape at each noise level a group), sin (mean |sin| of the angle) or sin2.")] = None,
+        "shape at each noise level a group), sin (mean |sin| of the angle), sin2 or sq (mean "
+        "squared angle).")] = None,
     init: Annotated[str | None, typer.Option(
         help="Start from this model's weights, e.g. fapc/weights/default.safetensors to "
         "fine-tune the shipped model on your data.")] = None,

@@ -15,14 +15,17 @@ from collections.abc import Callable
 
 import torch
 
-LOSSES = ("rmse", "sin", "sin2")
+LOSSES = ("rmse", "sin", "sin2", "sq")
 
 
 def unoriented_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "sin") -> torch.Tensor:
-    """Mean ``|sin|`` (``kind="sin"``) or ``sin^2`` of the unoriented angle; ``(B, 3)`` each.
+    """Mean ``|sin|`` (``kind="sin"``), ``sin^2`` or squared angle in radians (``"sq"``: the
+    benchmark's RMSE squared, pooled over the batch) of the unoriented angle; ``(B, 3)`` each.
 
     ``|sin|`` keeps a useful gradient for small errors (clean, sharp patches) where ``sin^2``
     lets the noisy patches dominate."""
+    if kind == "sq":
+        return unoriented_angle(pred, target).square().mean()
     t = target / target.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     s2 = (1 - (pred * t).sum(-1) ** 2).clamp_min(0)
     if kind == "sin2":

@@ -10,7 +10,8 @@
 - **Validation.** The network's held-out shapes at the four PCPNet noise levels (0, 0.125 %,
   0.6 %, 1.2 %), 5,000 queries each: the learned step against the fixed smoothing, per level.
 - **Training.** The mean squared unoriented angle (``--loss sq``, the benchmark's RMSE
-  squared; ``--loss sin``: mean ``|sin|``, the first shipped weights' loss) of the
+  squared; any of :data:`fapc.losses.LOSSES`, e.g. ``sin``: mean ``|sin|``, the first
+  shipped weights' loss, or ``rmse`` with each cloud a group) of the
   sign-aligned weighted mean (``--output mean``; ``eig``: the top eigenvector, the first
   shipped weights' rule), Adam with a one-cycle schedule, the last epoch kept. Writes
   ``consensus.safetensors`` (config, fapc version and the validation figures as metadata)
@@ -31,13 +32,13 @@ import numpy as np
 import torch
 
 from fapc.consensus import ConsensusSettings, consensus_normals, learned_gate, noise_level, spread
+from fapc.losses import LOSSES
 from fapc.models.consensus_net import OUTPUTS, ConsensusNet, ConsensusNetConfig, net_inputs
 
 log = logging.getLogger(__name__)
 
 TRAIN_LEVELS = ((0.00125, "uniform"), (0.006, "uniform"), (0.012, "uniform"), (0.004, "gradient"))
 VAL_LEVELS = ((0.0, "uniform"), (0.00125, "uniform"), (0.006, "uniform"), (0.012, "uniform"))
-LOSSES = ("sq", "sin")  # mean squared angle; mean |sin| of the angle
 
 
 def cloud_inputs(points: np.ndarray, normals: np.ndarray, gt: np.ndarray, query: np.ndarray,
@@ -112,15 +113,15 @@ def evaluate(net: ConsensusNet, clouds: list[dict[str, Any]]) -> dict[str, tuple
 def train_net(clouds: list[dict[str, Any]], *, config: ConsensusNetConfig, epochs: int,
               lr: float, batch: int, seed: int, loss: str = "sq",
               on_epoch: Any = None) -> ConsensusNet:
-    """Fit a :class:`ConsensusNet` to the gated queries of ``clouds``; ``loss``: ``"sq"``
-    (mean squared angle) or ``"sin"`` (mean ``|sin|``)."""
-    from fapc.losses import unoriented_angle, unoriented_loss
+    """Fit a :class:`ConsensusNet` to the gated queries of ``clouds``; ``loss``: one of
+    :data:`fapc.losses.LOSSES` (for ``rmse`` each cloud is a group)."""
+    from fapc.losses import make_loss
 
-    if loss not in LOSSES:
-        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    loss_fn = make_loss(loss, groups=max(1, len(clouds)))
     torch.manual_seed(seed)
     data = [torch.cat([c["inputs"][i] for c in clouds]) for i in range(4)]
     gt = torch.cat([c["gt"][c["gate"]] for c in clouds])
+    group = torch.cat([torch.full((int(c["gate"].sum()),), j) for j, c in enumerate(clouds)])
     n = len(gt)
     net = ConsensusNet(config)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
@@ -131,9 +132,7 @@ def train_net(clouds: list[dict[str, Any]], *, config: ConsensusNetConfig, epoch
         total = 0.0
         for s in range(0, n, batch):
             i = perm[s:s + batch]
-            out = net(*(d[i] for d in data))  # (B, 3)
-            value = (unoriented_angle(out, gt[i]).square().mean() if loss == "sq"
-                     else unoriented_loss(out, gt[i], "sin"))
+            value = loss_fn(net(*(d[i] for d in data)), gt[i], group[i])  # pred (B, 3)
             opt.zero_grad()
             value.backward()
             opt.step()

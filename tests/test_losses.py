@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fapc.losses import GroupRMSELoss, unoriented_angle
+from fapc.losses import GroupRMSELoss, make_loss, unoriented_angle, unoriented_loss
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -25,6 +25,16 @@ def test_unoriented_angle_ignores_sign_and_length_and_has_a_gradient_at_zero():
     assert torch.isfinite(same.grad).all()
     with pytest.raises(ValueError, match=r"\(B, 3\)"):
         unoriented_angle(a[:, :2], b[:, :2])
+
+
+def test_sq_loss_is_the_mean_squared_unoriented_angle_by_name_too():
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(200, 3, dtype=torch.float64, generator=g)
+    b = _unit(torch.randn(200, 3, dtype=torch.float64, generator=g))
+    want = torch.arccos((_unit(a) * b).sum(-1).abs()).square().mean()
+    torch.testing.assert_close(unoriented_loss(a, b, "sq"), want)
+    torch.testing.assert_close(unoriented_loss(-a, b, "sq"), want)
+    torch.testing.assert_close(make_loss("sq", groups=1)(a, b, torch.zeros(200)), want)
 
 
 def test_group_loss_gradient_is_that_of_the_mean_per_group_rmse():

@@ -474,7 +474,7 @@ def test_patch_bank_holds_the_builders_patches_and_trains(tmp_path):
     assert [int(r["step"]) for r in _log(tmp_path / "run")] == [5, 10]
 
 
-@pytest.mark.parametrize("loss", ["rmse", "sin", "sin2"])
+@pytest.mark.parametrize("loss", ["rmse", "sin", "sin2", "sq"])
 def test_each_loss_trains_and_unknown_losses_are_refused(tmp_path, loss):
     cfg = TrainConfig(out=str(tmp_path / "run"), epochs=2, steps_per_epoch=8, loss=loss, **TINY)
     torch.manual_seed(cfg.seed)  # the run's initial weights, on the run's validation shapes
