@@ -71,8 +71,8 @@ def normals(
     inputs: Annotated[list[str], typer.Argument(help="Files, directories or globs.",
                                                 show_default=False)],
     output: Annotated[str | None, typer.Option(
-        "-o", "--output", help="Output file, or directory (exists, ends with '/', or several "
-        "inputs). Default: INPUT.normals.EXT beside each input.")] = None,
+        "-o", "--output", help="Output file, or directory (exists, ends with '/', has no "
+        "extension, or several inputs). Default: INPUT.normals.EXT beside each input.")] = None,
     method: Annotated[str, typer.Option(help="Estimator: fa (the network) or pca.")] = "fa",
     k: Annotated[int, typer.Option("--k", help="PCA neighbourhood size.")] = 30,
     model: Annotated[str | None, typer.Option(

@@ -91,8 +91,9 @@ def plan_jobs(
 ) -> list[Job]:
     """Expand files, directories and globs, and decide each output path.
 
-    ``output`` is a directory when it exists as one, ends with a path separator, or more
-    than one input file results; there the input names are mirrored (``scan.ply`` ->
+    ``output`` is a directory when it exists as one, ends with a path separator, has no
+    extension (``-o out``; unless a file of that name exists), or more than one input file
+    results; there the input names are mirrored (``scan.ply`` ->
     ``OUT/scan.ply``, files under a directory argument keep their relative path). Otherwise
     it is the output file. With no ``output``, ``scan.normals.ply`` is written beside
     ``scan.ply``.
@@ -114,7 +115,8 @@ def plan_jobs(
             pairs.append((arg, None, None))
     n_files = sum(1 for _, _, e in pairs if e is None)
     out_is_dir = output is not None and (
-        os.path.isdir(output) or output.endswith(("/", os.sep)) or n_files > 1)
+        os.path.isdir(output) or output.endswith(("/", os.sep)) or n_files > 1
+        or (not os.path.splitext(output)[1] and not os.path.lexists(output)))
     jobs = []
     for f, base, err in pairs:
         if err is not None:
@@ -147,6 +149,10 @@ def process_file(job: Job, opts: NormalsOptions) -> FileResult:
         if job.error:
             raise FapcError(job.error, path=job.input)
         assert job.output is not None
+        ext = os.path.splitext(job.output)[1].lower()
+        if ext not in WRITE_EXTENSIONS:  # before the work, not after it
+            raise FapcError(f"cannot write {job.output}: its extension {ext or '(none)'!r} is "
+                            f"not one of {', '.join(WRITE_EXTENSIONS)}", path=job.input)
         if _same_file(job.input, job.output):
             raise FapcError("output would overwrite the input; choose another -o",
                             path=job.input)

@@ -74,6 +74,23 @@ def test_glob_and_single_output_file(tmp_path):
     assert r.exit_code == 0 and read_cloud(tmp_path / "one.pcd").normals is not None
 
 
+def test_output_without_extension_is_a_directory(tmp_path):
+    write_cloud(tmp_path / "a.pcd", PointCloud(points=sphere_points(100)))
+    r = run("normals", str(tmp_path / "a.pcd"), "-o", str(tmp_path / "out"), "--method", "pca")
+    assert r.exit_code == 0, r.output
+    assert _files(tmp_path / "out") == ["a.pcd"]
+
+
+def test_unknown_output_extension_fails_before_reading(tmp_path):
+    (tmp_path / "bad.ply").write_bytes(b"")  # unreadable too: the output is checked first
+    write_cloud(tmp_path / "good.ply", PointCloud(points=sphere_points(100)))
+    r = run("normals", str(tmp_path / "bad.ply"), "-o", str(tmp_path / "x.foo"))
+    assert r.exit_code == 1 and "'.foo' is not one of" in r.stderr and "empty" not in r.stderr
+    r = run("normals", str(tmp_path / "good.ply"), "-o", str(tmp_path / "x.foo"))
+    assert r.exit_code == 1 and "x.foo" in r.stderr
+    assert _files(tmp_path) == ["bad.ply", "good.ply"]
+
+
 def test_mesh_input_writes_ply(tmp_path):
     (tmp_path / "t.obj").write_text(
         "v 0 0 0\nv 1 0 0\nv 0 1 0\nv 0 0 1\nf 1 3 2\nf 1 2 4\nf 1 4 3\nf 2 3 4\n")
