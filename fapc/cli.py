@@ -203,22 +203,35 @@ def _summary(results, *, as_json: bool, quiet: bool) -> None:
 
 @app.command()
 def info(
-    file: Annotated[Path, typer.Argument(help="A point-cloud or mesh file.")],
+    files: Annotated[list[Path], typer.Argument(help="Point-cloud or mesh files.")],
     from_mesh: Annotated[str | None, typer.Option(help="vertices or sample:N")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout, one object per "
+                                          "line and file.")] = False,
     debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
 ) -> None:
-    """Points, bounding box, attributes and normals of FILE."""
+    """Points, bounding box, attributes and normals of each FILE (exit 1 if any failed)."""
+    from fapc.io import read_cloud
+
+    failed = False
+    for file in files:
+        try:
+            cloud = read_cloud(file, from_mesh=from_mesh)
+        except FapcError as e:
+            if debug:
+                raise
+            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            failed = True
+            continue
+        _info_one(file, cloud, as_json=as_json)
+    if failed:
+        raise typer.Exit(1)
+
+
+def _info_one(file: Path, cloud, *, as_json: bool) -> None:
     import numpy as np
 
-    from fapc.io import read_cloud, sniff_format
+    from fapc.io import sniff_format
 
-    try:
-        cloud = read_cloud(file, from_mesh=from_mesh)
-    except FapcError as e:
-        if debug:
-            raise
-        _fail(str(e))
     pts = cloud.points
     finite = np.isfinite(pts).all(axis=1)
     lo = pts[finite].min(0).tolist() if finite.any() else [float("nan")] * 3
@@ -232,7 +245,7 @@ def info(
                        for k, v in cloud.attributes.items()},
     }
     if as_json:
-        out.print_json(json.dumps(data))
+        typer.echo(json.dumps(data))
         return
     t = Table(title=str(file), show_header=False)
     t.add_column("", style="bold")

@@ -197,6 +197,13 @@ def test_info_json(tmp_path, rich_cloud):
     assert d["points"] == 500 and d["attributes"]["label"] == "int32" and not d["normals"]
     r = run("info", str(tmp_path / "missing.pcd"))
     assert r.exit_code == 1 and "no such file" in r.stderr
+    # several files: one JSON line each; a bad one is reported and the others still shown
+    write_cloud(tmp_path / "b.xyz", PointCloud(points=sphere_points(50)))
+    r = run("info", str(tmp_path / "a.pcd"), str(tmp_path / "missing.pcd"),
+            str(tmp_path / "b.xyz"), "--json")
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert r.exit_code == 1 and "missing.pcd" in r.stderr
+    assert [(d["format"], d["points"]) for d in rows] == [("pcd", 500), ("xyz", 50)]
 
 
 def test_real_process_exit_code_and_no_traceback(tmp_path):
