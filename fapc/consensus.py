@@ -22,14 +22,6 @@ corner, on a thin or small feature) has nothing to snap to at first; so the snap
 again (``snap_passes`` in all), each pass with the normals and spreads the last one left:
 once its neighbours have snapped, it can.
 
-**Voting** (noiseless data: some candidate's ``spread`` is below ``vote_floor x spacing``,
-after the snapping). Every candidate whose tangent plane, through the candidate itself,
-passes within ``vote_k x eps`` of the query is a face the query lies on; the query's normal
-becomes the top eigenvector of the sum of ``n n^T`` over those candidates and itself. On a
-face this averages the network's small errors down; at a crease only the query's own face
-votes, so a normal still leaning to the other face comes back. Noisy data (scans included)
-keep every spread above the floor, and are left as they were.
-
 **Smoothing** (``eps`` above ``smooth_from x spacing``: heavy noise). Each patch's fit
 carries its own share of the noise; the candidates' normals, spread over about four times
 the near scale's area, average it down. The query's normal becomes the top eigenvector of
@@ -67,21 +59,10 @@ class ConsensusSettings:
     smooth_from: float = 0.25  # smoothing starts where eps = smooth_from x spacing
     smooth_full: float = 0.35  # ... and is full from eps = smooth_full x spacing
     snap_passes: int = 3  # snapping passes; each after the first sees the last one's normals
-    vote_passes: int = 1  # plane-vote passes after the snapping (noiseless data; 0: none)
-    vote_floor: float = 0.015  # vote where the least candidate spread < vote_floor x spacing
-    vote_k: float = 0.5  # a candidate votes where its plane passes within vote_k x eps of the query
 
     def __post_init__(self) -> None:
         if self.snap_passes < 1:
             raise ValueError(f"snap_passes must be >= 1, got {self.snap_passes}")
-        if self.vote_passes < 0:
-            raise ValueError(f"vote_passes must be >= 0, got {self.vote_passes}")
-
-
-def consensus_passes() -> int:
-    """How many passes the consensus step makes (snapping, then voting), each reading the
-    normals the pass before left (with ``query_index``, one hop of network points each)."""
-    return ConsensusSettings.snap_passes + ConsensusSettings.vote_passes
 
 
 def spread(points: torch.Tensor, normals: torch.Tensor, index: torch.Tensor,
@@ -202,50 +183,6 @@ def consensus_normals(
     if len(smooth_at):
         out[smooth_at] = _smooth(normals, own[smooth_at], t[smooth_at], candidates[smooth_at])
     return out, snapped, t
-
-
-def vote_normals(
-    points: torch.Tensor,
-    normals: torch.Tensor,
-    spreads: torch.Tensor,
-    *,
-    query: torch.Tensor,
-    candidates: torch.Tensor,
-    support: torch.Tensor,
-    settings: ConsensusSettings = ConsensusSettings(),
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noiseless data (some candidate's spread below ``vote_floor x spacing``): the query's
-    normal becomes the top eigenvector of the sum of ``n n^T`` over itself and the candidates
-    whose tangent plane (through the candidate) passes within ``vote_k x eps`` of the query.
-
-    Arguments as for :func:`consensus_normals`. Returns ``normals (Q, 3)`` (signs kept
-    with the query's own; the own normal where the gate is shut) and ``voted (Q,)`` bool.
-    """
-    if points.ndim != 2 or points.shape[1] != 3 or normals.shape != points.shape:
-        raise ValueError(f"points and normals must both have shape (N, 3), got "
-                         f"{tuple(points.shape)} and {tuple(normals.shape)}")
-    if candidates.ndim != 2 or support.ndim != 2 or len(candidates) != len(query) \
-            or len(support) != len(query):
-        raise ValueError("candidates (Q, C) and support (Q, S) need one row per query")
-    s = settings
-    if support.shape[1] <= s.spacing_rank:
-        raise ValueError(f"support needs more than {s.spacing_rank} points per query")
-    own = normals[query]  # (Q, 3)
-    eps, spacing = noise_level(points, spreads, query=query, candidates=candidates,
-                               support=support, settings=s)  # (Q,) each
-    least = torch.minimum(rows(spreads, candidates).min(1).values, spreads[query])  # (Q,)
-    voted = (least < s.vote_floor * spacing) & (spacing > 0)
-    at = voted.nonzero().squeeze(1)
-    out = own.clone()
-    if len(at):
-        q, cand, n0 = query[at], candidates[at], own[at]
-        nj = rows(normals, cand)  # (M, C, 3)
-        dist = ((rows(points, cand) - points[q].unsqueeze(1)) * nj).sum(-1).abs()  # (M, C)
-        w = ((dist < s.vote_k * eps[at, None]) & (cand != q[:, None])).to(nj.dtype)
-        m = (nj * w[..., None]).transpose(1, 2) @ nj + n0.unsqueeze(2) * n0.unsqueeze(1)
-        v = sym3_eigh(m)[1][..., 2]  # (M, 3)
-        out[at] = torch.where(((v * n0).sum(1) < 0).unsqueeze(1), -v, v)
-    return out, voted
 
 
 def _snap(points: torch.Tensor, normals: torch.Tensor, own: torch.Tensor, eps: torch.Tensor,

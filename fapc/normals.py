@@ -144,8 +144,8 @@ def fa_normals(
     ``consensus``: snap normals that straddle a crease onto one face (clean data), smooth
     them with their patch's under heavy noise (:mod:`fapc.consensus`); with ``query_index``
     this runs the network on the queries' patch points too (and on theirs, one hop per
-    pass after the first: :func:`fapc.consensus.consensus_passes`)."""
-    from fapc.consensus import consensus_passes
+    snapping pass)."""
+    from fapc.consensus import ConsensusSettings
     from fapc.patches import PatchBuilder, TorchPatchBuilder
 
     if knn == "auto":
@@ -160,7 +160,7 @@ def fa_normals(
     on_device = knn == "torch"
     builder: Any = (TorchPatchBuilder(points, model.config.patch, device=device, seed=seed)
                     if on_device else PatchBuilder(points, model.config.patch, seed=seed))
-    passes = consensus_passes() if consensus else 0
+    passes = ConsensusSettings.snap_passes if consensus else 0
     # the points each consensus pass reads, from the last pass's (the queries) back to the
     # points the network sees: each pass reads its queries' candidates from the pass before
     sets = [qi] * (passes + 1)
@@ -211,14 +211,13 @@ def consensus_pass(builder: Any, normals: np.ndarray, far: torch.Tensor, run: np
     """Neighbour consensus (:func:`fapc.consensus.consensus_normals`), given the network's
     ``normals (M, 3)`` and far neighbours ``far (M, k_far)`` at the points ``run (M,)`` of a
     cloud of ``n``. ``rows``: for each pass, the rows of ``run`` it refines (the first pass
-    snaps or smooths, the next ones up to
-    :attr:`fapc.consensus.ConsensusSettings.snap_passes` snap again with the normals of the
-    pass before, and any after those vote, :func:`fapc.consensus.vote_normals`; each pass's
-    candidates must be among the rows of the pass before, the first's among all of ``run``).
-    A query's candidates are its patch's points (near, then far), its support the near scale;
-    on noisy data the shipped learned smoothing (:func:`consensus_model`) runs where it is
-    present. Returns the normals ``(Q, 3)`` float32 at the last pass's rows."""
-    from fapc.consensus import ConsensusSettings, consensus_normals, spread, vote_normals
+    snaps or smooths, the later ones snap again with the normals of the pass before, see
+    :attr:`fapc.consensus.ConsensusSettings.snap_passes`; each pass's candidates must be among
+    the rows of the pass before, the first's among all of ``run``). A query's candidates are
+    its patch's points (near, then far), its support the near scale; on noisy data the
+    shipped learned smoothing (:func:`consensus_model`) runs where it is present. Returns
+    the normals ``(Q, 3)`` float32 at the last pass's rows."""
+    from fapc.consensus import ConsensusSettings, consensus_normals, spread
     from fapc.gather import rows as rows_of
 
     dtype = torch.float64 if device.type == "cpu" else torch.float32
@@ -254,13 +253,9 @@ def consensus_pass(builder: Any, normals: np.ndarray, far: torch.Tensor, run: np
                 near = near_of(run[r.cpu().numpy()])
                 cand = torch.cat([near, far[r].long()], 1)  # (B, k_near + k_far)
                 at = slice(s, s + len(q))
-                if p >= ConsensusSettings.snap_passes:  # voting: every row
-                    new[at], _ = vote_normals(pts, full, spreads, query=q, candidates=cand,
-                                              support=near)
-                    continue
-                if p > 0:  # a later snapping pass repeats the one before where nothing it
-                    # reads moved: the query's normal, its candidates' normals and spreads
-                    # (a spread reads only its own point's normal)
+                if p > 0:  # a later pass repeats the one before (snapping only) where
+                    # nothing it reads moved: the query's normal, its candidates' normals and
+                    # spreads (a spread reads only its own point's normal)
                     go = (moved[q] | rows_of(moved, cand).any(1)).nonzero().squeeze(1)
                     q, cand, near = q[go], cand[go], near[go]
                     at = s + go
@@ -312,11 +307,9 @@ def estimate_normals(
         consensus: for ``fa``: each normal looks at its patch's normals once more
             (:mod:`fapc.consensus`): it snaps onto one face where it straddles a sharp edge
             (clean and lightly noisy data; in three passes, see
-            :attr:`fapc.consensus.ConsensusSettings.snap_passes`), on noiseless data lets the
-            candidates whose planes hold the query vote (:func:`fapc.consensus.vote_normals`),
-            and smooths with them under heavy noise. With ``query_index`` the network then
-            also runs at the points those passes read (the queries' patch points, and
-            theirs, four hops out).
+            :attr:`fapc.consensus.ConsensusSettings.snap_passes`) and smooths with them under
+            heavy noise. With ``query_index`` the network then also runs at the points those
+            passes read (the queries' patch points, and theirs, three hops out).
 
     Raises:
         FapcError: no finite point, or fewer finite points than a neighbourhood needs.

@@ -115,7 +115,7 @@ def _profile_fa(pts: np.ndarray, t: dict[str, float], *, dev: torch.device, mode
     """The FA normals ``(N, 3)``, stage times added to ``t``; and the CUDA graph's capture
     time (one-time, like loading the model: not a stage), or None."""
     from fapc import normals as normals_mod
-    from fapc.consensus import consensus_passes
+    from fapc.consensus import ConsensusSettings
     from fapc.frames import compute_frames
     from fapc.models.checkpoint import load_model
     from fapc.normals import configure_precision, consensus_pass, default_batch_size, run_network
@@ -167,7 +167,7 @@ def _profile_fa(pts: np.ndarray, t: dict[str, float], *, dev: torch.device, mode
         t["network"] = max(t["network"] - t["frames"], 0.0)  # the forward pass includes frames
     t0 = now()
     run = np.arange(n)
-    normals = consensus_pass(builder, normals, far, run, [run] * consensus_passes(),
+    normals = consensus_pass(builder, normals, far, run, [run] * ConsensusSettings.snap_passes,
                              n=n, device=dev, batch_size=batch_size)
     t["consensus"] = now() - t0
     return normals, setup

@@ -10,7 +10,7 @@ import torch
 from conftest import angle_deg
 from scipy.spatial import cKDTree
 
-from fapc.consensus import ConsensusSettings, consensus_normals, spread, vote_normals
+from fapc.consensus import ConsensusSettings, consensus_normals, spread
 from fapc.normals import estimate_normals
 from fapc.pca import pca_normals
 from fapc.testing import random_rotation
@@ -201,74 +201,3 @@ def test_later_snap_passes_leave_a_noisy_cloud_alone(monkeypatch):
         monkeypatch.setattr(ConsensusSettings, "snap_passes", passes)
         runs.append(estimate_normals(noisy, method="fa", device="cpu").normals)
     np.testing.assert_array_equal(runs[0], runs[1])
-
-
-def vote_cloud(pts: np.ndarray, nrm: np.ndarray, *, k: int = 48) -> tuple[np.ndarray, np.ndarray]:
-    """The plane vote at every point, candidates and support its ``k`` nearest."""
-    _, idx = cKDTree(pts).query(pts, k=k)
-    p, n, idx = torch.from_numpy(pts), torch.from_numpy(nrm), torch.from_numpy(idx)
-    allp = torch.arange(len(p))
-    spreads = spread(p, n, allp, idx[:, :ConsensusSettings.spread_k])
-    out, voted = vote_normals(p, n, spreads, query=allp, candidates=idx, support=idx[:, :24])
-    return out.numpy(), voted.numpy()
-
-
-def _tilt(nrm: np.ndarray, deg: float, seed: int) -> np.ndarray:
-    """Each normal turned by ``deg`` degrees about a random axis, random signs."""
-    rng = np.random.default_rng(seed)
-    axis = np.cross(nrm, rng.normal(size=nrm.shape))
-    axis /= np.linalg.norm(axis, axis=1, keepdims=True)
-    a = np.radians(deg)
-    out = np.cos(a) * nrm + np.sin(a) * axis
-    return out * rng.choice([-1.0, 1.0], size=(len(nrm), 1))
-
-
-def test_the_vote_averages_a_face_and_brings_a_leaning_normal_back():
-    """Noiseless L: normals off by 0.3 deg average down; normals of the other face, set on
-    points 2-6 spacings from the edge, come back onto their own."""
-    pts, gt = l_shape(6000, seed=5)
-    nrm = _tilt(gt, 0.3, seed=6)
-    dist_edge = np.abs(pts[:, 0]) + np.abs(pts[:, 2])  # to the crease line x = z = 0
-    spacing = np.sqrt(2.0 / len(pts))
-    wrong = (dist_edge > 2 * spacing) & (dist_edge < 6 * spacing)
-    wrong &= np.random.default_rng(7).random(len(pts)) < 0.3
-    nrm[wrong] = np.where(gt[wrong, :1] == 1.0, [0.0, 0.0, 1.0], [1.0, 0.0, 0.0])  # the other face
-    out, voted = vote_cloud(pts, nrm)
-    assert voted.mean() > 0.9
-    face = dist_edge > 8 * spacing
-    assert rmse(angle_deg(out[face], gt[face])) < 0.5 * rmse(angle_deg(nrm[face], gt[face]))
-    assert angle_deg(out[wrong], gt[wrong]).max() < 2.0, wrong.sum()
-    assert (np.sign((out * nrm).sum(1)) >= 0).all()  # signs kept with the own normal
-
-
-def test_the_vote_leaves_noisy_data_alone():
-    pts, gt = l_shape(4000, seed=8, noise=0.004)
-    nrm = _tilt(gt, 0.3, seed=9)
-    out, voted = vote_cloud(pts, nrm)
-    assert not voted.any()
-    np.testing.assert_array_equal(out, nrm)
-
-
-def test_the_vote_moves_with_the_cloud():
-    """float64, seeded: rotations, reflections, translations and permutations."""
-    pts, gt = l_shape(3000, seed=10)
-    nrm = _tilt(gt, 0.3, seed=11)
-    ref, ref_voted = vote_cloud(pts, nrm)
-    assert ref_voted.sum() > 1000
-    gen = torch.Generator().manual_seed(1)
-    for reflect in (False, True):
-        rot = random_rotation(gen, reflect=reflect).numpy()
-        perm = np.random.default_rng(2 + int(reflect)).permutation(len(pts))
-        shift = np.array([-4.0, 1.5, 9.0])
-        got, got_voted = vote_cloud(pts[perm] @ rot.T + shift, nrm[perm] @ rot.T)
-        np.testing.assert_array_equal(got_voted, ref_voted[perm])
-        np.testing.assert_allclose(((got @ rot) * ref[perm]).sum(1), 1.0, atol=1e-12)
-
-
-def test_vote_settings_and_shapes_are_checked():
-    with pytest.raises(ValueError, match="vote_passes"):
-        ConsensusSettings(vote_passes=-1)
-    p = torch.zeros(10, 3, dtype=torch.float64)
-    idx = torch.zeros(2, 12, dtype=torch.long)
-    with pytest.raises(ValueError, match="one row per query"):
-        vote_normals(p, p, torch.zeros(10), query=torch.arange(2), candidates=idx[:1], support=idx)
