@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -14,6 +14,9 @@ from rich.table import Table
 
 from fapc import __version__
 from fapc.errors import FapcError
+
+if TYPE_CHECKING:
+    from fapc.cloud import PointCloud
 
 app = typer.Typer(
     name="fapc",
@@ -227,7 +230,7 @@ def info(
         raise typer.Exit(1)
 
 
-def _info_one(file: Path, cloud, *, as_json: bool) -> None:
+def _info_one(file: Path, cloud: PointCloud, *, as_json: bool) -> None:
     import numpy as np
 
     from fapc.io import sniff_format
