@@ -162,22 +162,30 @@ def normals(
             err.print(f"[green]wrote[/] {r.output} ({r.points:,} points, {r.seconds:.2f} s)",
                       highlight=False, soft_wrap=True)
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from fapc.pipeline import distributed_rank, plan_jobs
 
     total = len(plan_jobs(inputs, output=output, recursive=recursive))
-    with Progress(TextColumn("[bold]normals"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("files, {task.fields[points]:,} points"), TimeElapsedColumn(),
-                  console=err, transient=True, disable=quiet) as prog:
-        task = prog.add_task("normals", total=total, points=0)
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[what]}"),
+                  TimeElapsedColumn(), console=err, transient=True, disable=quiet) as prog:
+        files = prog.add_task("normals", total=total, points=0, what=f"0/{total} files, 0 points")
+        current = prog.add_task("", total=1, visible=False, what="")  # the file being estimated
 
         def report_and_advance(r) -> None:
             report(r)
-            prog.update(task, advance=1, points=prog.tasks[task].fields["points"] + r.points)
+            done = prog.tasks[files].completed + 1
+            points = prog.tasks[files].fields["points"] + r.points
+            prog.update(files, advance=1, points=points,
+                        what=f"{done:.0f}/{total} files, {points:,} points")
+            prog.update(current, visible=False)
+
+        def show_file(name: str, done: int, work: int) -> None:
+            prog.update(current, description=Path(name).name, completed=done, total=work,
+                        visible=True, what=f"{100 * done / max(work, 1):.0f} %")
 
         results = run_normals(inputs, opts, output=output, recursive=recursive,
-                              on_result=report_and_advance)
+                              on_result=report_and_advance, on_progress=show_file)
     if distributed_rank()[1] == 0:  # under torchrun, rank 0 prints the merged summary
         _summary(results, as_json=as_json, quiet=quiet)
     if any(r.status == "failed" for r in results):

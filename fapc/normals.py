@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,6 +138,7 @@ def fa_normals(
     seed: int = 0,
     knn: str = "auto",
     consensus: bool = True,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The FA network's normals at ``query_index`` (default all) of finite ``points (N, 3)``
     float64 (centred). ``knn``: ``scipy`` (patches built on the CPU), ``torch`` (exact grid
@@ -144,7 +146,8 @@ def fa_normals(
     ``consensus``: snap normals that straddle a crease onto one face (clean data), smooth
     them with their patch's under heavy noise (:mod:`fapc.consensus`); with ``query_index``
     this runs the network on the queries' patch points too (and on theirs, one hop per
-    snapping pass)."""
+    snapping pass). ``progress(done, total)``: after each batch, in points of work (the
+    network's points, then each consensus pass's)."""
     from fapc.consensus import ConsensusSettings
     from fapc.patches import PatchBuilder, TorchPatchBuilder
 
@@ -171,19 +174,35 @@ def fa_normals(
                     .cpu().numpy() for s in range(0, len(prev), batch_size)]
             sets[h] = np.unique(np.concatenate([prev, *[c.ravel() for c in cand]]))
     run = sets[-1]  # points the network sees
+    rows = [np.searchsorted(run, sets[h]) for h in range(passes - 1, -1, -1)]
+    tick = _ticker(progress, len(run) + sum(len(r) for r in rows))
     out, far = _network_pass(builder, model, run, device=device, batch_size=batch_size,
-                             keep_far=consensus)
+                             keep_far=consensus, tick=tick)
     if consensus:
-        rows = [np.searchsorted(run, sets[h]) for h in range(passes - 1, -1, -1)]
         out["normal"] = consensus_pass(builder, out["normal"], far, run, rows, n=n,
-                                       device=device, batch_size=batch_size)  # (Q, 3)
+                                       device=device, batch_size=batch_size,
+                                       tick=tick)  # (Q, 3)
         pos = rows[-1]  # the queries' rows among the points run
         out["confidence"], out["curvature"] = out["confidence"][pos], out["curvature"][pos]
     return out["normal"], out["confidence"], out["curvature"]
 
 
+def _ticker(progress: Callable[[int, int], None] | None, total: int) -> Callable[[int], None]:
+    """``tick(k)``: ``k`` more points of work done; reports ``progress(done, total)``."""
+    done = 0
+
+    def tick(k: int) -> None:
+        nonlocal done
+        done += k
+        if progress is not None:
+            progress(done, total)
+
+    return tick
+
+
 def _network_pass(builder: Any, model: Any, run: np.ndarray, *,
-                  device: torch.device, batch_size: int, keep_far: bool = False
+                  device: torch.device, batch_size: int, keep_far: bool = False,
+                  tick: Callable[[int], None] | None = None
                   ) -> tuple[dict[str, np.ndarray], torch.Tensor | None]:
     """The network's outputs at the points ``run (M,)``: normal ``(M, 3)``, confidence and
     curvature ``(M,)``, float32 numpy; with ``keep_far`` also each point's far-scale
@@ -202,12 +221,14 @@ def _network_pass(builder: Any, model: Any, run: np.ndarray, *,
             res = run_network(model, patches)
             for key in keys:
                 outs[key].append(res[key].float().cpu().numpy())
+            if tick is not None:
+                tick(len(nb))
     return {key: np.concatenate(outs[key]) for key in keys}, far
 
 
 def consensus_pass(builder: Any, normals: np.ndarray, far: torch.Tensor, run: np.ndarray,
                    rows: list[np.ndarray], *, n: int, device: torch.device,
-                   batch_size: int) -> np.ndarray:
+                   batch_size: int, tick: Callable[[int], None] | None = None) -> np.ndarray:
     """Neighbour consensus (:func:`fapc.consensus.consensus_normals`), given the network's
     ``normals (M, 3)`` and far neighbours ``far (M, k_far)`` at the points ``run (M,)`` of a
     cloud of ``n``. ``rows``: for each pass, the rows of ``run`` it refines (the first pass
@@ -216,7 +237,8 @@ def consensus_pass(builder: Any, normals: np.ndarray, far: torch.Tensor, run: np
     the rows of the pass before, the first's among all of ``run``). A query's candidates are
     its patch's points (near, then far), its support the near scale; on noisy data the
     shipped learned smoothing (:func:`consensus_model`) runs where it is present. Returns
-    the normals ``(Q, 3)`` float32 at the last pass's rows."""
+    the normals ``(Q, 3)`` float32 at the last pass's rows;
+    ``tick(k)`` after each batch of ``k`` rows."""
     from fapc.consensus import ConsensusSettings, consensus_normals, spread
     from fapc.gather import rows as rows_of
 
@@ -264,6 +286,8 @@ def consensus_pass(builder: Any, normals: np.ndarray, far: torch.Tensor, run: np
                         pts, full, spreads, query=q, candidates=cand, support=near,
                         smoother=smoother if p == 0 else None, n_near=near.shape[1],
                         smoother_arrays=arrays, smooth=p == 0)
+                if tick is not None:
+                    tick(len(r))
             changed = (new != full[q_all]).any(1)  # (R,)
             full[q_all] = new
             if p + 1 < len(rows):
@@ -285,6 +309,7 @@ def estimate_normals(
     knn: str = "auto",
     precision: str = "auto",
     consensus: bool = True,
+    progress: Callable[[int, int], None] | None = None,
 ) -> NormalsResult:
     """Estimate unoriented normals, a confidence and the curvature of every point.
 
@@ -310,6 +335,8 @@ def estimate_normals(
             :attr:`fapc.consensus.ConsensusSettings.snap_passes`) and smooths with them under
             heavy noise. With ``query_index`` the network then also runs at the points those
             passes read (the queries' patch points, and theirs, three hops out).
+        progress: called as ``progress(done, total)`` as the work goes on (for ``fa``, in
+            points: the network's, then each consensus pass's; otherwise once, at the end).
 
     Raises:
         FapcError: no finite point, or fewer finite points than a neighbourhood needs.
@@ -361,7 +388,10 @@ def estimate_normals(
         nrm, conf, curv = shape_normals(finite, net, device=dev, query_index=qi_f)
     else:
         nrm, conf, curv = fa_normals(finite, net, device=dev, batch_size=batch_size,
-                                     query_index=qi_f, knn=knn, consensus=consensus)
+                                     query_index=qi_f, knn=knn, consensus=consensus,
+                                     progress=progress)
+    if progress is not None and (net is None or getattr(net.config, "kind", "patch") == "shape"):
+        progress(len(nrm), len(nrm))  # PCA and whole-shape models: one step
     m = len(pts) if query_index is None else len(query_index)
     if ok.all():
         return NormalsResult(nrm, conf, curv, ok)

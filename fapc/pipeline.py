@@ -141,8 +141,10 @@ def _same_file(a: str, b: str) -> bool:
         return os.path.abspath(a) == os.path.abspath(b)
 
 
-def process_file(job: Job, opts: NormalsOptions) -> FileResult:
-    """Read, estimate and write one file; a :class:`FapcError` becomes a failed result."""
+def process_file(job: Job, opts: NormalsOptions, *,
+                 progress: Callable[[int, int], None] | None = None) -> FileResult:
+    """Read, estimate and write one file; a :class:`FapcError` becomes a failed result.
+    ``progress(done, total)``: the estimate's progress (:func:`fapc.estimate_normals`)."""
     t0 = time.perf_counter()
     res = FileResult(job.input, job.output, "failed")
     try:
@@ -181,7 +183,7 @@ def process_file(job: Job, opts: NormalsOptions) -> FileResult:
             est = estimate_normals(cloud.points, method=opts.method, k=opts.k, model=opts.model,
                                    device=opts.device, batch_size=opts.batch_size,
                                    precision=opts.precision,
-                                   consensus=opts.consensus)
+                                   consensus=opts.consensus, progress=progress)
         except FapcError as e:
             raise FapcError(e.reason, path=job.input) from None
         if opts.orient != "none":
@@ -222,8 +224,11 @@ def run_normals(
     output: str | None = None,
     recursive: bool = False,
     on_result: Callable[[FileResult], None] | None = None,
+    on_progress: Callable[[str, int, int], None] | None = None,
 ) -> list[FileResult]:
     """Run ``fapc normals`` over ``inputs``; returns one :class:`FileResult` per job.
+    ``on_result(result)`` after each file; ``on_progress(input, done, total)`` as each
+    file's estimate goes on (in points of work, see :func:`fapc.estimate_normals`).
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) the jobs are split across the ranks (rank ``r``
     takes jobs ``r, r + W, ...``, each on its own GPU when there are GPUs), every file is
@@ -247,7 +252,11 @@ def run_normals(
         mine = list(range(len(jobs)))
     results: list[tuple[int, FileResult]] = []
     for i in mine:
-        r = process_file(jobs[i], opts)
+        tell = None
+        if on_progress is not None:
+            def tell(done: int, total: int, name: str = jobs[i].input) -> None:
+                on_progress(name, done, total)
+        r = process_file(jobs[i], opts, progress=tell)
         for w in r.warnings:
             log.warning("%s: %s", r.input, w)
         results.append((i, r))

@@ -282,3 +282,44 @@ def test_no_consensus_gives_the_networks_own_normals_and_consensus_helps_at_edge
     assert angle_deg(n_off, plain).max() < 1e-3
     err_on, err_off = angle_deg(n_on, gt), angle_deg(n_off, gt)
     assert np.sqrt(np.mean(err_on ** 2)) < 0.8 * np.sqrt(np.mean(err_off ** 2))
+
+
+def test_progress_reports_each_batch_up_to_the_whole_work():
+    from test_consensus import cube_surface
+
+    from fapc.consensus import ConsensusSettings
+    from fapc.normals import estimate_normals
+
+    pts, _ = cube_surface(3000, seed=4)
+    calls: list[tuple[int, int]] = []
+    full = estimate_normals(pts, device="cpu", batch_size=500,
+                            progress=lambda d, t: calls.append((d, t))).normals
+    done, totals = [d for d, _ in calls], {t for _, t in calls}
+    # the network's points, then each consensus pass's, 500 at a time
+    assert totals == {(1 + ConsensusSettings.snap_passes) * len(pts)}
+    assert done == sorted(done) and done[-1] == len(pts) * (1 + ConsensusSettings.snap_passes)
+    assert len(calls) == (1 + ConsensusSettings.snap_passes) * 6
+    same = estimate_normals(pts, device="cpu", batch_size=500).normals  # no effect on results
+    np.testing.assert_array_equal(full, same)
+    calls.clear()
+    q = np.arange(0, 3000, 7)
+    estimate_normals(pts, device="cpu", query_index=q, progress=lambda d, t: calls.append((d, t)))
+    assert calls[-1][0] == calls[-1][1] > len(q)  # the queries' patch points are work too
+    calls.clear()
+    estimate_normals(pts, method="pca", progress=lambda d, t: calls.append((d, t)))
+    assert calls == [(len(pts), len(pts))]
+
+
+def test_batches_report_progress_per_file(tmp_path):
+    from fapc.pipeline import NormalsOptions, run_normals
+
+    for name in ("a.ply", "b.xyz"):
+        write_cloud(tmp_path / name, PointCloud(points=sphere_points(300, seed=len(name))))
+    seen: list[tuple[str, int, int]] = []
+    res = run_normals([str(tmp_path / "a.ply"), str(tmp_path / "b.xyz")],
+                      NormalsOptions(device="cpu"), output=str(tmp_path / "out"),
+                      on_progress=lambda f, d, t: seen.append((os.path.basename(f), d, t)))
+    assert [r.status for r in res] == ["ok", "ok"]
+    for name in ("a.ply", "b.xyz"):
+        last = [s for s in seen if s[0] == name][-1]
+        assert last[1] == last[2] > 0, seen
