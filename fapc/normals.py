@@ -380,18 +380,19 @@ def estimate_normals(
             ok, qi_f = np.ones(len(qi), bool), qi
     else:
         qi_f, ok = None, valid
-    if method == "pca":
-        nrm, conf, curv = pca_normals(finite, k=k, query_index=qi_f)
-    elif getattr(net.config, "kind", "patch") == "shape":
-        from fapc.models.shape_net import shape_normals
-
-        nrm, conf, curv = shape_normals(finite, net, device=dev, query_index=qi_f)
-    else:
+    if method == "fa" and getattr(net.config, "kind", "patch") != "shape":
         nrm, conf, curv = fa_normals(finite, net, device=dev, batch_size=batch_size,
                                      query_index=qi_f, knn=knn, consensus=consensus,
                                      progress=progress)
-    if progress is not None and (net is None or getattr(net.config, "kind", "patch") == "shape"):
-        progress(len(nrm), len(nrm))  # PCA and whole-shape models: one step
+    else:  # PCA, or a whole-shape model: one step
+        if method == "pca":
+            nrm, conf, curv = pca_normals(finite, k=k, query_index=qi_f)
+        else:
+            from fapc.models.shape_net import shape_normals
+
+            nrm, conf, curv = shape_normals(finite, net, device=dev, query_index=qi_f)
+        if progress is not None:
+            progress(len(nrm), len(nrm))
     m = len(pts) if query_index is None else len(query_index)
     if ok.all():
         return NormalsResult(nrm, conf, curv, ok)

@@ -6,6 +6,7 @@ one-line reason and the batch goes on.
 
 from __future__ import annotations
 
+import functools
 import glob
 import logging
 import os
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fapc.errors import FapcError
-from fapc.io import READ_EXTENSIONS, WRITE_EXTENSIONS, read_cloud, write_cloud
+from fapc.io import READ_EXTENSIONS, WRITE_EXTENSIONS, read_cloud, writable_extension, write_cloud
 
 log = logging.getLogger(__name__)
 
@@ -151,10 +152,7 @@ def process_file(job: Job, opts: NormalsOptions, *,
         if job.error:
             raise FapcError(job.error, path=job.input)
         assert job.output is not None
-        ext = os.path.splitext(job.output)[1].lower()
-        if ext not in WRITE_EXTENSIONS:  # before the work, not after it
-            raise FapcError(f"cannot write {job.output}: its extension {ext or '(none)'!r} is "
-                            f"not one of {', '.join(WRITE_EXTENSIONS)}", path=job.input)
+        writable_extension(job.output)  # before the work, not after it
         if _same_file(job.input, job.output):
             raise FapcError("output would overwrite the input; choose another -o",
                             path=job.input)
@@ -252,10 +250,7 @@ def run_normals(
         mine = list(range(len(jobs)))
     results: list[tuple[int, FileResult]] = []
     for i in mine:
-        tell = None
-        if on_progress is not None:
-            def tell(done: int, total: int, name: str = jobs[i].input) -> None:
-                on_progress(name, done, total)
+        tell = None if on_progress is None else functools.partial(on_progress, jobs[i].input)
         r = process_file(jobs[i], opts, progress=tell)
         for w in r.warnings:
             log.warning("%s: %s", r.input, w)

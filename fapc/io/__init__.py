@@ -111,12 +111,21 @@ def read_cloud(
     return cloud
 
 
-def write_cloud(path: str | os.PathLike, cloud: PointCloud, *, ascii: bool = False) -> None:
-    """Write ``cloud`` to ``path`` (format from the extension), atomically."""
+def writable_extension(path: str | os.PathLike) -> str:
+    """The extension of ``path`` (lower case) if we can write that format, else a
+    :class:`FapcError` naming the path."""
     path = os.fspath(path)
     ext = os.path.splitext(path)[1].lower()
     if ext not in WRITE_EXTENSIONS:
-        raise FapcError(f"cannot write '{ext}' (one of {', '.join(WRITE_EXTENSIONS)})", path=path)
+        raise FapcError(f"cannot write: the extension {ext or '(none)'!r} is not one of "
+                        f"{', '.join(WRITE_EXTENSIONS)}", path=path)
+    return ext
+
+
+def write_cloud(path: str | os.PathLike, cloud: PointCloud, *, ascii: bool = False) -> None:
+    """Write ``cloud`` to ``path`` (format from the extension), atomically."""
+    path = os.fspath(path)
+    ext = writable_extension(path)
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
