@@ -6,7 +6,6 @@ neighbourhood and get a zero normal, zero confidence and zero curvature.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from collections.abc import Callable
@@ -72,23 +71,6 @@ CUDA_GRAPHS = True  # replay the network from CUDA graphs (fapc.cuda_graphs)
 CUDA_BATCH = 1 << 18  # query points per batch on CUDA (patches, consensus)
 
 
-@functools.lru_cache(maxsize=4)
-def _cached_model(path: str | None, device: str) -> tuple[Any, dict]:
-    from fapc.models.checkpoint import load_model
-
-    return load_model(path, device=device)
-
-
-def consensus_model(device: torch.device) -> Any:
-    """The shipped learned consensus step (:mod:`fapc.models.consensus_net`) on ``device``,
-    or None where the package holds none (then the fixed smoothing runs)."""
-    from fapc.models.checkpoint import CONSENSUS_MODEL
-
-    if not CONSENSUS_MODEL.exists():
-        return None
-    return _cached_model(str(CONSENSUS_MODEL), str(device))[0]
-
-
 def configure_precision(net: Any, device: torch.device, precision: str = "auto") -> None:
     """Set the model's arithmetic for ``device``: the network in float32 unless
     ``precision="bf16"`` (autocast on its widest product); the weighted fits in float64 on a
@@ -149,6 +131,7 @@ def fa_normals(
     snapping pass). ``progress(done, total)``: after each batch, in points of work (the
     network's points, then each consensus pass's)."""
     from fapc.consensus import ConsensusSettings
+    from fapc.consensus_batches import consensus_pass
     from fapc.patches import PatchBuilder, TorchPatchBuilder
 
     if knn == "auto":
@@ -226,77 +209,6 @@ def _network_pass(builder: Any, model: Any, run: np.ndarray, *,
     return {key: np.concatenate(outs[key]) for key in keys}, far
 
 
-def consensus_pass(builder: Any, normals: np.ndarray, far: torch.Tensor, run: np.ndarray,
-                   rows: list[np.ndarray], *, n: int, device: torch.device,
-                   batch_size: int, tick: Callable[[int], None] | None = None) -> np.ndarray:
-    """Neighbour consensus (:func:`fapc.consensus.consensus_normals`), given the network's
-    ``normals (M, 3)`` and far neighbours ``far (M, k_far)`` at the points ``run (M,)`` of a
-    cloud of ``n``. ``rows``: for each pass, the rows of ``run`` it refines (the first pass
-    snaps or smooths, the later ones snap again with the normals of the pass before, see
-    :attr:`fapc.consensus.ConsensusSettings.snap_passes`; each pass's candidates must be among
-    the rows of the pass before, the first's among all of ``run``). A query's candidates are
-    its patch's points (near, then far), its support the near scale; on noisy data the
-    shipped learned smoothing (:func:`consensus_model`) runs where it is present. Returns
-    the normals ``(Q, 3)`` float32 at the last pass's rows;
-    ``tick(k)`` after each batch of ``k`` rows."""
-    from fapc.consensus import ConsensusSettings, consensus_normals, spread
-    from fapc.gather import rows as rows_of
-
-    dtype = torch.float64 if device.type == "cpu" else torch.float32
-    pts = torch.as_tensor(builder.points, device=device).to(dtype)  # (N, 3)
-    full = torch.zeros(n, 3, dtype=dtype, device=device)
-    run_t = torch.as_tensor(run, device=device)
-    full[run_t] = torch.as_tensor(normals, device=device).to(dtype)
-    spreads = torch.zeros(n, dtype=dtype, device=device)
-    smoother = consensus_model(device)
-
-    def near_of(idx: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(builder.near(builder.as_index(idx)), device=device)
-
-    def update_spreads(at: torch.Tensor) -> None:  # ``at``: rows of run
-        for s in range(0, len(at), batch_size):
-            r = at[s:s + batch_size]
-            spreads[run_t[r]] = spread(pts, full, run_t[r],
-                                       near_of(run[r.cpu().numpy()])[:, :ConsensusSettings.spread_k])
-
-    with torch.inference_mode():
-        update_spreads(torch.arange(len(run), device=device))
-        moved = torch.zeros(n, dtype=torch.bool, device=device)  # (N,) changed by the last pass
-        for p, pass_rows in enumerate(rows):
-            pos_t = torch.as_tensor(pass_rows, device=device)
-            arrays = None  # the learned step's features come from float32 copies (half the cost)
-            if p == 0 and smoother is not None:
-                arrays = (pts.float(), full.float(), spreads.float())
-            q_all = run_t[pos_t]
-            new = full[q_all]  # (R, 3) a copy: rows a later pass skips keep their normal
-            for s in range(0, len(pos_t), batch_size):
-                r = pos_t[s:s + batch_size]  # (B,) rows of run
-                q = run_t[r]
-                near = near_of(run[r.cpu().numpy()])
-                cand = torch.cat([near, far[r].long()], 1)  # (B, k_near + k_far)
-                at = slice(s, s + len(q))
-                if p > 0:  # a later pass repeats the one before (snapping only) where
-                    # nothing it reads moved: the query's normal, its candidates' normals and
-                    # spreads (a spread reads only its own point's normal)
-                    go = (moved[q] | rows_of(moved, cand).any(1)).nonzero().squeeze(1)
-                    q, cand, near = q[go], cand[go], near[go]
-                    at = s + go
-                if len(q):
-                    new[at], _, _ = consensus_normals(
-                        pts, full, spreads, query=q, candidates=cand, support=near,
-                        smoother=smoother if p == 0 else None, n_near=near.shape[1],
-                        smoother_arrays=arrays, smooth=p == 0)
-                if tick is not None:
-                    tick(len(r))
-            changed = (new != full[q_all]).any(1)  # (R,)
-            full[q_all] = new
-            if p + 1 < len(rows):
-                update_spreads(pos_t[changed])
-                moved.zero_()
-                moved[q_all[changed]] = True
-    return full[run_t[torch.as_tensor(rows[-1], device=device)]].float().cpu().numpy()
-
-
 def estimate_normals(
     points: Any,
     *,
@@ -356,7 +268,9 @@ def estimate_normals(
     if method == "fa":
         dev = resolve_device(device)
         if model is None or isinstance(model, (str, os.PathLike)):
-            net, _ = _cached_model(None if model is None else os.fspath(model), str(dev))
+            from fapc.models.checkpoint import cached_model
+
+            net, _ = cached_model(None if model is None else os.fspath(model), str(dev))
         else:
             net = model.to(dev).eval()
         configure_precision(net, dev, precision)

@@ -147,7 +147,7 @@ def test_training_learns_to_beat_its_input():
 
 
 def test_shipped_consensus_model_loads_and_runs_only_on_noisy_data(monkeypatch):
-    import fapc.normals as normals_mod
+    import fapc.consensus_batches as batches_mod
     from fapc.models.checkpoint import CONSENSUS_MODEL, load_model
     from fapc.normals import estimate_normals
 
@@ -158,7 +158,7 @@ def test_shipped_consensus_model_loads_and_runs_only_on_noisy_data(monkeypatch):
     noisy, _ = _noisy_sphere(4000, 0.02, seed=5)
     clean, _ = _noisy_sphere(4000, 0.0, seed=6)
     learned = [estimate_normals(c, device="cpu").normals for c in (noisy, clean)]
-    monkeypatch.setattr(normals_mod, "consensus_model", lambda device: None)
+    monkeypatch.setattr(batches_mod, "consensus_model", lambda device: None)
     fixed = [estimate_normals(c, device="cpu").normals for c in (noisy, clean)]
     assert angle_deg(learned[0], fixed[0]).max() > 0.1  # the learned step ran on noisy data
     np.testing.assert_array_equal(learned[1], fixed[1])  # clean data: its gate stays shut

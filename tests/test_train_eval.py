@@ -371,7 +371,7 @@ def test_cli_fine_tunes_the_shipped_model(tmp_path):
 
 
 def test_jet_normal_does_not_depend_on_how_the_tangent_axes_turn():
-    from fapc.models.normal_net import jet_normal
+    from fapc.models.fits import jet_normal
 
     rng = np.random.default_rng(4)
     uv = rng.uniform(-1, 1, size=(16, 40, 2))

@@ -6,6 +6,7 @@ archive, a renamed file) is refused before any of its bytes are interpreted as c
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import struct
@@ -113,3 +114,10 @@ def load_model(path: str | os.PathLike | None = None, *, device: str | torch.dev
     info = {"config": config, "fapc_version": meta.get("fapc_version"),
             "metrics": json.loads(meta.get("metrics", "{}")), "path": str(p)}
     return model.to(device).eval(), info
+
+
+@functools.lru_cache(maxsize=4)
+def cached_model(path: str | None, device: str) -> tuple[torch.nn.Module, dict]:
+    """:func:`load_model`, kept for reuse: a batch of files loads each model once per device
+    (the same model objects come back, so callers must not change them)."""
+    return load_model(path, device=device)
