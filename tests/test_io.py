@@ -218,3 +218,18 @@ def test_property_random_clouds_round_trip(tmp_path, pts, ints, ext, ascii):
     np.testing.assert_array_equal(back.normals.astype(np.float32), cloud.normals)
     for k, v in cloud.attributes.items():
         np.testing.assert_array_equal(back.attributes[k].astype(v.dtype), v)
+
+
+def test_a_corrupt_npz_or_npy_leaves_no_file_open(tmp_path):
+    import gc
+    import warnings
+
+    for name, data in (("bad.npz", b"PK\x03\x04" + b"\0" * 40), ("bad.npy", b"\x93NUMPY\x01\0x")):
+        p = tmp_path / name
+        p.write_bytes(data)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(FapcError, match="not a readable"):
+                read_cloud(p)
+            gc.collect()
+        assert not [w for w in caught if issubclass(w.category, ResourceWarning)], name

@@ -25,7 +25,8 @@ def _check_points(a: np.ndarray, path: str) -> np.ndarray:
 def read_npy(path: str | os.PathLike) -> PointCloud:
     path = os.fspath(path)
     try:
-        a = np.load(path, allow_pickle=False)
+        with open(path, "rb") as f:  # ours to close, whatever numpy raises
+            a = np.load(f, allow_pickle=False)
     except Exception as e:  # numpy raises many types on a corrupt header (even TokenError)
         raise FormatError(f"not a readable .npy array ({type(e).__name__})", path=path) from None
     a = _check_points(a, path)
@@ -39,7 +40,7 @@ def read_npy(path: str | os.PathLike) -> PointCloud:
 def read_npz(path: str | os.PathLike) -> PointCloud:
     path = os.fspath(path)
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     except Exception as e:  # zip and header errors of every kind
         raise FormatError(f"not a readable .npz archive ({type(e).__name__})", path=path) from None
