@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -18,6 +19,9 @@ class PointCloud:
             intensity, labels, custom properties...). Writers keep their dtypes.
         faces: ``(F, 3)`` int triangle indices when the file was a mesh, else ``None``.
         viewpoint: sensor position ``(3,)`` when the file records one (PCD VIEWPOINT).
+        metadata: file-level facts a writer of the same format reuses, by format (``"las"``:
+            point format, scale, offset and variable-length records, see
+            :mod:`fapc.io.las`); other writers ignore it.
     """
 
     points: np.ndarray
@@ -25,6 +29,7 @@ class PointCloud:
     attributes: dict[str, np.ndarray] = field(default_factory=dict)
     faces: np.ndarray | None = None
     viewpoint: np.ndarray | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         pts = np.asarray(self.points)
@@ -56,4 +61,5 @@ class PointCloud:
             normals=None if self.normals is None else self.normals[sel],
             attributes={k: v[sel] for k, v in self.attributes.items()},
             viewpoint=self.viewpoint,
+            metadata=self.metadata,
         )

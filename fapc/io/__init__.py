@@ -15,14 +15,16 @@ import numpy as np
 from fapc.cloud import PointCloud
 from fapc.errors import FapcError, FormatError
 from fapc.io.arrays import read_npy, read_npz, write_npz
+from fapc.io.las import read_las, write_las
 from fapc.io.mesh import MESH_EXTENSIONS, load_mesh_trimesh, mesh_to_cloud, sample_mesh
 from fapc.io.pcd import read_pcd, write_pcd
 from fapc.io.ply import read_ply, write_ply
 from fapc.io.text import read_text, write_text
 
 TEXT_EXTENSIONS = (".xyz", ".xyzn", ".pts", ".txt", ".csv", ".asc")
-READ_EXTENSIONS = (".ply", ".pcd", ".npy", ".npz") + TEXT_EXTENSIONS + MESH_EXTENSIONS
-WRITE_EXTENSIONS = (".ply", ".pcd", ".npz", ".xyzn", ".xyz", ".txt", ".csv")
+READ_EXTENSIONS = (".ply", ".pcd", ".las", ".laz", ".npy", ".npz") + TEXT_EXTENSIONS + \
+    MESH_EXTENSIONS
+WRITE_EXTENSIONS = (".ply", ".pcd", ".las", ".npz", ".xyzn", ".xyz", ".txt", ".csv")
 
 __all__ = [
     "READ_EXTENSIONS",
@@ -40,6 +42,8 @@ def sniff_format(path: str) -> str:
         head = f.read(64)
     if head.startswith(b"ply"):
         return ".ply"
+    if head.startswith(b"LASF"):
+        return ".las"
     if head.startswith(b"\x93NUMPY"):
         return ".npy"
     if head.startswith(b"PK\x03\x04"):
@@ -87,6 +91,8 @@ def read_cloud(
                                       from_mesh=from_mesh, seed=seed, path=path)
         elif fmt == ".pcd":
             cloud = read_pcd(path)
+        elif fmt in (".las", ".laz"):
+            cloud = read_las(path)
         elif fmt == ".npy":
             cloud = read_npy(path)
         elif fmt == ".npz":
@@ -138,6 +144,8 @@ def write_cloud(path: str | os.PathLike, cloud: PointCloud, *, ascii: bool = Fal
             write_ply(tmp, cloud, ascii=ascii)
         elif ext == ".pcd":
             write_pcd(tmp, cloud, ascii=ascii)
+        elif ext == ".las":
+            write_las(tmp, cloud)
         elif ext == ".npz":
             write_npz(tmp, cloud)
         else:
@@ -147,6 +155,9 @@ def write_cloud(path: str | os.PathLike, cloud: PointCloud, *, ascii: bool = Fal
     except OSError as e:
         _unlink(tmp)
         raise FapcError(f"cannot write output ({e.strerror or e})", path=path) from None
+    except FapcError as e:  # a format's own refusal: name the output, not the temporary file
+        _unlink(tmp)
+        raise FapcError(e.reason, path=path) from None
     except BaseException:
         _unlink(tmp)
         raise

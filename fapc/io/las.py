@@ -1,0 +1,419 @@
+"""LAS reader and writer (uncompressed LAS 1.0 to 1.4, point formats 0 to 10), every field kept.
+
+Reading: positions are the stored integers times the header's scale plus its offset, in
+float64, so georeferenced coordinates keep the file's precision. Each standard field becomes
+an attribute (lower-case names: ``intensity``, ``return_number``, ``number_of_returns``,
+``classification``, ``synthetic``, ``key_point``, ``withheld``, ``overlap``,
+``scanner_channel``, ``scan_direction_flag``, ``edge_of_flight_line``, ``scan_angle_rank`` or
+``scan_angle``, ``user_data``, ``point_source_id``, ``gps_time``, ``red``, ``green``, ``blue``,
+``nir`` and the waveform packet's fields). Extra bytes described by the Extra Bytes VLR become
+attributes under their names (scaled and offset where the descriptor says; members named
+``name[0]``, ``name[1]`` ... join into one ``(N, C)`` attribute); extra bytes named
+``NormalX NormalY NormalZ`` (also ``normal_x ...`` or ``nx ny nz``) become the normals. The
+point format, scale, offset and the (E)VLRs, a coordinate system among them, are kept in
+``cloud.metadata["las"]``.
+
+Writing (always LAS 1.4): a cloud read from LAS keeps its point format, scale, offset and
+records, so a scan comes back with the same integers and coordinate system, plus the new
+fields; any other cloud gets point format 6 (7 when it has ``red green blue``; 8-bit colours
+are widened to LAS's 16 bits) and, per axis, a power-of-ten scale fine enough for its extent.
+Normals are written as extra bytes ``NormalX NormalY NormalZ``; every attribute that is not a
+standard field of the point format becomes extra bytes of its own type, and so does one whose
+values do not fit its field (a float ``intensity``, a ``classification`` past 255: read back,
+it comes as ``intensity_extra``, beside the standard field left at 0).
+
+LAZ (compressed LAS) is refused with a one-line message: decompress it first.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import struct
+from typing import Any
+
+import numpy as np
+
+from fapc.cloud import PointCloud
+from fapc.errors import FapcError, FormatError
+
+_HEADER_FMT = "<4sHH16sBB32s32sHHHIIBHI5I12d"  # the 227 bytes every version has
+_HEADER_SIZE_14 = 375
+_VLR_FMT = "<H16sHH32s"  # 54 bytes
+_EVLR_FMT = "<H16sHQ32s"  # 60 bytes
+_DESCRIPTOR = 192  # bytes per Extra Bytes descriptor
+_EXTRA_TYPES = {1: "u1", 2: "i1", 3: "<u2", 4: "<i2", 5: "<u4", 6: "<i4", 7: "<u8", 8: "<i8",
+                9: "<f4", 10: "<f8"}
+_TYPE_CODES = {(np.dtype(v).kind, np.dtype(v).itemsize): k for k, v in _EXTRA_TYPES.items()}
+_NORMAL_NAMES = (("normalx", "normaly", "normalz"), ("normal_x", "normal_y", "normal_z"),
+                 ("nx", "ny", "nz"))
+_LAZ_HINT = ("LAZ (compressed LAS) is not supported: decompress it first, e.g. "
+             "'laszip -i FILE.laz -o FILE.las' or 'pdal translate FILE.laz FILE.las'")
+
+_XYZ = [("X", "<i4"), ("Y", "<i4"), ("Z", "<i4")]
+_LEGACY = _XYZ + [("intensity", "<u2"), ("_bits", "u1"), ("_class", "u1"),
+                  ("scan_angle_rank", "i1"), ("user_data", "u1"), ("point_source_id", "<u2")]
+_EXTENDED = _XYZ + [("intensity", "<u2"), ("_returns", "u1"), ("_flags", "u1"),
+                    ("classification", "u1"), ("user_data", "u1"), ("scan_angle", "<i2"),
+                    ("point_source_id", "<u2"), ("gps_time", "<f8")]
+_GPS = [("gps_time", "<f8")]
+_RGB = [("red", "<u2"), ("green", "<u2"), ("blue", "<u2")]
+_NIR = [("nir", "<u2")]
+_WAVE = [("wavepacket_index", "u1"), ("wavepacket_offset", "<u8"), ("wavepacket_size", "<u4"),
+         ("return_point_wave_location", "<f4"), ("x_t", "<f4"), ("y_t", "<f4"), ("z_t", "<f4")]
+POINT_FIELDS: dict[int, list[tuple[str, str]]] = {
+    0: _LEGACY, 1: _LEGACY + _GPS, 2: _LEGACY + _RGB, 3: _LEGACY + _GPS + _RGB,
+    4: _LEGACY + _GPS + _WAVE, 5: _LEGACY + _GPS + _RGB + _WAVE,
+    6: _EXTENDED, 7: _EXTENDED + _RGB, 8: _EXTENDED + _RGB + _NIR,
+    9: _EXTENDED + _WAVE, 10: _EXTENDED + _RGB + _NIR + _WAVE,
+}
+# bit fields: (attribute, packed field, shift, bits) per family
+_LEGACY_BITS = [("return_number", "_bits", 0, 3), ("number_of_returns", "_bits", 3, 3),
+                ("scan_direction_flag", "_bits", 6, 1), ("edge_of_flight_line", "_bits", 7, 1),
+                ("classification", "_class", 0, 5), ("synthetic", "_class", 5, 1),
+                ("key_point", "_class", 6, 1), ("withheld", "_class", 7, 1)]
+_EXTENDED_BITS = [("return_number", "_returns", 0, 4), ("number_of_returns", "_returns", 4, 4),
+                  ("synthetic", "_flags", 0, 1), ("key_point", "_flags", 1, 1),
+                  ("withheld", "_flags", 2, 1), ("overlap", "_flags", 3, 1),
+                  ("scanner_channel", "_flags", 4, 2), ("scan_direction_flag", "_flags", 6, 1),
+                  ("edge_of_flight_line", "_flags", 7, 1)]
+
+
+def _bits(fmt: int) -> list[tuple[str, str, int, int]]:
+    return _LEGACY_BITS if fmt < 6 else _EXTENDED_BITS
+
+
+def _cstr(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode("latin-1").strip()
+
+
+def read_las(path: str | os.PathLike) -> PointCloud:
+    """Read an uncompressed LAS file (see the module's docstring)."""
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    if not data.startswith(b"LASF"):
+        raise FormatError("not a LAS file (no LASF signature)", path=path)
+    if len(data) < 227:
+        raise FormatError("truncated LAS header", path=path)
+    h = struct.unpack_from(_HEADER_FMT, data, 0)
+    (_, _, global_encoding, _, major, minor, _, _, _, _, header_size, point_offset, n_vlrs,
+     fmt_id, rec_len, legacy_count) = h[:16]
+    scale, offset = np.array(h[21:24]), np.array(h[24:27])
+    if fmt_id & 0xC0:
+        raise FormatError(_LAZ_HINT, path=path)
+    fmt = fmt_id & 0x3F
+    if fmt not in POINT_FIELDS:
+        raise FormatError(f"unknown LAS point format {fmt}", path=path)
+    count = legacy_count
+    if (major, minor) >= (1, 4) and header_size >= _HEADER_SIZE_14 and len(data) >= 375:
+        evlr_start, n_evlrs, count = struct.unpack_from("<QIQ", data, 235)
+    else:
+        evlr_start, n_evlrs = 0, 0
+    if not np.all(np.isfinite(scale)) or np.any(scale == 0) or not np.all(np.isfinite(offset)):
+        raise FormatError("LAS header has a zero or non-finite scale or offset", path=path)
+    base = np.dtype(POINT_FIELDS[fmt]).itemsize
+    if rec_len < base:
+        raise FormatError(f"LAS point record length {rec_len} is shorter than point format "
+                          f"{fmt}'s {base} bytes", path=path)
+    if header_size < 227 or point_offset < header_size or point_offset > len(data):
+        raise FormatError("bad LAS header (header size or offset to the points)", path=path)
+    if count * rec_len > len(data) - point_offset:
+        raise FormatError(f"truncated: the header declares {count} points "
+                          f"({count * rec_len} bytes), {len(data) - point_offset} follow",
+                          path=path)
+    records = []  # (user_id, record_id, description, payload, extended)
+    pos = header_size
+    for _ in range(n_vlrs):
+        if pos + 54 > point_offset:
+            raise FormatError("LAS variable-length records run into the point data", path=path)
+        _, user, rid, length, desc = struct.unpack_from(_VLR_FMT, data, pos)
+        if pos + 54 + length > point_offset:
+            raise FormatError("LAS variable-length records run into the point data", path=path)
+        records.append((_cstr(user), rid, _cstr(desc), data[pos + 54:pos + 54 + length], False))
+        pos += 54 + length
+    if n_evlrs and evlr_start >= point_offset + count * rec_len:
+        pos = evlr_start
+        for _ in range(n_evlrs):
+            if pos + 60 > len(data):
+                break  # a damaged tail: the points are still good
+            _, user, rid, length, desc = struct.unpack_from(_EVLR_FMT, data, pos)
+            if pos + 60 + length > len(data):
+                break
+            records.append((_cstr(user), rid, _cstr(desc), data[pos + 60:pos + 60 + length],
+                            True))
+            pos += 60 + length
+    extra = _extra_fields(records, rec_len - base, base)
+    std = np.dtype(POINT_FIELDS[fmt])
+    names = list(std.names) + [e[0] for e in extra]
+    formats = [std.fields[n][0] for n in std.names] + [e[1] for e in extra]
+    offsets = [std.fields[n][1] for n in std.names] + [e[2] for e in extra]
+    dt = np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": rec_len})
+    rows = np.frombuffer(data, dt, count, point_offset)
+    points = np.stack([rows[c].astype(np.float64) * scale[i] + offset[i]
+                       for i, c in enumerate("XYZ")], 1)
+    attrs: dict[str, np.ndarray] = {}
+    for name, packed, shift, nbits in _bits(fmt):
+        attrs[name] = ((rows[packed] >> shift) & ((1 << nbits) - 1)).astype(np.uint8)
+    for name, _ in POINT_FIELDS[fmt][3:]:
+        if not name.startswith("_"):
+            attrs[name] = rows[name].astype(rows.dtype[name].newbyteorder("="))
+    extras = _decode_extra(rows, extra)
+    normals = None
+    lower = {k.lower(): k for k in extras}
+    for trio in _NORMAL_NAMES:
+        if all(t in lower for t in trio):
+            normals = np.stack([extras.pop(lower[t]) for t in trio], 1)
+            break
+    for name, arr in extras.items():
+        key = name
+        while key in attrs:
+            key += "_extra"
+        attrs[key] = arr
+    kept = [r for r in records if not (r[0] == "LASF_Spec" and r[1] == 4)]
+    meta = {"point_format": fmt, "scale": scale, "offset": offset,
+            "global_encoding": global_encoding, "records": kept}
+    return PointCloud(points=points, normals=normals, attributes=attrs, metadata={"las": meta})
+
+
+def _extra_fields(records: list, n_bytes: int, base: int
+                  ) -> list[tuple[str, str, int, float, float, int]]:
+    """``(name, dtype, byte offset, scale, offset, options)`` of each described extra-bytes
+    field; bytes nobody describes become one ``extra_bytes`` field of raw ``uint8``."""
+    out: list[tuple[str, str, int, float, float, int]] = []
+    at = 0
+    for user, rid, _, payload, _ in records:
+        if user != "LASF_Spec" or rid != 4:
+            continue
+        for k in range(len(payload) // _DESCRIPTOR):
+            d = payload[k * _DESCRIPTOR:(k + 1) * _DESCRIPTOR]
+            dtype_code, options = d[2], d[3]
+            name = _cstr(d[4:36]) or f"extra_{k}"
+            sc, off = struct.unpack_from("<d", d, 112)[0], struct.unpack_from("<d", d, 136)[0]
+            if dtype_code == 0:
+                size, t = options, f"V{max(options, 1)}"
+            elif dtype_code in _EXTRA_TYPES:
+                t = _EXTRA_TYPES[dtype_code]
+                size = np.dtype(t).itemsize
+            else:
+                break  # deprecated or reserved types: the rest stays undescribed
+            if size == 0 or at + size > n_bytes:
+                break
+            out.append((f"e{len(out)}:{name}", t, base + at, sc, off, options if dtype_code else 0))
+            at += size
+        break
+    if at < n_bytes:
+        out.append((f"e{len(out)}:extra_bytes", f"V{n_bytes - at}", base + at, 1.0, 0.0, 0))
+    return out
+
+
+def _decode_extra(rows: np.ndarray, extra: list) -> dict[str, np.ndarray]:
+    """Extra-bytes fields as attributes; ``name[0]``, ``name[1]`` ... of one type join."""
+    cols: dict[str, np.ndarray] = {}
+    for key, t, _, sc, off, options in extra:
+        name = key.split(":", 1)[1]
+        v = rows[key]
+        if t.startswith("V"):
+            v = np.frombuffer(np.ascontiguousarray(v).tobytes(), np.uint8).reshape(len(rows), -1)
+        else:
+            v = np.ascontiguousarray(v).astype(np.dtype(t).newbyteorder("="))
+            if options & 0b11000:  # scale and/or offset apply
+                v = v.astype(np.float64) * (sc if options & 0b1000 else 1.0) + \
+                    (off if options & 0b10000 else 0.0)
+        while name in cols:
+            name += "_"
+        cols[name] = v
+    out: dict[str, np.ndarray] = {}
+    names = list(cols)
+    i = 0
+    while i < len(names):
+        name = names[i]
+        if name.endswith("[0]"):
+            stem, j = name[:-3], 1
+            while (i + j < len(names) and names[i + j] == f"{stem}[{j}]"
+                   and cols[names[i + j]].dtype == cols[name].dtype
+                   and cols[names[i + j]].ndim == 1):
+                j += 1
+            if j > 1 and cols[name].ndim == 1 and stem not in cols:
+                out[stem] = np.stack([cols[names[i + m]] for m in range(j)], 1)
+                i += j
+                continue
+        out[name] = cols[name]
+        i += 1
+    return out
+
+
+def write_las(path: str | os.PathLike, cloud: PointCloud) -> None:
+    """Write ``cloud`` as LAS 1.4 (see the module's docstring)."""
+    path = os.fspath(path)
+    pts = np.asarray(cloud.points, np.float64)
+    if not np.isfinite(pts).all():
+        raise FapcError("LAS cannot store NaN/inf coordinates (use --drop-invalid)", path=path)
+    n = len(pts)
+    meta: dict[str, Any] = dict(cloud.metadata.get("las") or {})
+    attrs = dict(cloud.attributes)
+    fmt = meta.get("point_format")
+    if fmt is None:
+        _widen_colours(attrs)
+        fmt = 7 if all(c in attrs and attrs[c].dtype == np.uint16 and attrs[c].ndim == 1
+                       for c in ("red", "green", "blue")) else 6
+    fmt = int(fmt)
+    if fmt not in POINT_FIELDS:
+        raise FapcError(f"unknown LAS point format {fmt} in the cloud's metadata", path=path)
+    scale, offset = _quantisation(pts, meta)
+    ints = np.round((pts - offset) / scale)
+    if len(ints) and (ints.min() < -(2**31) or ints.max() > 2**31 - 1):
+        raise FapcError("coordinates do not fit LAS's 32-bit integers at the file's scale",
+                        path=path)
+    # the standard fields of this point format, from the attributes of that name that fit
+    # them; one that does not (a float intensity, a label past 255) goes into extra bytes
+    std = _standard_values(fmt, attrs)
+    extra_cols: list[tuple[str, np.ndarray]] = []
+    if cloud.normals is not None:
+        nrm = np.asarray(cloud.normals)
+        nrm = nrm if nrm.dtype in (np.float32, np.float64) else nrm.astype(np.float32)
+        extra_cols += [("NormalX", nrm[:, 0]), ("NormalY", nrm[:, 1]), ("NormalZ", nrm[:, 2])]
+    for name, arr in attrs.items():
+        if name in std:
+            continue
+        arr = np.asarray(arr)
+        if arr.dtype == np.bool_:
+            arr = arr.astype(np.uint8)
+        if (arr.dtype.kind, arr.dtype.itemsize) not in _TYPE_CODES:
+            raise FapcError(f"attribute {name!r} of type {arr.dtype} cannot be LAS extra bytes",
+                            path=path)
+        if arr.ndim == 1:
+            extra_cols.append((name, arr))
+        else:
+            extra_cols += [(f"{name}[{j}]", arr[:, j]) for j in range(arr.shape[1])]
+    fields = POINT_FIELDS[fmt]
+    names = [f for f, _ in fields] + [f"e{i}" for i in range(len(extra_cols))]
+    formats = [t for _, t in fields] + [np.dtype(a.dtype).newbyteorder("<").str
+                                        for _, a in extra_cols]
+    rows = np.zeros(n, np.dtype({"names": names, "formats": formats}))
+    for i, c in enumerate("XYZ"):
+        rows[c] = ints[:, i]
+    for name, packed, shift, nbits in _bits(fmt):
+        default = 1 if name in ("return_number", "number_of_returns") else 0
+        v = std.get(name, np.full(n, default))
+        rows[packed] |= ((v & ((1 << nbits) - 1)) << shift).astype(np.uint8)
+    for name, _ in fields[3:]:
+        if name in std:
+            rows[name] = std[name]
+    for i, (_, arr) in enumerate(extra_cols):
+        rows[f"e{i}"] = arr
+    extra_cols = _unique_names(extra_cols)
+    records = [r for r in meta.get("records", []) if not (r[0] == "LASF_Spec" and r[1] == 4)]
+    if extra_cols:
+        records.insert(0, ("LASF_Spec", 4, "extra bytes",
+                           b"".join(_descriptor(nm, a.dtype) for nm, a in extra_cols), False))
+    vlrs = [r for r in records if not r[4] and len(r[3]) < 65536]
+    evlrs = [r for r in records if r not in vlrs]
+    vlr_bytes = b"".join(struct.pack(_VLR_FMT, 0, _pad(r[0], 16), r[1], len(r[3]),
+                                     _pad(r[2], 32)) + r[3] for r in vlrs)
+    evlr_bytes = b"".join(struct.pack(_EVLR_FMT, 0, _pad(r[0], 16), r[1], len(r[3]),
+                                      _pad(r[2], 32)) + r[3] for r in evlrs)
+    point_offset = _HEADER_SIZE_14 + len(vlr_bytes)
+    rec_len = rows.dtype.itemsize
+    returns = np.asarray(attrs.get("return_number", np.ones(n)), np.int64)
+    by_return = [int((returns == r).sum()) for r in range(1, 16)]
+    legacy = fmt < 6 and n < 2**32
+    encoding = int(meta.get("global_encoding", 0)) | (0b10000 if fmt >= 6 else 0)
+    today = datetime.datetime.now(datetime.timezone.utc).timetuple()
+    lo = ints.min(0) * scale + offset if n else np.zeros(3)
+    hi = ints.max(0) * scale + offset if n else np.zeros(3)
+    from fapc import __version__
+
+    header = struct.pack(
+        _HEADER_FMT, b"LASF", 0, encoding, b"\0" * 16, 1, 4, _pad("fapc", 32),
+        _pad(f"fapc {__version__}", 32), today.tm_yday, today.tm_year, _HEADER_SIZE_14,
+        point_offset, len(vlrs), fmt, rec_len, n if legacy else 0,
+        *[c if legacy else 0 for c in by_return[:5]],
+        *scale, *offset, hi[0], lo[0], hi[1], lo[1], hi[2], lo[2])
+    evlr_start = point_offset + n * rec_len if evlrs else 0
+    header += struct.pack("<QQIQ15Q", 0, evlr_start, len(evlrs), n, *by_return)
+    with open(path, "wb") as f:
+        f.write(header)
+        f.write(vlr_bytes)
+        f.write(rows.tobytes())
+        f.write(evlr_bytes)
+
+
+def _standard_values(fmt: int, attrs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The attributes that can fill point format ``fmt``'s standard fields: by name, 1-D,
+    and within the field's range (integers for integer fields; any numbers for float ones);
+    as int64 or float64."""
+    ranges: dict[str, tuple[float, float] | None] = {
+        name: (0, (1 << nbits) - 1) for name, _, _, nbits in _bits(fmt)}
+    for name, t in POINT_FIELDS[fmt][3:]:
+        if not name.startswith("_"):
+            kind = np.dtype(t)
+            ranges[name] = (np.iinfo(kind).min, np.iinfo(kind).max) if kind.kind in "iu" else None
+    out: dict[str, np.ndarray] = {}
+    for name, rng in ranges.items():
+        v = np.asarray(attrs.get(name, np.zeros((0, 0))))
+        if v.ndim != 1 or v.dtype.kind not in "iufb":
+            continue
+        if rng is None:
+            out[name] = v.astype(np.float64)
+            continue
+        if v.dtype.kind == "f" and not np.all(np.mod(v, 1) == 0):
+            continue  # not integer-valued (NaN included)
+        if len(v) and (v.min() < rng[0] or v.max() > rng[1]):
+            continue
+        out[name] = v.astype(np.int64)
+    return out
+
+
+def _unique_names(cols: list[tuple[str, np.ndarray]]) -> list[tuple[str, np.ndarray]]:
+    """Extra-bytes names as written: none the same as a standard field's of any point format
+    (readers such as laspy refuse a file where they meet), none twice, 32 bytes at most; a
+    clash gets ``_extra`` appended."""
+    reserved = {"x", "y", "z"} | {n.lower() for f in POINT_FIELDS.values() for n, _ in f} | \
+        {b[0] for b in _LEGACY_BITS + _EXTENDED_BITS}
+    out: list[tuple[str, np.ndarray]] = []
+    for name, arr in cols:
+        name = name.encode("ascii", "replace")[:32].decode("ascii")
+        while name.lower() in reserved:
+            name = name[:26] + "_extra"
+        reserved.add(name.lower())
+        out.append((name, arr))
+    return out
+
+
+def _widen_colours(attrs: dict[str, np.ndarray]) -> None:
+    """8-bit ``red green blue`` (PLY's usual colours) -> LAS's 16 bits (x 257: 255 -> 65535)."""
+    if all(c in attrs and np.asarray(attrs[c]).dtype == np.uint8 and attrs[c].ndim == 1
+           for c in ("red", "green", "blue")):
+        for c in ("red", "green", "blue"):
+            attrs[c] = attrs[c].astype(np.uint16) * 257
+
+
+def _quantisation(pts: np.ndarray, meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """``scale (3,)``, ``offset (3,)``: the cloud's own where it came from LAS, else per axis
+    the extent's midpoint and the largest power of ten that keeps the whole extent within
+    LAS's 32-bit integers (at least 1e-9; 1e-3 for a flat axis)."""
+    if "scale" in meta and "offset" in meta:
+        return np.asarray(meta["scale"], np.float64), np.asarray(meta["offset"], np.float64)
+    if not len(pts):
+        return np.full(3, 1e-3), np.zeros(3)
+    lo, hi = pts.min(0), pts.max(0)
+    extent = hi - lo
+    with np.errstate(divide="ignore"):
+        scale = 10.0 ** np.ceil(np.log10(extent / (2.0**32 - 4)))
+    scale = np.where(extent > 0, np.maximum(scale, 1e-9), 1e-3)
+    offset = np.round((lo + hi) / 2 / scale) * scale
+    return scale, offset
+
+
+def _descriptor(name: str, dtype: np.dtype) -> bytes:
+    """One 192-byte Extra Bytes descriptor (no scale, offset, min, max or no-data)."""
+    d = bytearray(_DESCRIPTOR)
+    d[2] = _TYPE_CODES[(np.dtype(dtype).kind, np.dtype(dtype).itemsize)]
+    d[4:36] = _pad(name, 32)
+    return bytes(d)
+
+
+def _pad(text: str, size: int) -> bytes:
+    raw = text.encode("ascii", "replace")[:size]
+    return raw + b"\0" * (size - len(raw))
