@@ -30,7 +30,7 @@ def _seed_files(tmp_path_factory) -> dict[str, bytes]:
                                    "label": np.arange(20, dtype=np.int32)})
         for name, ascii in [("a.ply", True), ("b.ply", False), ("c.pcd", True), ("d.pcd", False),
                             ("e.xyz", False), ("f.csv", False), ("g.npz", False),
-                            ("l.las", False)]:
+                            ("l.las", False), ("m.laz", False)]:
             write_cloud(d / name, c, ascii=ascii)
             _SEEDS[name] = (d / name).read_bytes()
         _SEEDS["h.obj"] = b"v 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 3\n"
@@ -61,9 +61,9 @@ _mutation = st.tuples(st.sampled_from(["truncate", "flip", "insert", "zero"]),
                       st.floats(0, 1), st.binary(min_size=1, max_size=8))
 
 
-@settings(max_examples=300, deadline=2000, suppress_health_check=list(HealthCheck))
+@settings(max_examples=600, deadline=2000, suppress_health_check=list(HealthCheck))
 @given(name=st.sampled_from(["a.ply", "b.ply", "c.pcd", "d.pcd", "e.xyz", "f.csv", "g.npz",
-                             "h.obj", "i.npy", "j.off", "k.stl", "l.las"]),
+                             "h.obj", "i.npy", "j.off", "k.stl", "l.las", "m.laz"]),
        mutations=st.lists(_mutation, min_size=1, max_size=4))
 def test_mutated_files_never_crash(tmp_path_factory, name, mutations):
     data = bytearray(_seed_files(tmp_path_factory)[name])

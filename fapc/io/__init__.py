@@ -24,7 +24,7 @@ from fapc.io.text import read_text, write_text
 TEXT_EXTENSIONS = (".xyz", ".xyzn", ".pts", ".txt", ".csv", ".asc")
 READ_EXTENSIONS = (".ply", ".pcd", ".las", ".laz", ".npy", ".npz") + TEXT_EXTENSIONS + \
     MESH_EXTENSIONS
-WRITE_EXTENSIONS = (".ply", ".pcd", ".las", ".npz", ".xyzn", ".xyz", ".txt", ".csv")
+WRITE_EXTENSIONS = (".ply", ".pcd", ".las", ".laz", ".npz", ".xyzn", ".xyz", ".txt", ".csv")
 
 __all__ = [
     "READ_EXTENSIONS",
@@ -144,8 +144,8 @@ def write_cloud(path: str | os.PathLike, cloud: PointCloud, *, ascii: bool = Fal
             write_ply(tmp, cloud, ascii=ascii)
         elif ext == ".pcd":
             write_pcd(tmp, cloud, ascii=ascii)
-        elif ext == ".las":
-            write_las(tmp, cloud)
+        elif ext in (".las", ".laz"):
+            write_las(tmp, cloud, compress=ext == ".laz")
         elif ext == ".npz":
             write_npz(tmp, cloud)
         else:

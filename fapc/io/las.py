@@ -22,12 +22,15 @@ standard field of the point format becomes extra bytes of its own type, and so d
 values do not fit its field (a float ``intensity``, a ``classification`` past 255: read back,
 it comes as ``intensity_extra``, beside the standard field left at 0).
 
-LAZ (compressed LAS) is refused with a one-line message: decompress it first.
+LAZ (compressed LAS, ``.laz``) is read and written through ``lazrs`` (a binding of the LASzip
+codec in Rust): it decompresses the points into the same records, which this module then
+reads, and compresses the records this module lays out.
 """
 
 from __future__ import annotations
 
 import datetime
+import io
 import os
 import struct
 from typing import Any
@@ -47,8 +50,8 @@ _EXTRA_TYPES = {1: "u1", 2: "i1", 3: "<u2", 4: "<i2", 5: "<u4", 6: "<i4", 7: "<u
 _TYPE_CODES = {(np.dtype(v).kind, np.dtype(v).itemsize): k for k, v in _EXTRA_TYPES.items()}
 _NORMAL_NAMES = (("normalx", "normaly", "normalz"), ("normal_x", "normal_y", "normal_z"),
                  ("nx", "ny", "nz"))
-_LAZ_HINT = ("LAZ (compressed LAS) is not supported: decompress it first, e.g. "
-             "'laszip -i FILE.laz -o FILE.las' or 'pdal translate FILE.laz FILE.las'")
+_LASZIP = ("laszip encoded", 22204)  # the LASzip VLR's user and record id
+_LAZ_RATIO = 1000  # LAZ data holds at most this many times its size in point records
 
 _XYZ = [("X", "<i4"), ("Y", "<i4"), ("Z", "<i4")]
 _LEGACY = _XYZ + [("intensity", "<u2"), ("_bits", "u1"), ("_class", "u1"),
@@ -87,6 +90,46 @@ def _cstr(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode("latin-1").strip()
 
 
+def _lazrs(path: str) -> Any:
+    try:
+        import lazrs
+    except ImportError:
+        raise FapcError("LAZ needs the lazrs package (pip install lazrs)", path=path) from None
+    return lazrs
+
+
+def _decompress(data: bytes, point_offset: int, laszip: bytes, size: int, path: str) -> bytes:
+    """The ``size`` bytes of point records that the LAZ file ``data`` compresses."""
+    lazrs = _lazrs(path)
+    _check_chunk_table(data, point_offset, size, path)
+    out = bytearray(size)
+    src = io.BytesIO(data)  # the chunk table's offset is from the start of the file
+    src.seek(point_offset)
+    try:
+        lazrs.LasZipDecompressor(src, laszip).decompress_many(out)
+    except Exception as e:  # lazrs raises its own error types on corrupt data
+        msg = f"corrupt LAZ data ({type(e).__name__}: {e})".splitlines()[0]
+        raise FormatError(msg[:300], path=path) from None
+    return bytes(out)
+
+
+def _check_chunk_table(data: bytes, point_offset: int, size: int, path: str) -> None:
+    """Refuse a LAZ chunk table that claims more chunks than the file could hold: lazrs
+    allocates the table before reading it, and an allocation that fails aborts the process
+    (a corrupt count once asked for 60 GB), which would end a whole batch."""
+    if len(data) - point_offset < 8:
+        raise FormatError("corrupt LAZ data (no offset to the chunk table)", path=path)
+    table_at = struct.unpack_from("<q", data, point_offset)[0]
+    if table_at == -1:  # written without a table (streaming); lazrs reads on sequentially
+        return
+    if not point_offset + 8 <= table_at <= len(data) - 8:
+        raise FormatError("corrupt LAZ data (the chunk table lies outside the file)", path=path)
+    chunks = struct.unpack_from("<I", data, table_at + 4)[0]
+    if chunks > min(size, len(data)) + 1:
+        raise FormatError(f"corrupt LAZ data (the chunk table claims {chunks} chunks)",
+                          path=path)
+
+
 def read_las(path: str | os.PathLike) -> PointCloud:
     """Read an uncompressed LAS file (see the module's docstring)."""
     path = os.fspath(path)
@@ -100,8 +143,7 @@ def read_las(path: str | os.PathLike) -> PointCloud:
     (_, _, global_encoding, _, major, minor, _, _, _, _, header_size, point_offset, n_vlrs,
      fmt_id, rec_len, legacy_count) = h[:16]
     scale, offset = np.array(h[21:24]), np.array(h[24:27])
-    if fmt_id & 0xC0:
-        raise FormatError(_LAZ_HINT, path=path)
+    compressed = bool(fmt_id & 0x80)
     fmt = fmt_id & 0x3F
     if fmt not in POINT_FIELDS:
         raise FormatError(f"unknown LAS point format {fmt}", path=path)
@@ -118,10 +160,10 @@ def read_las(path: str | os.PathLike) -> PointCloud:
                           f"{fmt}'s {base} bytes", path=path)
     if header_size < 227 or point_offset < header_size or point_offset > len(data):
         raise FormatError("bad LAS header (header size or offset to the points)", path=path)
-    if count * rec_len > len(data) - point_offset:
+    stored = len(data) - point_offset
+    if count * rec_len > (stored * _LAZ_RATIO if compressed else stored):
         raise FormatError(f"truncated: the header declares {count} points "
-                          f"({count * rec_len} bytes), {len(data) - point_offset} follow",
-                          path=path)
+                          f"({count * rec_len} bytes), {stored} bytes follow", path=path)
     records = []  # (user_id, record_id, description, payload, extended)
     pos = header_size
     for _ in range(n_vlrs):
@@ -132,7 +174,7 @@ def read_las(path: str | os.PathLike) -> PointCloud:
             raise FormatError("LAS variable-length records run into the point data", path=path)
         records.append((_cstr(user), rid, _cstr(desc), data[pos + 54:pos + 54 + length], False))
         pos += 54 + length
-    if n_evlrs and evlr_start >= point_offset + count * rec_len:
+    if n_evlrs and evlr_start >= point_offset + (0 if compressed else count * rec_len):
         pos = evlr_start
         for _ in range(n_evlrs):
             if pos + 60 > len(data):
@@ -149,7 +191,14 @@ def read_las(path: str | os.PathLike) -> PointCloud:
     formats = [std.fields[n][0] for n in std.names] + [e[1] for e in extra]
     offsets = [std.fields[n][1] for n in std.names] + [e[2] for e in extra]
     dt = np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": rec_len})
-    rows = np.frombuffer(data, dt, count, point_offset)
+    if compressed:
+        laszip = next((r for r in records if (r[0], r[1]) == _LASZIP), None)
+        if laszip is None:
+            raise FormatError("LAZ file without its LASzip record", path=path)
+        buf, start = _decompress(data, point_offset, laszip[3], count * rec_len, path), 0
+    else:
+        buf, start = data, point_offset
+    rows = np.frombuffer(buf, dt, count, start)
     points = np.stack([rows[c].astype(np.float64) * scale[i] + offset[i]
                        for i, c in enumerate("XYZ")], 1)
     attrs: dict[str, np.ndarray] = {}
@@ -170,7 +219,7 @@ def read_las(path: str | os.PathLike) -> PointCloud:
         while key in attrs:
             key += "_extra"
         attrs[key] = arr
-    kept = [r for r in records if not (r[0] == "LASF_Spec" and r[1] == 4)]
+    kept = [r for r in records if (r[0], r[1]) not in (("LASF_Spec", 4), _LASZIP)]
     meta = {"point_format": fmt, "scale": scale, "offset": offset,
             "global_encoding": global_encoding, "records": kept}
     return PointCloud(points=points, normals=normals, attributes=attrs, metadata={"las": meta})
@@ -243,8 +292,8 @@ def _decode_extra(rows: np.ndarray, extra: list) -> dict[str, np.ndarray]:
     return out
 
 
-def write_las(path: str | os.PathLike, cloud: PointCloud) -> None:
-    """Write ``cloud`` as LAS 1.4 (see the module's docstring)."""
+def write_las(path: str | os.PathLike, cloud: PointCloud, *, compress: bool = False) -> None:
+    """Write ``cloud`` as LAS 1.4, or LAZ with ``compress`` (see the module's docstring)."""
     path = os.fspath(path)
     pts = np.asarray(cloud.points, np.float64)
     if not np.isfinite(pts).all():
@@ -303,10 +352,16 @@ def write_las(path: str | os.PathLike, cloud: PointCloud) -> None:
     for i, (_, arr) in enumerate(extra_cols):
         rows[f"e{i}"] = arr
     extra_cols = _unique_names(extra_cols)
-    records = [r for r in meta.get("records", []) if not (r[0] == "LASF_Spec" and r[1] == 4)]
+    records = [r for r in meta.get("records", [])
+               if (r[0], r[1]) not in (("LASF_Spec", 4), _LASZIP)]
     if extra_cols:
         records.insert(0, ("LASF_Spec", 4, "extra bytes",
                            b"".join(_descriptor(nm, a.dtype) for nm, a in extra_cols), False))
+    laz = None
+    if compress:
+        laz = _lazrs(path).LazVlr.new_for_compression(fmt, rows.dtype.itemsize -
+                                                       np.dtype(POINT_FIELDS[fmt]).itemsize)
+        records.append((*_LASZIP, "by fapc", bytes(laz.record_data()), False))
     vlrs = [r for r in records if not r[4] and len(r[3]) < 65536]
     evlrs = [r for r in records if r not in vlrs]
     vlr_bytes = b"".join(struct.pack(_VLR_FMT, 0, _pad(r[0], 16), r[1], len(r[3]),
@@ -327,16 +382,26 @@ def write_las(path: str | os.PathLike, cloud: PointCloud) -> None:
     header = struct.pack(
         _HEADER_FMT, b"LASF", 0, encoding, b"\0" * 16, 1, 4, _pad("fapc", 32),
         _pad(f"fapc {__version__}", 32), today.tm_yday, today.tm_year, _HEADER_SIZE_14,
-        point_offset, len(vlrs), fmt, rec_len, n if legacy else 0,
+        point_offset, len(vlrs), fmt | (0x80 if laz else 0), rec_len, n if legacy else 0,
         *[c if legacy else 0 for c in by_return[:5]],
         *scale, *offset, hi[0], lo[0], hi[1], lo[1], hi[2], lo[2])
-    evlr_start = point_offset + n * rec_len if evlrs else 0
-    header += struct.pack("<QQIQ15Q", 0, evlr_start, len(evlrs), n, *by_return)
+    head = bytearray(header + struct.pack("<QQIQ15Q", 0, 0, len(evlrs), n, *by_return))
+    out = io.BytesIO()
+    out.write(head + vlr_bytes)
+    if laz is None:
+        out.write(rows.tobytes())
+    else:  # the chunk table's offset is written from the start of the file: compress in place
+        compressor = _lazrs(path).LasZipCompressor(out, laz)
+        compressor.compress_many(rows.tobytes())
+        compressor.done()
+        out.seek(0, io.SEEK_END)
+    if evlrs:
+        struct.pack_into("<Q", head, 235, out.tell())  # the start of the first EVLR
+        out.write(evlr_bytes)
+        out.seek(0)
+        out.write(head)
     with open(path, "wb") as f:
-        f.write(header)
-        f.write(vlr_bytes)
-        f.write(rows.tobytes())
-        f.write(evlr_bytes)
+        f.write(out.getbuffer())
 
 
 def _standard_values(fmt: int, attrs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
