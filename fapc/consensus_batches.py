@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fapc.memory import trim_heap, trim_now
+
 
 def consensus_model(device: torch.device) -> Any:
     """The shipped learned consensus step (:mod:`fapc.models.consensus_net`) on ``device``,
@@ -66,6 +68,8 @@ def consensus_pass(builder: Any, normals: np.ndarray, far: torch.Tensor, run: np
             q_all = run_t[pos_t]
             new = full[q_all]  # (R, 3) a copy: rows a later pass skips keep their normal
             for s in range(0, len(pos_t), batch_size):
+                if trim_now(s // batch_size):
+                    trim_heap()
                 r = pos_t[s:s + batch_size]  # (B,) rows of run
                 q = run_t[r]
                 near = near_of(run[r.cpu().numpy()])

@@ -165,8 +165,12 @@ class PatchBuilder:
         self.near_all: np.ndarray | None = None
         self.smooth: np.ndarray | None = None
         if spec.far_smooth:
-            _, near = self.tree.query(self.points, k=spec.k_near, workers=-1)
-            self.near_all = np.asarray(near, np.int64).reshape(n, -1)
+            # in blocks, kept as int32: one query of every point would hold its distances
+            # and int64 indices at once, 512 bytes per point, the run's peak memory
+            self.near_all = np.empty((n, spec.k_near), np.int32 if n < 2**31 else np.int64)
+            for b in range(0, n, 1 << 17):
+                _, near = self.tree.query(self.points[b:b + (1 << 17)], k=spec.k_near, workers=-1)
+                self.near_all[b:b + (1 << 17)] = np.asarray(near).reshape(-1, spec.k_near)
             self.smooth = self.points
             for _ in range(int(spec.far_smooth)):
                 self.smooth = smoothed_positions(self.smooth, self.near_all)
@@ -188,7 +192,7 @@ class PatchBuilder:
     def near(self, index: np.ndarray) -> np.ndarray:
         """``(M,)`` point indices -> ``(M, k_near)`` their nearest points, nearest first."""
         if self.near_all is not None:
-            return self.near_all[index]
+            return self.near_all[index].astype(np.int64)
         _, near = self.tree.query(self.points[index], k=self.spec.k_near, workers=-1)
         return np.asarray(near, np.int64).reshape(len(index), -1)
 
