@@ -255,6 +255,10 @@ def _info_one(file: Path, cloud: PointCloud, *, as_json: bool) -> None:
         "attributes": {k: f"{v.dtype}{'' if v.ndim == 1 else f'x{v.shape[1]}'}"
                        for k, v in cloud.attributes.items()},
     }
+    if "las" in cloud.metadata:
+        from fapc.io.las import describe
+
+        data["las"] = describe(cloud.metadata["las"])
     if as_json:
         typer.echo(json.dumps(data))
         return
@@ -264,8 +268,13 @@ def _info_one(file: Path, cloud: PointCloud, *, as_json: bool) -> None:
     for key in ("format", "points", "non_finite", "dtype", "normals", "faces"):
         t.add_row(key, f"{data[key]:,}" if isinstance(data[key], int) and not
                   isinstance(data[key], bool) else str(data[key]))
-    t.add_row("bbox min", " ".join(f"{v:.6g}" for v in lo))
-    t.add_row("bbox max", " ".join(f"{v:.6g}" for v in hi))
+    t.add_row("bbox min", " ".join(f"{v:.10g}" for v in lo))  # georeferenced: whole metres
+    t.add_row("bbox max", " ".join(f"{v:.10g}" for v in hi))
+    if "las" in data:
+        las = data["las"]
+        t.add_row("las", f"point format {las['point_format']}, scale "
+                  f"{' '.join(f'{v:g}' for v in las['scale'])}, coordinate system "
+                  f"{las['crs'] or 'none recorded'}")
     t.add_row("attributes", ", ".join(f"{k} ({v})" for k, v in data["attributes"].items()) or "-")
     out.print(t)
 

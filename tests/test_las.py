@@ -238,22 +238,41 @@ def test_an_attribute_that_does_not_fit_its_las_field_is_kept_as_extra_bytes(tmp
     assert names == [b"classification_extra", b"intensity_extra"]
 
 
-def test_fapc_normals_on_a_las_scan_keeps_its_fields(tmp_path):
+@pytest.mark.parametrize("ext", ["las", "laz"])
+def test_fapc_normals_on_a_lidar_tile_keeps_its_fields(tmp_path, ext):
     from typer.testing import CliRunner
+
+    if ext == "laz":
+        pytest.importorskip("lazrs")
 
     rng = np.random.default_rng(1)
     n = 3000
     xy = rng.uniform(0, 20, (n, 2))
     pts = np.c_[xy, 0.1 * np.sin(xy[:, 0])] + [500000.0, 4000000.0, 30.0]
     cls = rng.integers(0, 10, n).astype(np.uint8)
-    write_cloud(tmp_path / "tile.las", PointCloud(points=pts, attributes={"classification": cls}))
-    r = CliRunner().invoke(app, ["normals", str(tmp_path / "tile.las"), "--json", "-q"])
+    write_cloud(tmp_path / f"tile.{ext}", PointCloud(points=pts, attributes={"classification": cls}))
+    r = CliRunner().invoke(app, ["normals", str(tmp_path / f"tile.{ext}"), "--json", "-q"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["files"][0]["status"] == "ok"
-    out = read_cloud(tmp_path / "tile.normals.las")
+    out = read_cloud(tmp_path / f"tile.normals.{ext}")
+    assert (tmp_path / f"tile.normals.{ext}").read_bytes()[104] & 0x80 == (ext == "laz") * 0x80
     np.testing.assert_array_equal(out.attributes["classification"], cls)
-    np.testing.assert_array_equal(out.points, read_cloud(tmp_path / "tile.las").points)
+    np.testing.assert_array_equal(out.points, read_cloud(tmp_path / f"tile.{ext}").points)
     slope = np.c_[-0.1 * np.cos(xy[:, 0]), np.zeros(n), np.ones(n)]
     slope /= np.linalg.norm(slope, axis=1, keepdims=True)
     assert np.percentile(np.abs((out.normals * slope).sum(1)), 5) > 0.99
     assert {"confidence", "curvature"} <= set(out.attributes)
+
+
+def test_fapc_info_names_the_point_format_and_coordinate_system(tmp_path):
+    from typer.testing import CliRunner
+
+    want = _hand_made_las(tmp_path / "scan.las")
+    write_cloud(tmp_path / "plain.las", PointCloud(points=np.zeros((4, 3))))
+    r = CliRunner().invoke(app, ["info", str(tmp_path / "scan.las"), str(tmp_path / "plain.las"),
+                                 "--json"])
+    assert r.exit_code == 0, r.output
+    scan, plain = (json.loads(line) for line in r.stdout.splitlines())
+    assert scan["las"] == {"point_format": 3, "scale": list(want["scale"]),
+                           "offset": list(want["offset"]), "crs": "GeoTIFF"}
+    assert plain["las"]["point_format"] == 6 and plain["las"]["crs"] is None

@@ -90,6 +90,17 @@ def _cstr(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode("latin-1").strip()
 
 
+def describe(meta: dict[str, Any]) -> dict[str, Any]:
+    """A summary of ``cloud.metadata["las"]`` for people: point format, scale, offset, and
+    the coordinate system's kind (``"WKT"``, ``"GeoTIFF"`` or None) by its records."""
+    kinds = {2112: "WKT", 34735: "GeoTIFF"}
+    crs = next((kinds[r[1]] for r in meta.get("records", [])
+                if r[0] == "LASF_Projection" and r[1] in kinds), None)
+    return {"point_format": int(meta["point_format"]),
+            "scale": [float(v) for v in meta["scale"]],
+            "offset": [float(v) for v in meta["offset"]], "crs": crs}
+
+
 def _lazrs(path: str) -> Any:
     try:
         import lazrs
