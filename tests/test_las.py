@@ -276,3 +276,15 @@ def test_fapc_info_names_the_point_format_and_coordinate_system(tmp_path):
     assert scan["las"] == {"point_format": 3, "scale": list(want["scale"]),
                            "offset": list(want["offset"]), "crs": "GeoTIFF"}
     assert plain["las"]["point_format"] == 6 and plain["las"]["crs"] is None
+
+
+def test_extra_bytes_names_are_unique_and_never_a_standard_field():
+    from fapc.io.las_extra import unique_names
+
+    a = np.zeros(1)
+    long = "v" * 40
+    got = [n for n, _ in unique_names([(long + "1", a), (long + "2", a), (long + "3", a),
+                                       ("intensity", a), ("Intensity_extra", a)], {"intensity"})]
+    assert got == ["v" * 32, "v" * 26 + "_extra", "v" * 25 + "_extra2", "intensity_extra",
+                   "Intensity_extra_extra"]
+    assert all(len(n) <= 32 for n in got)

@@ -1,4 +1,4 @@
-"""LAS reader and writer (uncompressed LAS 1.0 to 1.4, point formats 0 to 10), every field kept.
+"""LAS and LAZ reader and writer (LAS 1.0 to 1.4, point formats 0 to 10), every field kept.
 
 Reading: positions are the stored integers times the header's scale plus its offset, in
 float64, so georeferenced coordinates keep the file's precision. Each standard field becomes
@@ -39,19 +39,15 @@ import numpy as np
 
 from fapc.cloud import PointCloud
 from fapc.errors import FapcError, FormatError
+from fapc.io import laz
+from fapc.io.las_extra import TYPE_CODES, cstr, decode_extra, descriptor, extra_fields, pad, unique_names
 
 _HEADER_FMT = "<4sHH16sBB32s32sHHHIIBHI5I12d"  # the 227 bytes every version has
 _HEADER_SIZE_14 = 375
 _VLR_FMT = "<H16sHH32s"  # 54 bytes
 _EVLR_FMT = "<H16sHQ32s"  # 60 bytes
-_DESCRIPTOR = 192  # bytes per Extra Bytes descriptor
-_EXTRA_TYPES = {1: "u1", 2: "i1", 3: "<u2", 4: "<i2", 5: "<u4", 6: "<i4", 7: "<u8", 8: "<i8",
-                9: "<f4", 10: "<f8"}
-_TYPE_CODES = {(np.dtype(v).kind, np.dtype(v).itemsize): k for k, v in _EXTRA_TYPES.items()}
 _NORMAL_NAMES = (("normalx", "normaly", "normalz"), ("normal_x", "normal_y", "normal_z"),
                  ("nx", "ny", "nz"))
-_LASZIP = ("laszip encoded", 22204)  # the LASzip VLR's user and record id
-_LAZ_RATIO = 1000  # LAZ data holds at most this many times its size in point records
 
 _XYZ = [("X", "<i4"), ("Y", "<i4"), ("Z", "<i4")]
 _LEGACY = _XYZ + [("intensity", "<u2"), ("_bits", "u1"), ("_class", "u1"),
@@ -86,10 +82,6 @@ def _bits(fmt: int) -> list[tuple[str, str, int, int]]:
     return _LEGACY_BITS if fmt < 6 else _EXTENDED_BITS
 
 
-def _cstr(raw: bytes) -> str:
-    return raw.split(b"\0", 1)[0].decode("latin-1").strip()
-
-
 def describe(meta: dict[str, Any]) -> dict[str, Any]:
     """A summary of ``cloud.metadata["las"]`` for people: point format, scale, offset, and
     the coordinate system's kind (``"WKT"``, ``"GeoTIFF"`` or None) by its records."""
@@ -101,48 +93,8 @@ def describe(meta: dict[str, Any]) -> dict[str, Any]:
             "offset": [float(v) for v in meta["offset"]], "crs": crs}
 
 
-def _lazrs(path: str) -> Any:
-    try:
-        import lazrs
-    except ImportError:
-        raise FapcError("LAZ needs the lazrs package (pip install lazrs)", path=path) from None
-    return lazrs
-
-
-def _decompress(data: bytes, point_offset: int, laszip: bytes, size: int, path: str) -> bytes:
-    """The ``size`` bytes of point records that the LAZ file ``data`` compresses."""
-    lazrs = _lazrs(path)
-    _check_chunk_table(data, point_offset, size, path)
-    out = bytearray(size)
-    src = io.BytesIO(data)  # the chunk table's offset is from the start of the file
-    src.seek(point_offset)
-    try:
-        lazrs.LasZipDecompressor(src, laszip).decompress_many(out)
-    except Exception as e:  # lazrs raises its own error types on corrupt data
-        msg = f"corrupt LAZ data ({type(e).__name__}: {e})".splitlines()[0]
-        raise FormatError(msg[:300], path=path) from None
-    return bytes(out)
-
-
-def _check_chunk_table(data: bytes, point_offset: int, size: int, path: str) -> None:
-    """Refuse a LAZ chunk table that claims more chunks than the file could hold: lazrs
-    allocates the table before reading it, and an allocation that fails aborts the process
-    (a corrupt count once asked for 60 GB), which would end a whole batch."""
-    if len(data) - point_offset < 8:
-        raise FormatError("corrupt LAZ data (no offset to the chunk table)", path=path)
-    table_at = struct.unpack_from("<q", data, point_offset)[0]
-    if table_at == -1:  # written without a table (streaming); lazrs reads on sequentially
-        return
-    if not point_offset + 8 <= table_at <= len(data) - 8:
-        raise FormatError("corrupt LAZ data (the chunk table lies outside the file)", path=path)
-    chunks = struct.unpack_from("<I", data, table_at + 4)[0]
-    if chunks > min(size, len(data)) + 1:
-        raise FormatError(f"corrupt LAZ data (the chunk table claims {chunks} chunks)",
-                          path=path)
-
-
 def read_las(path: str | os.PathLike) -> PointCloud:
-    """Read an uncompressed LAS file (see the module's docstring)."""
+    """Read a LAS or LAZ file (see the module's docstring)."""
     path = os.fspath(path)
     with open(path, "rb") as f:
         data = f.read()
@@ -172,7 +124,7 @@ def read_las(path: str | os.PathLike) -> PointCloud:
     if header_size < 227 or point_offset < header_size or point_offset > len(data):
         raise FormatError("bad LAS header (header size or offset to the points)", path=path)
     stored = len(data) - point_offset
-    if count * rec_len > (stored * _LAZ_RATIO if compressed else stored):
+    if count * rec_len > (stored * laz.LAZ_RATIO if compressed else stored):
         raise FormatError(f"truncated: the header declares {count} points "
                           f"({count * rec_len} bytes), {stored} bytes follow", path=path)
     records = []  # (user_id, record_id, description, payload, extended)
@@ -183,7 +135,7 @@ def read_las(path: str | os.PathLike) -> PointCloud:
         _, user, rid, length, desc = struct.unpack_from(_VLR_FMT, data, pos)
         if pos + 54 + length > point_offset:
             raise FormatError("LAS variable-length records run into the point data", path=path)
-        records.append((_cstr(user), rid, _cstr(desc), data[pos + 54:pos + 54 + length], False))
+        records.append((cstr(user), rid, cstr(desc), data[pos + 54:pos + 54 + length], False))
         pos += 54 + length
     if n_evlrs and evlr_start >= point_offset + (0 if compressed else count * rec_len):
         pos = evlr_start
@@ -193,20 +145,20 @@ def read_las(path: str | os.PathLike) -> PointCloud:
             _, user, rid, length, desc = struct.unpack_from(_EVLR_FMT, data, pos)
             if pos + 60 + length > len(data):
                 break
-            records.append((_cstr(user), rid, _cstr(desc), data[pos + 60:pos + 60 + length],
+            records.append((cstr(user), rid, cstr(desc), data[pos + 60:pos + 60 + length],
                             True))
             pos += 60 + length
-    extra = _extra_fields(records, rec_len - base, base)
+    extra = extra_fields(records, rec_len - base, base)
     std = np.dtype(POINT_FIELDS[fmt])
     names = list(std.names) + [e[0] for e in extra]
     formats = [std.fields[n][0] for n in std.names] + [e[1] for e in extra]
     offsets = [std.fields[n][1] for n in std.names] + [e[2] for e in extra]
     dt = np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": rec_len})
     if compressed:
-        laszip = next((r for r in records if (r[0], r[1]) == _LASZIP), None)
+        laszip = next((r for r in records if (r[0], r[1]) == laz.LASZIP), None)
         if laszip is None:
             raise FormatError("LAZ file without its LASzip record", path=path)
-        buf, start = _decompress(data, point_offset, laszip[3], count * rec_len, path), 0
+        buf, start = laz.decompress(data, point_offset, laszip[3], count * rec_len, path), 0
     else:
         buf, start = data, point_offset
     rows = np.frombuffer(buf, dt, count, start)
@@ -218,7 +170,7 @@ def read_las(path: str | os.PathLike) -> PointCloud:
     for name, _ in POINT_FIELDS[fmt][3:]:
         if not name.startswith("_"):
             attrs[name] = rows[name].astype(rows.dtype[name].newbyteorder("="))
-    extras = _decode_extra(rows, extra)
+    extras = decode_extra(rows, extra)
     normals = None
     lower = {k.lower(): k for k in extras}
     for trio in _NORMAL_NAMES:
@@ -230,77 +182,10 @@ def read_las(path: str | os.PathLike) -> PointCloud:
         while key in attrs:
             key += "_extra"
         attrs[key] = arr
-    kept = [r for r in records if (r[0], r[1]) not in (("LASF_Spec", 4), _LASZIP)]
+    kept = [r for r in records if (r[0], r[1]) not in (("LASF_Spec", 4), laz.LASZIP)]
     meta = {"point_format": fmt, "scale": scale, "offset": offset,
             "global_encoding": global_encoding, "records": kept}
     return PointCloud(points=points, normals=normals, attributes=attrs, metadata={"las": meta})
-
-
-def _extra_fields(records: list, n_bytes: int, base: int
-                  ) -> list[tuple[str, str, int, float, float, int]]:
-    """``(name, dtype, byte offset, scale, offset, options)`` of each described extra-bytes
-    field; bytes nobody describes become one ``extra_bytes`` field of raw ``uint8``."""
-    out: list[tuple[str, str, int, float, float, int]] = []
-    at = 0
-    for user, rid, _, payload, _ in records:
-        if user != "LASF_Spec" or rid != 4:
-            continue
-        for k in range(len(payload) // _DESCRIPTOR):
-            d = payload[k * _DESCRIPTOR:(k + 1) * _DESCRIPTOR]
-            dtype_code, options = d[2], d[3]
-            name = _cstr(d[4:36]) or f"extra_{k}"
-            sc, off = struct.unpack_from("<d", d, 112)[0], struct.unpack_from("<d", d, 136)[0]
-            if dtype_code == 0:
-                size, t = options, f"V{max(options, 1)}"
-            elif dtype_code in _EXTRA_TYPES:
-                t = _EXTRA_TYPES[dtype_code]
-                size = np.dtype(t).itemsize
-            else:
-                break  # deprecated or reserved types: the rest stays undescribed
-            if size == 0 or at + size > n_bytes:
-                break
-            out.append((f"e{len(out)}:{name}", t, base + at, sc, off, options if dtype_code else 0))
-            at += size
-        break
-    if at < n_bytes:
-        out.append((f"e{len(out)}:extra_bytes", f"V{n_bytes - at}", base + at, 1.0, 0.0, 0))
-    return out
-
-
-def _decode_extra(rows: np.ndarray, extra: list) -> dict[str, np.ndarray]:
-    """Extra-bytes fields as attributes; ``name[0]``, ``name[1]`` ... of one type join."""
-    cols: dict[str, np.ndarray] = {}
-    for key, t, _, sc, off, options in extra:
-        name = key.split(":", 1)[1]
-        v = rows[key]
-        if t.startswith("V"):
-            v = np.frombuffer(np.ascontiguousarray(v).tobytes(), np.uint8).reshape(len(rows), -1)
-        else:
-            v = np.ascontiguousarray(v).astype(np.dtype(t).newbyteorder("="))
-            if options & 0b11000:  # scale and/or offset apply
-                v = v.astype(np.float64) * (sc if options & 0b1000 else 1.0) + \
-                    (off if options & 0b10000 else 0.0)
-        while name in cols:
-            name += "_"
-        cols[name] = v
-    out: dict[str, np.ndarray] = {}
-    names = list(cols)
-    i = 0
-    while i < len(names):
-        name = names[i]
-        if name.endswith("[0]"):
-            stem, j = name[:-3], 1
-            while (i + j < len(names) and names[i + j] == f"{stem}[{j}]"
-                   and cols[names[i + j]].dtype == cols[name].dtype
-                   and cols[names[i + j]].ndim == 1):
-                j += 1
-            if j > 1 and cols[name].ndim == 1 and stem not in cols:
-                out[stem] = np.stack([cols[names[i + m]] for m in range(j)], 1)
-                i += j
-                continue
-        out[name] = cols[name]
-        i += 1
-    return out
 
 
 def write_las(path: str | os.PathLike, cloud: PointCloud, *, compress: bool = False) -> None:
@@ -339,7 +224,7 @@ def write_las(path: str | os.PathLike, cloud: PointCloud, *, compress: bool = Fa
         arr = np.asarray(arr)
         if arr.dtype == np.bool_:
             arr = arr.astype(np.uint8)
-        if (arr.dtype.kind, arr.dtype.itemsize) not in _TYPE_CODES:
+        if (arr.dtype.kind, arr.dtype.itemsize) not in TYPE_CODES:
             raise FapcError(f"attribute {name!r} of type {arr.dtype} cannot be LAS extra bytes",
                             path=path)
         if arr.ndim == 1:
@@ -362,23 +247,25 @@ def write_las(path: str | os.PathLike, cloud: PointCloud, *, compress: bool = Fa
             rows[name] = std[name]
     for i, (_, arr) in enumerate(extra_cols):
         rows[f"e{i}"] = arr
-    extra_cols = _unique_names(extra_cols)
+    reserved = {"x", "y", "z"} | {n.lower() for f in POINT_FIELDS.values() for n, _ in f} | \
+        {b[0] for b in _LEGACY_BITS + _EXTENDED_BITS}
+    extra_cols = unique_names(extra_cols, reserved)
     records = [r for r in meta.get("records", [])
-               if (r[0], r[1]) not in (("LASF_Spec", 4), _LASZIP)]
+               if (r[0], r[1]) not in (("LASF_Spec", 4), laz.LASZIP)]
     if extra_cols:
         records.insert(0, ("LASF_Spec", 4, "extra bytes",
-                           b"".join(_descriptor(nm, a.dtype) for nm, a in extra_cols), False))
-    laz = None
+                           b"".join(descriptor(nm, a.dtype) for nm, a in extra_cols), False))
+    laz_vlr = None
     if compress:
-        laz = _lazrs(path).LazVlr.new_for_compression(fmt, rows.dtype.itemsize -
-                                                       np.dtype(POINT_FIELDS[fmt]).itemsize)
-        records.append((*_LASZIP, "by fapc", bytes(laz.record_data()), False))
+        laz_vlr = laz.compression_vlr(
+            fmt, rows.dtype.itemsize - np.dtype(POINT_FIELDS[fmt]).itemsize, path)
+        records.append((*laz.LASZIP, "by fapc", bytes(laz_vlr.record_data()), False))
     vlrs = [r for r in records if not r[4] and len(r[3]) < 65536]
     evlrs = [r for r in records if r not in vlrs]
-    vlr_bytes = b"".join(struct.pack(_VLR_FMT, 0, _pad(r[0], 16), r[1], len(r[3]),
-                                     _pad(r[2], 32)) + r[3] for r in vlrs)
-    evlr_bytes = b"".join(struct.pack(_EVLR_FMT, 0, _pad(r[0], 16), r[1], len(r[3]),
-                                      _pad(r[2], 32)) + r[3] for r in evlrs)
+    vlr_bytes = b"".join(struct.pack(_VLR_FMT, 0, pad(r[0], 16), r[1], len(r[3]),
+                                     pad(r[2], 32)) + r[3] for r in vlrs)
+    evlr_bytes = b"".join(struct.pack(_EVLR_FMT, 0, pad(r[0], 16), r[1], len(r[3]),
+                                      pad(r[2], 32)) + r[3] for r in evlrs)
     point_offset = _HEADER_SIZE_14 + len(vlr_bytes)
     rec_len = rows.dtype.itemsize
     returns = np.asarray(attrs.get("return_number", np.ones(n)), np.int64)
@@ -391,21 +278,18 @@ def write_las(path: str | os.PathLike, cloud: PointCloud, *, compress: bool = Fa
     from fapc import __version__
 
     header = struct.pack(
-        _HEADER_FMT, b"LASF", 0, encoding, b"\0" * 16, 1, 4, _pad("fapc", 32),
-        _pad(f"fapc {__version__}", 32), today.tm_yday, today.tm_year, _HEADER_SIZE_14,
-        point_offset, len(vlrs), fmt | (0x80 if laz else 0), rec_len, n if legacy else 0,
+        _HEADER_FMT, b"LASF", 0, encoding, b"\0" * 16, 1, 4, pad("fapc", 32),
+        pad(f"fapc {__version__}", 32), today.tm_yday, today.tm_year, _HEADER_SIZE_14,
+        point_offset, len(vlrs), fmt | (0x80 if laz_vlr else 0), rec_len, n if legacy else 0,
         *[c if legacy else 0 for c in by_return[:5]],
         *scale, *offset, hi[0], lo[0], hi[1], lo[1], hi[2], lo[2])
     head = bytearray(header + struct.pack("<QQIQ15Q", 0, 0, len(evlrs), n, *by_return))
     out = io.BytesIO()
     out.write(head + vlr_bytes)
-    if laz is None:
+    if laz_vlr is None:
         out.write(rows.tobytes())
-    else:  # the chunk table's offset is written from the start of the file: compress in place
-        compressor = _lazrs(path).LasZipCompressor(out, laz)
-        compressor.compress_many(rows.tobytes())
-        compressor.done()
-        out.seek(0, io.SEEK_END)
+    else:
+        laz.compress(out, laz_vlr, rows.tobytes(), path)
     if evlrs:
         struct.pack_into("<Q", head, 235, out.tell())  # the start of the first EVLR
         out.write(evlr_bytes)
@@ -441,22 +325,6 @@ def _standard_values(fmt: int, attrs: dict[str, np.ndarray]) -> dict[str, np.nda
     return out
 
 
-def _unique_names(cols: list[tuple[str, np.ndarray]]) -> list[tuple[str, np.ndarray]]:
-    """Extra-bytes names as written: none the same as a standard field's of any point format
-    (readers such as laspy refuse a file where they meet), none twice, 32 bytes at most; a
-    clash gets ``_extra`` appended."""
-    reserved = {"x", "y", "z"} | {n.lower() for f in POINT_FIELDS.values() for n, _ in f} | \
-        {b[0] for b in _LEGACY_BITS + _EXTENDED_BITS}
-    out: list[tuple[str, np.ndarray]] = []
-    for name, arr in cols:
-        name = name.encode("ascii", "replace")[:32].decode("ascii")
-        while name.lower() in reserved:
-            name = name[:26] + "_extra"
-        reserved.add(name.lower())
-        out.append((name, arr))
-    return out
-
-
 def _widen_colours(attrs: dict[str, np.ndarray]) -> None:
     """8-bit ``red green blue`` (PLY's usual colours) -> LAS's 16 bits (x 257: 255 -> 65535)."""
     if all(c in attrs and np.asarray(attrs[c]).dtype == np.uint8 and attrs[c].ndim == 1
@@ -480,16 +348,3 @@ def _quantisation(pts: np.ndarray, meta: dict[str, Any]) -> tuple[np.ndarray, np
     scale = np.where(extent > 0, np.maximum(scale, 1e-9), 1e-3)
     offset = np.round((lo + hi) / 2 / scale) * scale
     return scale, offset
-
-
-def _descriptor(name: str, dtype: np.dtype) -> bytes:
-    """One 192-byte Extra Bytes descriptor (no scale, offset, min, max or no-data)."""
-    d = bytearray(_DESCRIPTOR)
-    d[2] = _TYPE_CODES[(np.dtype(dtype).kind, np.dtype(dtype).itemsize)]
-    d[4:36] = _pad(name, 32)
-    return bytes(d)
-
-
-def _pad(text: str, size: int) -> bytes:
-    raw = text.encode("ascii", "replace")[:size]
-    return raw + b"\0" * (size - len(raw))
