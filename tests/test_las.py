@@ -199,6 +199,19 @@ def test_bad_las_files_fail_in_one_line(tmp_path):
         with pytest.raises(FapcError, match="corrupt LAZ data") as err:
             read_cloud(f)
         assert "\n" not in str(err.value)
+        # a LASzip record listing no items: lazrs panics (pyo3's PanicException, which is not
+        # an Exception); still one line, still this file
+        data = bytearray(_compressed_with_lazrs((tmp_path / "x.las").read_bytes()))
+        pos, at = 227, None
+        for _ in range(struct.unpack_from("<I", data, 100)[0]):
+            user, rid, length = struct.unpack_from("<2x16sHH", data, pos)
+            if (user.rstrip(b"\0"), rid) == (b"laszip encoded", 22204):
+                at = pos + 54
+            pos += 54 + length
+        struct.pack_into("<H", data, at + 32, 0)  # the number of items
+        f.write_bytes(bytes(data))
+        with pytest.raises(FapcError, match="corrupt LAZ data .*PanicException"):
+            read_cloud(f)
         # a chunk table claiming 2^31 chunks: lazrs would try to allocate them and abort the
         # whole process; the reader refuses it first
         data = bytearray(_compressed_with_lazrs((tmp_path / "x.las").read_bytes()))

@@ -158,7 +158,7 @@ def read_las(path: str | os.PathLike) -> PointCloud:
         laszip = next((r for r in records if (r[0], r[1]) == laz.LASZIP), None)
         if laszip is None:
             raise FormatError("LAZ file without its LASzip record", path=path)
-        buf, start = laz.decompress(data, point_offset, laszip[3], count * rec_len, path), 0
+        buf, start = laz.decompress(data, point_offset, laszip[3], count, rec_len, path), 0
     else:
         buf, start = data, point_offset
     rows = np.frombuffer(buf, dt, count, start)

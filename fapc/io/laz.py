@@ -22,16 +22,25 @@ def _lazrs(path: str) -> Any:
     return lazrs
 
 
-def decompress(data: bytes, point_offset: int, laszip: bytes, size: int, path: str) -> bytes:
-    """The ``size`` bytes of point records that the LAZ file ``data`` compresses."""
+def decompress(data: bytes, point_offset: int, laszip: bytes, count: int, rec_len: int,
+               path: str) -> bytes:
+    """The ``count`` point records of ``rec_len`` bytes that the LAZ file ``data``
+    compresses."""
+    size = count * rec_len
     lazrs = _lazrs(path)
     check_chunk_table(data, point_offset, size, path)
     out = bytearray(size)
     src = io.BytesIO(data)  # the chunk table's offset is from the start of the file
     src.seek(point_offset)
     try:
+        check_layers(lazrs, data, point_offset, laszip, count, rec_len, path)
         lazrs.LasZipDecompressor(src, laszip).decompress_many(out)
-    except Exception as e:  # lazrs raises its own error types on corrupt data
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # on corrupt data lazrs raises its own errors, and a panic in
+        # its Rust code arrives as pyo3's PanicException, which is not an Exception
+        if isinstance(e, FormatError):
+            raise
         msg = f"corrupt LAZ data ({type(e).__name__}: {e})".splitlines()[0]
         raise FormatError(msg[:300], path=path) from None
     return bytes(out)
@@ -52,6 +61,46 @@ def check_chunk_table(data: bytes, point_offset: int, size: int, path: str) -> N
     if chunks > min(size, len(data)) + 1:
         raise FormatError(f"corrupt LAZ data (the chunk table claims {chunks} chunks)",
                           path=path)
+
+
+# layers per chunk of each layered item type (LASzip 1.4's point formats 6-10): Point14,
+# RGB14, RGBNIR14, Wavepacket14, Byte14 (one layer per extra byte)
+_LAYERS = {10: lambda size: 9, 11: lambda size: 1, 12: lambda size: 2, 13: lambda size: 1,
+           14: lambda size: size}
+
+
+def check_layers(lazrs: Any, data: bytes, point_offset: int, laszip: bytes, count: int,
+                 rec_len: int, path: str) -> None:
+    """For layered LAZ (point formats 6-10), refuse a chunk whose layer sizes overrun the
+    chunk: lazrs allocates each layer at its stated size before reading it, so one corrupt
+    size could take gigabytes (1.4 GB for a 2 KB file, seen by our fuzz test)."""
+    if len(laszip) < 34:
+        return  # lazrs refuses it
+    n_items = struct.unpack_from("<H", laszip, 32)[0]
+    if len(laszip) < 34 + 6 * n_items:
+        return
+    items = [struct.unpack_from("<HH", laszip, 34 + 6 * i) for i in range(n_items)]
+    n_layers = sum(_LAYERS[t](size) for t, size in items if t in _LAYERS)
+    if not n_layers or struct.unpack_from("<q", data, point_offset)[0] == -1:
+        return  # not layered, or no chunk table to find the chunks by
+    src = io.BytesIO(data)
+    src.seek(point_offset)
+    table = lazrs.read_chunk_table(src, lazrs.LazVlr(laszip))  # [(points, bytes)] per chunk
+    if count and sum(points for points, _ in table) < count:
+        raise FormatError(f"corrupt LAZ data (its chunk table holds fewer than its {count} "
+                          "points)", path=path)
+    pos = point_offset + 8
+    for points, nbytes in table:
+        end = pos + nbytes
+        if end > len(data):
+            raise FormatError("corrupt LAZ data (a chunk runs past the end of the file)",
+                              path=path)
+        if points:
+            head = pos + rec_len + 4  # the chunk's first point, raw, then its point count
+            if head + 4 * n_layers > end or head + 4 * n_layers + sum(
+                    struct.unpack_from(f"<{n_layers}I", data, head)) > end:
+                raise FormatError("corrupt LAZ data (a chunk's layers overrun it)", path=path)
+        pos = end
 
 
 def compression_vlr(fmt: int, n_extra: int, path: str) -> Any:
