@@ -301,3 +301,18 @@ def test_extra_bytes_names_are_unique_and_never_a_standard_field():
     assert got == ["v" * 32, "v" * 26 + "_extra", "v" * 25 + "_extra2", "intensity_extra",
                    "Intensity_extra_extra"]
     assert all(len(n) <= 32 for n in got)
+
+
+def test_a_laz_whose_chunk_table_moved_is_refused_before_decompressing(tmp_path):
+    """Four bytes inserted into the points shift the chunk table: it then reads as holding no
+    chunk, and lazrs, left to itself, allocated 1.4 GB for this 2 KB file before failing."""
+    pytest.importorskip("lazrs")
+    rng = np.random.default_rng(0)
+    c = PointCloud(points=rng.normal(size=(20, 3)), attributes={"label": np.arange(20)})
+    write_cloud(tmp_path / "a.laz", c)
+    data = bytearray((tmp_path / "a.laz").read_bytes())
+    offset = struct.unpack_from("<I", data, 96)[0]
+    data[offset + 200:offset + 200] = b"Xw\"f"
+    (tmp_path / "b.laz").write_bytes(bytes(data))
+    with pytest.raises(FapcError, match="chunk table holds fewer than its 20 points"):
+        read_cloud(tmp_path / "b.laz")
