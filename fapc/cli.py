@@ -268,7 +268,7 @@ def _info_one(file: Path, cloud: PointCloud, *, as_json: bool) -> None:
     for key in ("format", "points", "non_finite", "dtype", "normals", "faces"):
         t.add_row(key, f"{data[key]:,}" if isinstance(data[key], int) and not
                   isinstance(data[key], bool) else str(data[key]))
-    t.add_row("bbox min", " ".join(f"{v:.10g}" for v in lo))  # georeferenced: whole metres
+    t.add_row("bbox min", " ".join(f"{v:.10g}" for v in lo))  # UTM metres to the mm
     t.add_row("bbox max", " ".join(f"{v:.10g}" for v in hi))
     if "las" in data:
         las = data["las"]

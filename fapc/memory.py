@@ -3,7 +3,7 @@
 On Linux (glibc), a long CPU run of many batches frees its per-batch tensors, but glibc keeps
 much of that memory in its heaps instead of returning it: on a 2 M-point cloud the resident
 size grew to 3.4 GB during the network pass, though the live data stayed near 1 GB (about
-1.2 GB resident with this module; the same run time). :func:`trim_heap` asks glibc to return
+1.3 GB resident with this module). :func:`trim_heap` asks glibc to return
 what is free (``malloc_trim``); elsewhere it does nothing.
 """
 
@@ -13,12 +13,13 @@ import ctypes
 import ctypes.util
 import functools
 import sys
+from typing import Any
 
-TRIM_EVERY = 16  # batches between trims: each costs well under a millisecond here
+TRIM_EVERY = 16  # batches between trims: 120 trims took 0.85 s of a 127 s run (2 M points)
 
 
 @functools.lru_cache(maxsize=1)
-def _malloc_trim():  # noqa: ANN202 - a ctypes function, or None
+def _malloc_trim() -> Any:  # a ctypes function, or None
     if not sys.platform.startswith("linux"):
         return None
     try:
