@@ -316,3 +316,21 @@ def test_a_laz_whose_chunk_table_moved_is_refused_before_decompressing(tmp_path)
     (tmp_path / "b.laz").write_bytes(bytes(data))
     with pytest.raises(FapcError, match="chunk table holds fewer than its 20 points"):
         read_cloud(tmp_path / "b.laz")
+
+
+def test_an_extended_record_after_the_points_round_trips(tmp_path):
+    from fapc.io.las import describe
+
+    c = PointCloud(points=np.random.default_rng(0).normal(size=(50, 3)))
+    wkt = b'PROJCS["WGS 84 / UTM zone 32N"]\0'
+    c.metadata["las"] = {"point_format": 6, "scale": np.full(3, 1e-3), "offset": np.zeros(3),
+                         "records": [("LASF_Projection", 2112, "OGC WKT", wkt, True)]}
+    for ext in ("las", "laz") if __import__("importlib").util.find_spec("lazrs") else ("las",):
+        write_cloud(tmp_path / f"a.{ext}", c)
+        raw = (tmp_path / f"a.{ext}").read_bytes()
+        start, count = struct.unpack_from("<QI", raw, 235)
+        assert count == 1 and raw[start + 60:] == wkt  # the EVLR, where the header says
+        back = read_cloud(tmp_path / f"a.{ext}")
+        assert back.metadata["las"]["records"] == [("LASF_Projection", 2112, "OGC WKT", wkt, True)]
+        assert describe(back.metadata["las"])["crs"] == "WKT"
+        np.testing.assert_allclose(back.points, c.points, atol=5e-4)

@@ -30,7 +30,6 @@ reads, and compresses the records this module lays out.
 from __future__ import annotations
 
 import datetime
-import io
 import os
 import struct
 from typing import Any
@@ -268,7 +267,7 @@ def write_las(path: str | os.PathLike, cloud: PointCloud, *, compress: bool = Fa
                                       pad(r[2], 32)) + r[3] for r in evlrs)
     point_offset = _HEADER_SIZE_14 + len(vlr_bytes)
     rec_len = rows.dtype.itemsize
-    returns = np.asarray(attrs.get("return_number", np.ones(n)), np.int64)
+    returns = np.asarray(std.get("return_number", np.ones(n)), np.int64)
     by_return = [int((returns == r).sum()) for r in range(1, 16)]
     legacy = fmt < 6 and n < 2**32
     encoding = int(meta.get("global_encoding", 0)) | (0b10000 if fmt >= 6 else 0)
@@ -284,19 +283,17 @@ def write_las(path: str | os.PathLike, cloud: PointCloud, *, compress: bool = Fa
         *[c if legacy else 0 for c in by_return[:5]],
         *scale, *offset, hi[0], lo[0], hi[1], lo[1], hi[2], lo[2])
     head = bytearray(header + struct.pack("<QQIQ15Q", 0, 0, len(evlrs), n, *by_return))
-    out = io.BytesIO()
-    out.write(head + vlr_bytes)
-    if laz_vlr is None:
-        out.write(rows.tobytes())
-    else:
-        laz.compress(out, laz_vlr, rows.tobytes(), path)
-    if evlrs:
-        struct.pack_into("<Q", head, 235, out.tell())  # the start of the first EVLR
-        out.write(evlr_bytes)
-        out.seek(0)
-        out.write(head)
-    with open(path, "wb") as f:
-        f.write(out.getbuffer())
+    with open(path, "w+b") as f:  # straight to the file: no second copy of the records
+        f.write(head + vlr_bytes)
+        if laz_vlr is None:
+            f.write(memoryview(rows).cast("B"))
+        else:
+            laz.compress(f, laz_vlr, memoryview(rows).cast("B"), path)
+        if evlrs:
+            struct.pack_into("<Q", head, 235, f.tell())  # the start of the first EVLR
+            f.write(evlr_bytes)
+            f.seek(0)
+            f.write(head)
 
 
 def _standard_values(fmt: int, attrs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

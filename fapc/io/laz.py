@@ -109,9 +109,9 @@ def compression_vlr(fmt: int, n_extra: int, path: str) -> Any:
     return _lazrs(path).LazVlr.new_for_compression(fmt, n_extra)
 
 
-def compress(out: io.BytesIO, vlr: Any, records: bytes, path: str) -> None:
-    """Append the compressed ``records`` to ``out``, which holds the file up to its points:
-    the chunk table's offset is written from the start of the file."""
+def compress(out: Any, vlr: Any, records: bytes | memoryview, path: str) -> None:
+    """Append the compressed ``records`` to ``out`` (a seekable binary file that holds the
+    file up to its points: the chunk table's offset is written from the start of the file)."""
     compressor = _lazrs(path).LasZipCompressor(out, vlr)
     compressor.compress_many(records)
     compressor.done()
