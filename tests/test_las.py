@@ -3,6 +3,7 @@ layout checked field by field; bad files refused in one line."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import struct
 
@@ -14,6 +15,8 @@ from fapc.cloud import PointCloud
 from fapc.errors import FapcError
 from fapc.io import read_cloud, write_cloud
 from fapc.io.las import POINT_FIELDS
+
+HAS_LAZRS = importlib.util.find_spec("lazrs") is not None
 
 
 def _vlr(user: bytes, rid: int, payload: bytes, desc: bytes = b"") -> bytes:
@@ -192,7 +195,7 @@ def test_laz_round_trip(tmp_path):
 
 
 def test_bad_las_files_fail_in_one_line(tmp_path):
-    if __import__("importlib").util.find_spec("lazrs"):
+    if HAS_LAZRS:
         f = tmp_path / "cut.laz"
         _hand_made_las(tmp_path / "x.las")
         f.write_bytes(_compressed_with_lazrs((tmp_path / "x.las").read_bytes())[:-40])
@@ -325,7 +328,7 @@ def test_an_extended_record_after_the_points_round_trips(tmp_path):
     wkt = b'PROJCS["WGS 84 / UTM zone 32N"]\0'
     c.metadata["las"] = {"point_format": 6, "scale": np.full(3, 1e-3), "offset": np.zeros(3),
                          "records": [("LASF_Projection", 2112, "OGC WKT", wkt, True)]}
-    for ext in ("las", "laz") if __import__("importlib").util.find_spec("lazrs") else ("las",):
+    for ext in ("las", "laz") if HAS_LAZRS else ("las",):
         write_cloud(tmp_path / f"a.{ext}", c)
         raw = (tmp_path / f"a.{ext}").read_bytes()
         start, count = struct.unpack_from("<QI", raw, 235)

@@ -77,6 +77,11 @@ _EXTENDED_BITS = [("return_number", "_returns", 0, 4), ("number_of_returns", "_r
                   ("edge_of_flight_line", "_flags", 7, 1)]
 
 
+# names no extra-bytes field may take (readers such as laspy refuse a file where they meet)
+_RESERVED = {"x", "y", "z"} | {n.lower() for f in POINT_FIELDS.values() for n, _ in f} | \
+    {b[0] for b in _LEGACY_BITS + _EXTENDED_BITS}
+
+
 def _bits(fmt: int) -> list[tuple[str, str, int, int]]:
     return _LEGACY_BITS if fmt < 6 else _EXTENDED_BITS
 
@@ -198,9 +203,7 @@ def write_las(path: str | os.PathLike, cloud: PointCloud, *, compress: bool = Fa
     attrs = dict(cloud.attributes)
     fmt = meta.get("point_format")
     if fmt is None:
-        _widen_colours(attrs)
-        fmt = 7 if all(c in attrs and attrs[c].dtype == np.uint16 and attrs[c].ndim == 1
-                       for c in ("red", "green", "blue")) else 6
+        fmt = 7 if _colours(attrs) else 6
     fmt = int(fmt)
     if fmt not in POINT_FIELDS:
         raise FapcError(f"unknown LAS point format {fmt} in the cloud's metadata", path=path)
@@ -246,9 +249,7 @@ def write_las(path: str | os.PathLike, cloud: PointCloud, *, compress: bool = Fa
             rows[name] = std[name]
     for i, (_, arr) in enumerate(extra_cols):
         rows[f"e{i}"] = arr
-    reserved = {"x", "y", "z"} | {n.lower() for f in POINT_FIELDS.values() for n, _ in f} | \
-        {b[0] for b in _LEGACY_BITS + _EXTENDED_BITS}
-    extra_cols = unique_names(extra_cols, reserved)
+    extra_cols = unique_names(extra_cols, _RESERVED)
     records = [r for r in meta.get("records", [])
                if (r[0], r[1]) not in (("LASF_Spec", 4), laz.LASZIP)]
     if extra_cols:
@@ -322,12 +323,16 @@ def _standard_values(fmt: int, attrs: dict[str, np.ndarray]) -> dict[str, np.nda
     return out
 
 
-def _widen_colours(attrs: dict[str, np.ndarray]) -> None:
-    """8-bit ``red green blue`` (PLY's usual colours) -> LAS's 16 bits (x 257: 255 -> 65535)."""
-    if all(c in attrs and np.asarray(attrs[c]).dtype == np.uint8 and attrs[c].ndim == 1
-           for c in ("red", "green", "blue")):
-        for c in ("red", "green", "blue"):
-            attrs[c] = attrs[c].astype(np.uint16) * 257
+def _colours(attrs: dict[str, np.ndarray]) -> bool:
+    """Whether ``attrs`` holds LAS colours (16-bit ``red green blue``); 8-bit ones (PLY's usual
+    colours) are widened in place first (x 257: 255 -> 65535)."""
+    rgb = ("red", "green", "blue")
+    if not all(c in attrs and np.asarray(attrs[c]).ndim == 1 for c in rgb):
+        return False
+    if all(np.asarray(attrs[c]).dtype == np.uint8 for c in rgb):
+        for c in rgb:
+            attrs[c] = np.asarray(attrs[c]).astype(np.uint16) * 257
+    return all(np.asarray(attrs[c]).dtype == np.uint16 for c in rgb)
 
 
 def _quantisation(pts: np.ndarray, meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
