@@ -77,7 +77,15 @@ def train(
         "validation instead of --val-fraction.")] = None,
     noise: Annotated[str | None, typer.Option(
         help="Noise levels (fractions of the diagonal) (default 0,0.00125,0.006,0.012).")] = None,
+    noise_spread: Annotated[float | None, typer.Option(
+        help="Share of training clouds whose noise lies between the levels: log-uniform "
+        "from --noise-low to the largest level (default 0).")] = None,
+    noise_low: Annotated[float | None, typer.Option(
+        help="Smallest noise drawn between the levels (default 0.0002).")] = None,
     points: Annotated[int | None, typer.Option(help="Points per training cloud (default 100000).")] = None,
+    points_low: Annotated[int | None, typer.Option(
+        help="Vary the training clouds' size: log-uniform from this to --points (default 0: "
+        "off).")] = None,
     procedural: Annotated[bool | None, typer.Option(
         "--procedural/--no-procedural", help="Add procedural primitives (default on).")] = None,
     fa: Annotated[bool | None, typer.Option(
@@ -129,7 +137,8 @@ def train(
              "procedural": procedural, "fa": fa, "group": group, "amp": amp, "mode": mode,
              "backbone": backbone, "shape_points": shape_points, "outliers": outliers,
              "init": init, "workers": workers, "bank": bank, "loss": loss,
-             "time_limit": time_limit}
+             "time_limit": time_limit, "noise_spread": noise_spread, "noise_low": noise_low,
+             "points_low": points_low}
     if data:
         given["data"] = list(data)
     if val_shapes:

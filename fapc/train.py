@@ -54,9 +54,14 @@ class TrainConfig:
     val_shapes: tuple[str, ...] = ()  # names to hold out instead of val_fraction
     val_queries: int = 500
     noise: tuple[float, ...] = (0.0, 0.00125, 0.006, 0.012)
+    # a fraction of training clouds with noise between the levels: log-uniform from
+    # noise_low to the largest level (grouped with the nearest level, in log scale)
+    noise_spread: float = 0.0
+    noise_low: float = 0.0002
     density_prob: float = 0.3
     outliers: float = 0.0
     points: int = 100_000
+    points_low: int = 0  # > 0: each training cloud's size log-uniform in [points_low, points]
     procedural: bool = True
     procedural_names: tuple[str, ...] = ()
     pool: int = 6
@@ -124,6 +129,19 @@ class TrainConfig:
             if key in d:
                 d[key] = tuple(d[key])
         return cls(**d)
+
+
+def _check_sampling(cfg: TrainConfig) -> None:
+    """Refuse noise and size settings that cannot be drawn from, with the setting's name."""
+    if not cfg.noise or min(cfg.noise) < 0:
+        raise FapcError(f"noise levels must be >= 0, got {list(cfg.noise)}")
+    if not 0 <= cfg.noise_spread <= 1:
+        raise FapcError(f"noise_spread must be in [0, 1], got {cfg.noise_spread}")
+    if cfg.noise_spread and not 0 < cfg.noise_low < max(cfg.noise):
+        raise FapcError(f"noise_low must be in (0, {max(cfg.noise):g}) (the largest noise "
+                        f"level), got {cfg.noise_low:g}")
+    if cfg.points_low and not 0 < cfg.points_low <= cfg.points:
+        raise FapcError(f"points_low must be in (0, points={cfg.points}], got {cfg.points_low}")
 
 
 def evaluate_patches(model: NormalNet, val, device: torch.device) -> dict[str, float]:
@@ -204,6 +222,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, int, dict[str, float]], N
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
+    _check_sampling(cfg)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     shapes = load_shapes(cfg.data) if cfg.data else []

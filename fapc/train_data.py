@@ -52,8 +52,30 @@ class _Cloud:
 
 def group_id(shape: int, noise: float, cfg: TrainConfig) -> int:
     """The loss group of a cloud: its shape index and noise level, ``shape * levels + level``
-    (:class:`fapc.losses.GroupRMSELoss`; the benchmark scores each such cloud by its RMSE)."""
-    return shape * len(cfg.noise) + list(cfg.noise).index(noise)
+    (:class:`fapc.losses.GroupRMSELoss`; the benchmark scores each such cloud by its RMSE).
+    A noise between the levels takes the nearest level in log scale (0 counts as
+    ``cfg.noise_low / 2``)."""
+    floor = cfg.noise_low / 2
+    logs = np.log(np.maximum(np.asarray(cfg.noise, dtype=float), floor))
+    return shape * len(cfg.noise) + int(np.argmin(np.abs(logs - np.log(max(noise, floor)))))
+
+
+def draw_noise(rng: np.random.Generator, cfg: TrainConfig) -> float:
+    """One training cloud's noise (fraction of the diagonal): one of ``cfg.noise``, or with
+    probability ``cfg.noise_spread`` log-uniform between ``cfg.noise_low`` and the largest
+    level."""
+    if cfg.noise_spread > 0 and rng.random() < cfg.noise_spread:
+        lo, hi = np.log(cfg.noise_low), np.log(max(cfg.noise))
+        return float(np.exp(rng.uniform(lo, hi)))
+    return float(rng.choice(cfg.noise))
+
+
+def draw_points(rng: np.random.Generator, cfg: TrainConfig) -> int:
+    """One training cloud's size: ``cfg.points``, or log-uniform in ``[cfg.points_low,
+    cfg.points]`` when ``points_low`` is set."""
+    if cfg.points_low > 0:
+        return int(np.exp(rng.uniform(np.log(cfg.points_low), np.log(cfg.points))))
+    return cfg.points
 
 
 class Pool:
@@ -68,11 +90,11 @@ class Pool:
         rng = np.random.default_rng([self.seed, draw])
         index = int(rng.integers(len(self.shapes)))
         shape = self.shapes[index]
-        noise = float(rng.choice(self.cfg.noise))
+        noise = draw_noise(rng, self.cfg)
         density = "uniform"
         if rng.random() < self.cfg.density_prob:
             density = str(rng.choice(["gradient", "stripe"]))
-        pts, nrm = make_cloud(shape, n=self.cfg.points, noise=noise, density=density,
+        pts, nrm = make_cloud(shape, n=draw_points(rng, self.cfg), noise=noise, density=density,
                               outliers=self.cfg.outliers, seed=int(rng.integers(1 << 31)))
         pts = pts - pts.mean(0)
         return _Cloud(PatchBuilder(pts, self.spec, seed=draw), nrm, bank=self.cfg.bank,

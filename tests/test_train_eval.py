@@ -487,3 +487,49 @@ def test_each_loss_trains_and_unknown_losses_are_refused(tmp_path, loss):
     assert float(rows[-1]["val_rmse"]) < first["val_rmse"]
     with pytest.raises(FapcError, match="loss"):
         train(replace(cfg, loss="l3", out=str(tmp_path / "bad")))
+
+
+def test_noise_between_the_levels_and_cloud_sizes_are_drawn_and_grouped():
+    from fapc.train_data import draw_noise, draw_points, group_id
+
+    cfg = TrainConfig(noise=(0.0, 0.00125, 0.006, 0.012), noise_spread=0.5, noise_low=0.0002,
+                      points=100_000, points_low=20_000)
+    rng = np.random.default_rng(0)
+    noise = np.array([draw_noise(rng, cfg) for _ in range(4000)])
+    on_levels = np.isin(noise, cfg.noise)
+    assert 0.45 < on_levels.mean() < 0.55  # half on the levels, half between
+    between = noise[~on_levels]
+    assert between.min() >= 0.0002 and between.max() <= 0.012
+    # log-uniform: as many below the geometric middle of the range as above it
+    assert 0.45 < (between < np.sqrt(0.0002 * 0.012)).mean() < 0.55
+    sizes = np.array([draw_points(rng, cfg) for _ in range(2000)])
+    assert sizes.min() >= 20_000 and sizes.max() <= 100_000
+    assert 0.45 < (sizes < np.sqrt(20_000 * 100_000)).mean() < 0.55
+    # the levels keep their groups; a noise between them joins the nearest level (log scale)
+    assert [group_id(2, lv, cfg) for lv in cfg.noise] == [8, 9, 10, 11]
+    assert group_id(0, 0.00005, cfg) == 0 and group_id(0, 0.0005, cfg) == 1
+    assert group_id(0, 0.003, cfg) == 2 and group_id(0, 0.009, cfg) == 3
+    # off by default: only the levels, and the configured size, and no extra draws
+    plain = TrainConfig()
+    a, b = np.random.default_rng(1), np.random.default_rng(1)
+    assert [draw_noise(a, plain) for _ in range(50)] == [float(b.choice(plain.noise)) for _ in range(50)]
+    assert draw_points(a, plain) == plain.points and a.random() == b.random()
+
+
+def test_training_with_noise_between_levels_and_varied_sizes_runs_and_bad_settings_are_refused(
+        tmp_path):
+    from fapc.train_data import Pool
+
+    cfg = TrainConfig(out=str(tmp_path / "run"), epochs=1, steps_per_epoch=6, **TINY,
+                      noise_spread=1.0, noise_low=0.0005, points_low=1500)
+    pool = Pool(procedural_shapes(("sphere", "box")), cfg, cfg.model_config().patch, seed=1)
+    pool.refresh(0)
+    sizes = [len(c.normals) for c in pool.items]
+    assert all(1500 <= n <= 4000 for n in sizes) and len(set(sizes)) > 1
+    train(cfg)
+    assert [int(r["step"]) for r in _log(tmp_path / "run")] == [6]
+    for bad, match in ((dict(noise_spread=1.5), "noise_spread"),
+                       (dict(noise_spread=0.5, noise_low=0.01), "noise_low"),
+                       (dict(points_low=9000), "points_low")):
+        with pytest.raises(FapcError, match=match):
+            train(replace(cfg, out=str(tmp_path / "bad"), **bad))
