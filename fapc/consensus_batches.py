@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fapc.memory import trim_heap, trim_now
+from fapc.memory import trim_every
 
 
 def consensus_model(device: torch.device) -> Any:
@@ -68,8 +68,7 @@ def consensus_pass(builder: Any, normals: np.ndarray, far: torch.Tensor, run: np
             q_all = run_t[pos_t]
             new = full[q_all]  # (R, 3) a copy: rows a later pass skips keep their normal
             for s in range(0, len(pos_t), batch_size):
-                if trim_now(s // batch_size):
-                    trim_heap()
+                trim_every(s // batch_size)
                 r = pos_t[s:s + batch_size]  # (B,) rows of run
                 q = run_t[r]
                 near = near_of(run[r.cpu().numpy()])

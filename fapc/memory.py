@@ -41,3 +41,9 @@ def trim_heap() -> bool:
 def trim_now(batch: int) -> bool:
     """Whether the loop at batch number ``batch`` (from 0) should call :func:`trim_heap`."""
     return batch % TRIM_EVERY == TRIM_EVERY - 1
+
+
+def trim_every(batch: int) -> None:
+    """For batch loops: :func:`trim_heap` every ``TRIM_EVERY`` batches (``batch`` from 0)."""
+    if trim_now(batch):
+        trim_heap()

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from fapc.errors import FapcError
-from fapc.memory import trim_heap, trim_now
+from fapc.memory import trim_every
 from fapc.pca import pca_normals
 
 log = logging.getLogger(__name__)
@@ -198,8 +198,7 @@ def _network_pass(builder: Any, model: Any, run: np.ndarray, *,
     far = torch.empty(len(run), spec.k_far, dtype=torch.int32, device=device) if keep_far else None
     with torch.inference_mode():
         for s in range(0, len(run), batch_size):
-            if trim_now(s // batch_size):
-                trim_heap()
+            trim_every(s // batch_size)
             patches, _, nb = builder.patches(builder.as_index(run[s:s + batch_size]))
             if far is not None:
                 far[s:s + len(nb)] = torch.as_tensor(nb[:, spec.far_rows], device=device)

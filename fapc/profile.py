@@ -118,7 +118,7 @@ def _profile_fa(pts: np.ndarray, t: dict[str, float], *, dev: torch.device, mode
     from fapc.consensus import ConsensusSettings
     from fapc.consensus_batches import consensus_pass
     from fapc.frames import compute_frames
-    from fapc.memory import trim_heap, trim_now
+    from fapc.memory import trim_every
     from fapc.models.checkpoint import load_model
     from fapc.normals import configure_precision, default_batch_size, run_network
     from fapc.patches import PatchBuilder, TorchPatchBuilder
@@ -149,8 +149,7 @@ def _profile_fa(pts: np.ndarray, t: dict[str, float], *, dev: torch.device, mode
     far = torch.empty(n, spec.k_far, dtype=torch.int32, device=dev)  # consensus candidates
     with torch.inference_mode():
         for s in range(0, n, batch_size):
-            if trim_now(s // batch_size):  # as the pipeline does (fapc.memory)
-                trim_heap()
+            trim_every(s // batch_size)  # as the pipeline does (fapc.memory)
             q = np.arange(s, min(s + batch_size, n))
             t0 = now()
             patches, _, nb = builder.patches(builder.as_index(q))

@@ -64,9 +64,9 @@ def check_chunk_table(data: bytes, point_offset: int, size: int, path: str) -> N
 
 
 # layers per chunk of each layered item type (LASzip 1.4's point formats 6-10): Point14,
-# RGB14, RGBNIR14, Wavepacket14, Byte14 (one layer per extra byte)
-_LAYERS = {10: lambda size: 9, 11: lambda size: 1, 12: lambda size: 2, 13: lambda size: 1,
-           14: lambda size: size}
+# RGB14, RGBNIR14, Wavepacket14; Byte14 (type 14) has one layer per extra byte
+_LAYERS = {10: 9, 11: 1, 12: 2, 13: 1}
+_BYTE14 = 14
 
 
 def check_layers(lazrs: Any, data: bytes, point_offset: int, laszip: bytes, count: int,
@@ -80,7 +80,7 @@ def check_layers(lazrs: Any, data: bytes, point_offset: int, laszip: bytes, coun
     if len(laszip) < 34 + 6 * n_items:
         return
     items = [struct.unpack_from("<HH", laszip, 34 + 6 * i) for i in range(n_items)]
-    n_layers = sum(_LAYERS[t](size) for t, size in items if t in _LAYERS)
+    n_layers = sum(size if t == _BYTE14 else _LAYERS.get(t, 0) for t, size in items)
     if not n_layers or struct.unpack_from("<q", data, point_offset)[0] == -1:
         return  # not layered, or no chunk table to find the chunks by
     src = io.BytesIO(data)
