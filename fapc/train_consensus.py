@@ -6,7 +6,8 @@
   seeded validation split; procedural shapes left out), each at 0.125 %, 0.6 % and 1.2 %
   noise (uniform density) and at 0.4 % noise with a density gradient: 100,000 points per
   cloud, the shipped network's normals (no consensus), features at 12,000 random points per
-  cloud where the noise gate opens (``eps >= gamma x spacing``).
+  cloud where the noise gate opens (``eps >= gamma x spacing``). ``--model`` trains the
+  step for another network's normals.
 - **Validation.** The network's held-out shapes at the four PCPNet noise levels (0, 0.125 %,
   0.6 %, 1.2 %), 5,000 queries each: the learned step against the fixed smoothing, per level.
 - **Training.** The mean squared unoriented angle (``--loss sq``, the benchmark's RMSE
@@ -153,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="fapc/weights/default.toml",
                    help="the network's training config (its data and validation split)")
     p.add_argument("--out", required=True)
+    p.add_argument("--model", default=None,
+                   help="the network whose normals the step refines (default: the shipped one)")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--hidden", type=int, default=24)
     p.add_argument("--layers", type=int, default=2)
@@ -167,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainConfig.from_toml(args.config)
     train_shapes, val_shapes = split_shapes(load_shapes(cfg.data), cfg.val_fraction, cfg.seed,
                                             names=cfg.val_shapes)
-    model, _ = load_model(None)
+    model, _ = load_model(args.model)
     t0 = time.perf_counter()
     train = make_clouds(train_shapes, TRAIN_LEVELS, model=model, queries=12_000, seed=args.seed)
     val = make_clouds(val_shapes, VAL_LEVELS, model=model, queries=None, seed=args.seed + 7)
