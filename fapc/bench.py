@@ -148,9 +148,11 @@ def bench_knn(n: int = 1_000_000, *, device: str = "cpu", k: int = 32, far_k: in
 
 
 def bench_accuracy(root: str | None = None, *, model: str | None = None,
+                   consensus_model: str | None = None,
                    queries: int = 5000) -> dict[str, Any] | None:
-    """The accuracy table on the TEST split (``../shared/data``): the model and PCA with
-    k in 16..256, under no rotation and under random SO(3) poses. None when data is absent."""
+    """The accuracy table on the TEST split (``../shared/data``): the model (with the learned
+    smoothing ``consensus_model``, default the shipped one) and PCA with k in 16..256, under
+    no rotation and under random SO(3) poses. None when data is absent."""
     from fapc.bench_data import find_root, test_clouds
     from fapc.evaluate import evaluate, model_method, pca_method
     from fapc.models.checkpoint import load_model
@@ -160,13 +162,14 @@ def bench_accuracy(root: str | None = None, *, model: str | None = None,
         return None
     net, info = load_model(model)
     clouds = test_clouds(root, queries=queries)
-    methods = {"fa": model_method(net, device="cpu")}
+    methods = {"fa": model_method(net, device="cpu", consensus_model=consensus_model)}
     methods.update({f"pca-{k}": pca_method(k) for k in (16, 32, 64, 128, 256)})
     rep = evaluate(clouds, methods, rotate="none")
     rot = evaluate(clouds, {"fa": methods["fa"]}, rotate="so3")
     rep["fa_so3"] = rot["table"]["fa"]
     rep["fa_so3_avg"] = rot["avg"]["fa"]
     rep["model"] = info["path"]
+    rep["consensus_model"] = consensus_model
     return rep
 
 
@@ -244,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
                    choices=["all", "pca", "fa", "core", "orient", "accuracy"])
     p.add_argument("--data", default=None, help="the shared data folder (default ../shared/data)")
     p.add_argument("--model", default=None)
+    p.add_argument("--consensus-model", default=None,
+                   help="the learned smoothing's weights (default the shipped ones)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--points", type=int, default=1_000_000)
     p.add_argument("--json", dest="json_path", default=None)
@@ -273,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         results["orient"] = bench_orient()
         _table("Orientation: MST propagation vs open3d (100k points)", results["orient"])
     if args.section in ("all", "accuracy"):
-        rep = bench_accuracy(args.data, model=args.model)
+        rep = bench_accuracy(args.data, model=args.model, consensus_model=args.consensus_model)
         if rep is None:
             console.print("[yellow]accuracy: ../shared/data not found (set FAPC_DATA or "
                           "--data); skipped[/]")

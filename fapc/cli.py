@@ -91,6 +91,9 @@ def normals(
     consensus: Annotated[bool, typer.Option(
         help="fa: each normal consults its neighbours' once more: it snaps onto one face at "
         "a sharp edge (clean data) and smooths with them under heavy noise.")] = True,
+    consensus_model: Annotated[str | None, typer.Option(
+        help="fa: the learned smoothing's weights, a .safetensors file or a directory "
+        "holding consensus.safetensors (python -m fapc.train_consensus --out) [shipped].")] = None,
     fields: Annotated[str, typer.Option(
         help="Comma-separated outputs: normals,confidence,curvature.")] = "normals,confidence,"
     "curvature",
@@ -135,19 +138,18 @@ def normals(
     if precision not in PRECISIONS:
         _fail(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}", 2)
     if method == "fa":
-        from fapc.models.checkpoint import load_model
-        from fapc.normals import resolve_device
+        from fapc.normals import load_network, resolve_device
 
         try:  # refuse a bad model or device once, before any file
-            resolve_device(device)
-            load_model(model)
+            load_network(model, resolve_device(device),
+                         consensus_model=consensus_model if consensus else None)
         except FapcError as e:
             if debug:
                 raise
             _fail(str(e))
     opts = NormalsOptions(method=method, k=k, model=model, device=device, orient=orient,
                           batch_size=batch_size, precision=precision, from_mesh=from_mesh,
-                          consensus=consensus, fields=chosen,
+                          consensus=consensus, consensus_model=consensus_model, fields=chosen,
                           drop_invalid=drop_invalid, strict=strict, overwrite=overwrite,
                           ascii=ascii, debug=debug)
 

@@ -199,6 +199,9 @@ def eval_cmd(
     data: Annotated[list[str], typer.Argument(help="Meshes, clouds with normals, PCPNet lists.")],
     model: Annotated[str | None, typer.Option(
         help="Model .safetensors or run directory (default the shipped model).")] = None,
+    consensus_model: Annotated[str | None, typer.Option(
+        help="The learned smoothing's weights (file or train_consensus --out directory) "
+        "[shipped].")] = None,
     rotate: Annotated[str, typer.Option(help="none, so3 or o3: random pose per cloud.")] = "none",
     columns: Annotated[str, typer.Option(help="Mesh columns.")] = "none,0.125%,0.6%,1.2%",
     pca_k: Annotated[str, typer.Option(help="PCA baselines' k.")] = "16,32,64,128,256",
@@ -219,7 +222,7 @@ def eval_cmd(
     from fapc.datasets import load_shapes
     from fapc.evaluate import build_clouds, evaluate, model_method, pca_method
     from fapc.models.checkpoint import load_model
-    from fapc.normals import resolve_device
+    from fapc.normals import load_network, resolve_device
 
     _setup_logging()
     try:
@@ -227,6 +230,7 @@ def eval_cmd(
         ks = [int(k) for k in pca_k.split(",") if k.strip()]
         dev = resolve_device(device)
         net, info = load_model(model, device=dev)
+        load_network(net, dev, consensus_model=consensus_model)  # refuse a bad one now
         shapes = load_shapes(data)
         if not shapes:
             raise FapcError("no usable shapes (meshes or clouds with normals)")
@@ -234,7 +238,7 @@ def eval_cmd(
         label = "fa" if net.config.fa else "no-fa"
         if getattr(net.config, "kind", "patch") == "shape":
             label += f"-{net.config.backbone}"
-        methods = {label: model_method(net, device=str(dev))}
+        methods = {label: model_method(net, device=str(dev), consensus_model=consensus_model)}
         methods.update({f"pca-{k}": pca_method(k) for k in ks})
         with Progress(TextColumn("[bold]eval"), BarColumn(), TextColumn("{task.completed}/"
                       "{task.total} clouds"), TimeRemainingColumn(), console=err) as prog:

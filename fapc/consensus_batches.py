@@ -5,28 +5,47 @@ holds it. :func:`fapc.normals.estimate_normals` calls it after the network."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from fapc.errors import FapcError
 from fapc.memory import trim_every
 
 
-def consensus_model(device: torch.device) -> Any:
-    """The shipped learned consensus step (:mod:`fapc.models.consensus_net`) on ``device``,
-    or None where the package holds none (then the fixed smoothing runs)."""
+def consensus_model(device: torch.device, path: str | os.PathLike | None = None) -> Any:
+    """The learned consensus step (:mod:`fapc.models.consensus_net`) on ``device``: the file
+    ``path`` (or a directory holding ``consensus.safetensors``, as
+    ``python -m fapc.train_consensus --out`` writes it), or else the shipped one, or None
+    where the package holds none (then the fixed smoothing runs).
+
+    Raises:
+        FapcError: ``path`` is missing or is not a consensus-step model.
+    """
     from fapc.models.checkpoint import CONSENSUS_MODEL, cached_model
 
-    if not CONSENSUS_MODEL.exists():
-        return None
-    return cached_model(str(CONSENSUS_MODEL), str(device))[0]
+    if path is None:
+        if not CONSENSUS_MODEL.exists():
+            return None
+        return cached_model(str(CONSENSUS_MODEL), str(device))[0]
+    p = Path(path)
+    if p.is_dir():
+        p = p / CONSENSUS_MODEL.name
+    model, info = cached_model(str(p), str(device))
+    if getattr(info["config"], "kind", None) != "consensus":
+        raise FapcError("not a consensus-step model (one that python -m fapc.train_consensus "
+                        "writes)", path=p)
+    return model
 
 
 def consensus_pass(builder: Any, normals: np.ndarray, far: torch.Tensor, run: np.ndarray,
                    rows: list[np.ndarray], *, n: int, device: torch.device,
-                   batch_size: int, tick: Callable[[int], None] | None = None) -> np.ndarray:
+                   batch_size: int, tick: Callable[[int], None] | None = None,
+                   smoother_path: str | os.PathLike | None = None) -> np.ndarray:
     """Neighbour consensus (:func:`fapc.consensus.consensus_normals`), given the network's
     ``normals (M, 3)`` and far neighbours ``far (M, k_far)`` at the points ``run (M,)`` of a
     cloud of ``n``. ``rows``: for each pass, the rows of ``run`` it refines (the first pass
@@ -34,7 +53,8 @@ def consensus_pass(builder: Any, normals: np.ndarray, far: torch.Tensor, run: np
     :attr:`fapc.consensus.ConsensusSettings.snap_passes`; each pass's candidates must be among
     the rows of the pass before, the first's among all of ``run``). A query's candidates are
     its patch's points (near, then far), its support the near scale; on noisy data the
-    shipped learned smoothing (:func:`consensus_model`) runs where it is present. Returns
+    learned smoothing (:func:`consensus_model`: ``smoother_path``, or the shipped one) runs
+    where it is present. Returns
     the normals ``(Q, 3)`` float32 at the last pass's rows;
     ``tick(k)`` after each batch of ``k`` rows."""
     from fapc.consensus import ConsensusSettings, consensus_normals, spread
@@ -46,7 +66,7 @@ def consensus_pass(builder: Any, normals: np.ndarray, far: torch.Tensor, run: np
     run_t = torch.as_tensor(run, device=device)
     full[run_t] = torch.as_tensor(normals, device=device).to(dtype)
     spreads = torch.zeros(n, dtype=dtype, device=device)
-    smoother = consensus_model(device)
+    smoother = consensus_model(device, smoother_path)
 
     def near_of(idx: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(builder.near(builder.as_index(idx)), device=device)

@@ -165,8 +165,12 @@ def pca_method(k: int) -> Estimator:
     return lambda pts, q: estimate_normals(pts, method="pca", k=k, query_index=q).normals
 
 
-def model_method(model: Any, *, device: str = "auto", batch_size: int = 4096) -> Estimator:
+def model_method(model: Any, *, device: str = "auto", batch_size: int = 4096,
+                 consensus_model: str | None = None) -> Estimator:
+    """The FA pipeline with ``model`` (and the learned smoothing ``consensus_model``,
+    default the shipped one) as an estimator."""
     from fapc.normals import estimate_normals
 
     return lambda pts, q: estimate_normals(pts, method="fa", model=model, device=device,
-                                           batch_size=batch_size, query_index=q).normals
+                                           batch_size=batch_size, query_index=q,
+                                           consensus_model=consensus_model).normals

@@ -121,6 +121,7 @@ def fa_normals(
     seed: int = 0,
     knn: str = "auto",
     consensus: bool = True,
+    consensus_model: str | os.PathLike | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The FA network's normals at ``query_index`` (default all) of finite ``points (N, 3)``
@@ -129,7 +130,8 @@ def fa_normals(
     ``consensus``: snap normals that straddle a crease onto one face (clean data), smooth
     them with their patch's under heavy noise (:mod:`fapc.consensus`); with ``query_index``
     this runs the network on the queries' patch points too (and on theirs, one hop per
-    snapping pass). ``progress(done, total)``: after each batch, in points of work (the
+    snapping pass); ``consensus_model``: the learned smoothing's weights (default: the
+    shipped ones). ``progress(done, total)``: after each batch, in points of work (the
     network's points, then each consensus pass's)."""
     from fapc.consensus import ConsensusSettings
     from fapc.consensus_batches import consensus_pass
@@ -165,7 +167,7 @@ def fa_normals(
     if consensus:
         out["normal"] = consensus_pass(builder, out["normal"], far, run, rows, n=n,
                                        device=device, batch_size=batch_size,
-                                       tick=tick)  # (Q, 3)
+                                       tick=tick, smoother_path=consensus_model)  # (Q, 3)
         pos = rows[-1]  # the queries' rows among the points run
         out["confidence"], out["curvature"] = out["confidence"][pos], out["curvature"][pos]
     return out["normal"], out["confidence"], out["curvature"]
@@ -211,6 +213,32 @@ def _network_pass(builder: Any, model: Any, run: np.ndarray, *,
     return {key: np.concatenate(outs[key]) for key in keys}, far
 
 
+def load_network(model: str | os.PathLike | Any | None, device: torch.device, *,
+                 consensus_model: str | os.PathLike | None = None) -> Any:
+    """The FA network ``model`` (a ``.safetensors`` file, a run directory, a loaded module, or
+    None for the shipped one) in eval mode on ``device``; a ``consensus_model`` given is
+    loaded too (and cached), so that a bad one is refused before any work.
+
+    Raises:
+        FapcError: a missing or refused file, or a consensus-step model given as the network.
+    """
+    if model is None or isinstance(model, (str, os.PathLike)):
+        from fapc.models.checkpoint import cached_model
+
+        net, _ = cached_model(None if model is None else os.fspath(model), str(device))
+    else:
+        net = model.to(device).eval()
+    if getattr(net.config, "kind", None) == "consensus":
+        raise FapcError("a consensus-step model, not a normal network (give it as the "
+                        "consensus model: --consensus-model)",
+                        path=model if isinstance(model, (str, os.PathLike)) else None)
+    if consensus_model is not None:
+        from fapc.consensus_batches import consensus_model as load_consensus
+
+        load_consensus(device, consensus_model)
+    return net
+
+
 def estimate_normals(
     points: Any,
     *,
@@ -223,6 +251,7 @@ def estimate_normals(
     knn: str = "auto",
     precision: str = "auto",
     consensus: bool = True,
+    consensus_model: str | os.PathLike | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> NormalsResult:
     """Estimate unoriented normals, a confidence and the curvature of every point.
@@ -249,6 +278,10 @@ def estimate_normals(
             :attr:`fapc.consensus.ConsensusSettings.snap_passes`) and smooths with them under
             heavy noise. With ``query_index`` the network then also runs at the points those
             passes read (the queries' patch points, and theirs, three hops out).
+        consensus_model: for ``fa`` with ``consensus``: the learned smoothing's weights, a
+            ``.safetensors`` file or a directory holding ``consensus.safetensors`` (what
+            ``python -m fapc.train_consensus --out DIR`` writes; train it on your own
+            network's normals with ``--model``); None for the shipped weights.
         progress: called as ``progress(done, total)`` as the work goes on (for ``fa``, in
             points: the network's, then each consensus pass's; otherwise once, at the end).
 
@@ -269,12 +302,7 @@ def estimate_normals(
     net = None
     if method == "fa":
         dev = resolve_device(device)
-        if model is None or isinstance(model, (str, os.PathLike)):
-            from fapc.models.checkpoint import cached_model
-
-            net, _ = cached_model(None if model is None else os.fspath(model), str(dev))
-        else:
-            net = model.to(dev).eval()
+        net = load_network(model, dev, consensus_model=consensus_model if consensus else None)
         configure_precision(net, dev, precision)
         need = getattr(net.config, "points", None) or max(net.config.k_near,
                                                            net.config.patch.k_far_all)
@@ -299,7 +327,7 @@ def estimate_normals(
     if method == "fa" and getattr(net.config, "kind", "patch") != "shape":
         nrm, conf, curv = fa_normals(finite, net, device=dev, batch_size=batch_size,
                                      query_index=qi_f, knn=knn, consensus=consensus,
-                                     progress=progress)
+                                     consensus_model=consensus_model, progress=progress)
     else:  # PCA, or a whole-shape model: one step
         if method == "pca":
             nrm, conf, curv = pca_normals(finite, k=k, query_index=qi_f)

@@ -35,6 +35,7 @@ class NormalsOptions:
     batch_size: int | None = None  # per device: normals.default_batch_size
     precision: str = "auto"
     consensus: bool = True  # fa: snap at creases, smooth under heavy noise
+    consensus_model: str | None = None  # the learned smoothing's weights [shipped]
     from_mesh: str | None = None
     orient: str = "none"
     fields: tuple[str, ...] = ALL_FIELDS
@@ -181,7 +182,8 @@ def process_file(job: Job, opts: NormalsOptions, *,
             est = estimate_normals(cloud.points, method=opts.method, k=opts.k, model=opts.model,
                                    device=opts.device, batch_size=opts.batch_size,
                                    precision=opts.precision,
-                                   consensus=opts.consensus, progress=progress)
+                                   consensus=opts.consensus,
+                                   consensus_model=opts.consensus_model, progress=progress)
         except FapcError as e:
             raise FapcError(e.reason, path=job.input) from None
         if opts.orient != "none":

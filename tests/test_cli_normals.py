@@ -323,3 +323,23 @@ def test_batches_report_progress_per_file(tmp_path):
     for name in ("a.ply", "b.xyz"):
         last = [s for s in seen if s[0] == name][-1]
         assert last[1] == last[2] > 0, seen
+
+
+def test_consensus_model_option_refuses_a_wrong_file_before_any_output(tmp_path):
+    from fapc.models.checkpoint import CONSENSUS_MODEL, DEFAULT_MODEL
+
+    write_cloud(tmp_path / "a.ply", PointCloud(sphere_points(500)))
+    out = tmp_path / "out"
+    for flags, reason in (
+            (["--consensus-model", str(DEFAULT_MODEL)], "not a consensus-step model"),
+            (["--consensus-model", str(tmp_path / "none.safetensors")], "no such model file"),
+            (["--model", str(CONSENSUS_MODEL)], "not a normal network")):
+        r = run("normals", str(tmp_path / "a.ply"), "-o", str(out) + "/", "--device", "cpu",
+                *flags)
+        lines = r.stderr.strip().splitlines()
+        assert r.exit_code == 1 and len(lines) == 1 and reason in lines[0], r.stderr
+        assert not out.exists() or not os.listdir(out)
+    if CONSENSUS_MODEL.exists():
+        r = run("--quiet", "normals", str(tmp_path / "a.ply"), "-o", str(out) + "/",
+                "--device", "cpu", "--consensus-model", str(CONSENSUS_MODEL))
+        assert r.exit_code == 0 and _files(out) == ["a.ply"], r.stderr

@@ -158,7 +158,38 @@ def test_shipped_consensus_model_loads_and_runs_only_on_noisy_data(monkeypatch):
     noisy, _ = _noisy_sphere(4000, 0.02, seed=5)
     clean, _ = _noisy_sphere(4000, 0.0, seed=6)
     learned = [estimate_normals(c, device="cpu").normals for c in (noisy, clean)]
-    monkeypatch.setattr(batches_mod, "consensus_model", lambda device: None)
+    monkeypatch.setattr(batches_mod, "consensus_model", lambda device, path=None: None)
     fixed = [estimate_normals(c, device="cpu").normals for c in (noisy, clean)]
     assert angle_deg(learned[0], fixed[0]).max() > 0.1  # the learned step ran on noisy data
     np.testing.assert_array_equal(learned[1], fixed[1])  # clean data: its gate stays shut
+
+
+def test_own_consensus_model_is_used_and_bad_ones_are_refused(tmp_path):
+    """``consensus_model=`` swaps the learned smoothing's weights (a file or the directory
+    ``train_consensus --out`` writes); a normal network given there, or a consensus model
+    given as the network, is refused with a one-line error before any work."""
+    from fapc.errors import FapcError
+    from fapc.models.checkpoint import CONSENSUS_MODEL, DEFAULT_MODEL, load_model, save_model
+    from fapc.normals import estimate_normals
+
+    if not CONSENSUS_MODEL.exists():
+        pytest.skip("no shipped consensus model")
+    shipped, _ = load_model(CONSENSUS_MODEL)
+    torch.manual_seed(0)
+    other = ConsensusNet(shipped.config)  # same design, untrained weights
+    save_model(tmp_path / "consensus.safetensors", other)
+    noisy, _ = _noisy_sphere(3000, 0.02, seed=7)
+    default = estimate_normals(noisy, device="cpu").normals
+    same = estimate_normals(noisy, device="cpu", consensus_model=CONSENSUS_MODEL).normals
+    np.testing.assert_array_equal(default, same)
+    own = estimate_normals(noisy, device="cpu", consensus_model=tmp_path).normals  # a directory
+    assert angle_deg(own, default).max() > 0.1
+    off = estimate_normals(noisy, device="cpu", consensus=False,
+                           consensus_model=tmp_path / "missing.safetensors").normals
+    assert off.shape == default.shape  # not read when the consensus step is off
+    with pytest.raises(FapcError, match="not a consensus-step model"):
+        estimate_normals(noisy, device="cpu", consensus_model=DEFAULT_MODEL)
+    with pytest.raises(FapcError, match="no such model file"):
+        estimate_normals(noisy, device="cpu", consensus_model=tmp_path / "missing.safetensors")
+    with pytest.raises(FapcError, match="not a normal network"):
+        estimate_normals(noisy, device="cpu", model=CONSENSUS_MODEL)
