@@ -19,7 +19,7 @@ if ! ldconfig -p 2>/dev/null | grep -q 'libusb-1.0.so.0'; then \
 fi
 endef
 SHELL := /bin/bash
-.PHONY: help install demo test lint bench gpu-check clean
+.PHONY: help install demo test lint bench validate gpu-check clean
 
 help: ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-11s %s\n", $$1, $$2}'
@@ -44,6 +44,9 @@ lint: $(STAMP) ## ruff check
 
 bench: $(STAMP) ## speed + accuracy benchmarks (reads ../shared/data when present)
 	$(PY) -m fapc.bench all
+
+validate: $(STAMP) ## TRAIN-only model selection (MODEL=, BASELINE=report.json; reads ../shared/data)
+	$(PY) -m fapc.validate $(if $(MODEL),--model $(MODEL)) $(if $(BASELINE),--baseline $(BASELINE)) --json $(or $(JSON),out/validate.json)
 
 gpu-check: ## on a GPU host without .venv: CUDA tests + 1M/10M benchmark, logs in OUT
 	@mkdir -p $(OUT)

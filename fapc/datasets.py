@@ -19,7 +19,7 @@ import numpy as np
 
 from fapc.errors import FapcError
 from fapc.io import READ_EXTENSIONS, read_cloud
-from fapc.io.mesh import MESH_EXTENSIONS, load_mesh_trimesh, sample_mesh
+from fapc.io.mesh import MESH_EXTENSIONS, face_normals, load_mesh_trimesh, sample_mesh
 
 log = logging.getLogger(__name__)
 
@@ -198,3 +198,84 @@ def make_cloud(
         pts = np.concatenate([pts, rng.uniform(lo, hi, size=(m, 3))])
         nrm = np.concatenate([nrm, np.zeros((m, 3))])
     return pts, nrm
+
+
+ANALYTIC = ("torus", "ellipsoid")
+
+
+def analytic_surface(kind: str, n: int, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` area-uniform points on a smooth closed surface with its exact normals (not a
+    mesh's facets): ``torus`` (radii 1 and 0.35) or ``ellipsoid`` (semi-axes 1, 0.7, 0.45).
+
+    Returns ``points (n, 3)`` float64 and unit ``normals (n, 3)`` (outward).
+    """
+    if kind not in ANALYTIC:
+        raise ValueError(f"kind must be one of {ANALYTIC}, got {kind!r}")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    rng = np.random.default_rng(seed)
+    parts: list[np.ndarray] = []
+    while sum(len(p) for p in parts) < n:  # rejection sampling by the area element
+        if kind == "torus":
+            big, small = 1.0, 0.35
+            u, v = rng.uniform(0, 2 * np.pi, (2, 2 * n))
+            keep = rng.random(2 * n) < (big + small * np.cos(v)) / (big + small)
+            u, v = u[keep], v[keep]
+            nrm = np.stack([np.cos(v) * np.cos(u), np.cos(v) * np.sin(u), np.sin(v)], 1)
+            ring = big + small * np.cos(v)
+            pts = np.stack([ring * np.cos(u), ring * np.sin(u), small * np.sin(v)], 1)
+        else:
+            axes = np.array([1.0, 0.7, 0.45])
+            d = rng.normal(size=(2 * n, 3))
+            d /= np.linalg.norm(d, axis=1, keepdims=True)  # on the unit sphere
+            grad = d / axes  # the implicit function's gradient at d * axes
+            w = np.linalg.norm(grad, axis=1)
+            keep = rng.random(2 * n) < w * axes.min()  # area stretch of the map d -> d * axes
+            pts, nrm = d[keep] * axes, grad[keep] / w[keep, None]
+        parts.append(np.concatenate([pts, nrm], 1))
+    both = np.concatenate(parts)[:n]  # (n, 6)
+    return both[:, :3], both[:, 3:]
+
+
+def simulated_scan(shape: Shape, *, seed: int = 0, lines: int = 300, per_line: int = 700,
+                   noise: float = 0.001, distance: float = 2.0, width: float = 1.2
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """A one-sided line scan of a mesh, as a laser scanner sees it: a sensor ``distance``
+    diagonals from the shape's centre, in a seeded random direction, sweeps ``lines`` x
+    ``per_line`` rays over a square field of view ``width`` diagonals wide there; each hit
+    moves along its ray by Gaussian noise of ``noise`` diagonals. Needs open3d (ray casting).
+
+    Returns ``points (M, 3)`` float64 (M <= lines * per_line, the rays that hit) and the hit
+    faces' normals ``(M, 3)``.
+    """
+    import open3d as o3d
+
+    if not shape.is_mesh:
+        raise ValueError("simulated_scan needs a mesh")
+    rng = np.random.default_rng(seed)
+    v, f = shape.vertices, shape.faces
+    diag = shape.diagonal
+    d = rng.normal(size=3)
+    d /= np.linalg.norm(d)
+    eye = 0.5 * (v.max(0) + v.min(0)) + distance * diag * d
+    fwd = -d
+    up0 = np.array([0, 0, 1.0]) if abs(fwd[2]) < 0.9 else np.array([1.0, 0, 0])
+    right = np.cross(fwd, up0)
+    right /= np.linalg.norm(right)
+    up = np.cross(right, fwd)
+    half = np.arctan(0.5 * width / distance)
+    el, az = np.meshgrid(np.linspace(-half, half, lines), np.linspace(-half, half, per_line),
+                         indexing="ij")
+    dirs = ((np.cos(el) * np.cos(az))[..., None] * fwd + (np.cos(el) * np.sin(az))[..., None]
+            * right + np.sin(el)[..., None] * up).reshape(-1, 3)  # (R, 3)
+    scene = o3d.t.geometry.RaycastingScene()
+    scene.add_triangles(o3d.core.Tensor(v.astype(np.float32)),
+                        o3d.core.Tensor(np.asarray(f).astype(np.uint32)))
+    rays = np.concatenate([np.broadcast_to(eye, dirs.shape), dirs], 1).astype(np.float32)
+    ans = scene.cast_rays(o3d.core.Tensor(rays))
+    t = ans["t_hit"].numpy().astype(np.float64)
+    hit = np.isfinite(t)
+    prim = ans["primitive_ids"].numpy()[hit].astype(np.int64)
+    t = t[hit] + rng.normal(scale=noise * diag, size=int(hit.sum()))
+    fn, _ = face_normals(v, f)
+    return eye + dirs[hit] * t[:, None], fn[prim]

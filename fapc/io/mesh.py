@@ -107,6 +107,41 @@ def sample_mesh(
     return pts, fn[fi], fi
 
 
+def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """Area-weighted mean of the adjacent faces' normals at each vertex, ``(V, 3)`` unit
+    (zero where a vertex touches no face of positive area)."""
+    fn, area = face_normals(vertices, faces)
+    vn = np.zeros_like(vertices, dtype=np.float64)
+    for i in range(3):
+        np.add.at(vn, faces[:, i], fn * area[:, None])
+    norm = np.linalg.norm(vn, axis=1, keepdims=True)
+    return np.divide(vn, norm, out=np.zeros_like(vn), where=norm > 0)
+
+
+def interpolated_normals(vertices: np.ndarray, faces: np.ndarray, face_index: np.ndarray,
+                         points: np.ndarray) -> np.ndarray:
+    """Smooth ground truth: the vertex normals (:func:`vertex_normals`) of each point's face
+    ``face_index (N,)`` blended by the point's barycentric coordinates, ``(N, 3)`` unit. The
+    surface the mesh approximates, rather than its facets; a degenerate face keeps its
+    vertices' mean."""
+    if points.shape != (len(face_index), 3):
+        raise ValueError(f"points must be (N, 3) with N = len(face_index), got {points.shape}")
+    vn = vertex_normals(vertices, faces)
+    a, b, c = (vertices[faces[face_index, i]] for i in range(3))  # (N, 3) each
+    e0, e1, d = b - a, c - a, points - a
+    d00, d01, d11 = (e0 * e0).sum(1), (e0 * e1).sum(1), (e1 * e1).sum(1)
+    d20, d21 = (d * e0).sum(1), (d * e1).sum(1)
+    den = d00 * d11 - d01 * d01
+    ok = den > 1e-300
+    safe = np.where(ok, den, 1.0)
+    u = np.where(ok, (d11 * d20 - d01 * d21) / safe, 1 / 3)  # weight of b
+    v = np.where(ok, (d00 * d21 - d01 * d20) / safe, 1 / 3)  # weight of c
+    w = np.stack([1 - u - v, u, v], 1)  # (N, 3)
+    out = sum(w[:, i:i + 1] * vn[faces[face_index, i]] for i in range(3))
+    norm = np.linalg.norm(out, axis=1, keepdims=True)
+    return np.divide(out, norm, out=np.zeros_like(out), where=norm > 0)
+
+
 def mesh_to_cloud(
     vertices: np.ndarray, faces: np.ndarray, *, from_mesh: str, seed: int = 0, path: str = ""
 ) -> PointCloud:
