@@ -289,7 +289,9 @@ def main() -> None:
         sys.exit(130)
 
 
-from fapc import cli_train  # noqa: E402,F401  (registers sample, train, eval)
+# the other commands, in the order --help lists them
+from fapc import cli_train  # noqa: E402,F401,I001  (sample, train, eval)
+from fapc import cli_tools  # noqa: E402,F401,I001  (bench, render)
 
 if __name__ == "__main__":
     main()
