@@ -219,7 +219,8 @@ def config_shapes(config: str, check_names: Sequence[str] = CHECK_SHAPES
                   ) -> tuple[list[Shape], list[Shape]]:
     """The held-out shapes of a training config (its seeded split or ``val_shapes``) and
     the check shapes named ``check_names`` among its data; both empty where the data is
-    missing (e.g. no ``../shared/data``)."""
+    missing (e.g. no ``../shared/data``), no check shapes where the config's data holds none
+    of the default ones (a user's own data: name its check meshes)."""
     from fapc.datasets import load_shapes
     from fapc.errors import FapcError
     from fapc.train import TrainConfig
@@ -235,6 +236,10 @@ def config_shapes(config: str, check_names: Sequence[str] = CHECK_SHAPES
     _, held_out = split_shapes(shapes, cfg.val_fraction, cfg.seed, names=cfg.val_shapes)
     by_name = {s.name: s for s in shapes}
     missing = [n for n in check_names if n not in by_name]
+    if tuple(check_names) == CHECK_SHAPES and len(missing) == len(CHECK_SHAPES):
+        log.warning("none of the default check shapes is in %s's data: suite D is skipped "
+                    "(name some of its meshes with --checks)", config)
+        return held_out, []
     if missing:
         raise FapcError(f"check shapes not among the config's data: {missing}", path=config)
     return held_out, [by_name[n] for n in check_names]

@@ -170,6 +170,7 @@ def test_config_shapes_holds_out_the_configs_split(tmp_path):
     assert [s.name for s in config_shapes(named, [])[0]] == ["proc_box"]
     with pytest.raises(FapcError, match="proc_teapot"):
         config_shapes(cfg, ["proc_teapot"])
+    assert len(config_shapes(cfg)[1]) == 0  # a user's data: none of the default check shapes
     gone = tmp_path / "gone.toml"
     gone.write_text('data = ["/nonexistent/meshes"]\n')
     assert config_shapes(str(gone)) == ([], [])  # no data: suites A and D skip
