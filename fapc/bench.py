@@ -162,8 +162,7 @@ def bench_accuracy(root: str | None = None, *, model: str | None = None,
         return None
     net, info = load_model(model)
     clouds = test_clouds(root, queries=queries)
-    # the path, not the loaded network: the default (None) picks its network per cloud
-    methods = {"fa": model_method(model, device="cpu", consensus_model=consensus_model)}
+    methods = {"fa": model_method(net, device="cpu", consensus_model=consensus_model)}
     methods.update({f"pca-{k}": pca_method(k) for k in (16, 32, 64, 128, 256)})
     rep = evaluate(clouds, methods, rotate="none")
     rot = evaluate(clouds, {"fa": methods["fa"]}, rotate="so3")

@@ -58,7 +58,7 @@ def bench(
     if as_json:
         out.print_json(json.dumps(results))
         return
-    stages = ["read", "knn", "noise", "frames", "network", "consensus", "estimate", "orient", "write"]
+    stages = ["read", "knn", "frames", "network", "consensus", "estimate", "orient", "write"]
     t = Table(title=f"fapc bench ({method}, seconds per stage)")
     for col in ["cloud", "points", *stages, "total", "Mpts/s", "open3d", "ratio", "peak MB"]:
         t.add_column(col, justify="right")

@@ -238,8 +238,7 @@ def eval_cmd(
         label = "fa" if net.config.fa else "no-fa"
         if getattr(net.config, "kind", "patch") == "shape":
             label += f"-{net.config.backbone}"
-        # the path, not the loaded network: the default (None) picks its network per cloud
-        methods = {label: model_method(model, device=str(dev), consensus_model=consensus_model)}
+        methods = {label: model_method(net, device=str(dev), consensus_model=consensus_model)}
         methods.update({f"pca-{k}": pca_method(k) for k in ks})
         with Progress(TextColumn("[bold]eval"), BarColumn(), TextColumn("{task.completed}/"
                       "{task.total} clouds"), TimeRemainingColumn(), console=err) as prog:

@@ -122,7 +122,6 @@ def fa_normals(
     knn: str = "auto",
     consensus: bool = True,
     consensus_model: str | os.PathLike | None = None,
-    noisy_model: Any = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The FA network's normals at ``query_index`` (default all) of finite ``points (N, 3)``
@@ -132,9 +131,7 @@ def fa_normals(
     them with their patch's under heavy noise (:mod:`fapc.consensus`); with ``query_index``
     this runs the network on the queries' patch points too (and on theirs, one hop per
     snapping pass); ``consensus_model``: the learned smoothing's weights (default: the
-    shipped ones); ``noisy_model``: a network with the same patches that runs instead of
-    ``model`` where the cloud's noise figure (:mod:`fapc.noise`) reaches
-    :data:`fapc.noise.NOISY_FROM`. ``progress(done, total)``: after each batch, in points of work (the
+    shipped ones). ``progress(done, total)``: after each batch, in points of work (the
     network's points, then each consensus pass's)."""
     from fapc.consensus import ConsensusSettings
     from fapc.consensus_batches import consensus_pass
@@ -152,8 +149,6 @@ def fa_normals(
     on_device = knn == "torch"
     builder: Any = (TorchPatchBuilder(points, model.config.patch, device=device, seed=seed)
                     if on_device else PatchBuilder(points, model.config.patch, seed=seed))
-    if noisy_model is not None:
-        model = pick_network(builder, model, noisy_model, seed=seed)
     passes = ConsensusSettings.snap_passes if consensus else 0
     # the points each consensus pass reads, from the last pass's (the queries) back to the
     # points the network sees: each pass reads its queries' candidates from the pass before
@@ -176,21 +171,6 @@ def fa_normals(
         pos = rows[-1]  # the queries' rows among the points run
         out["confidence"], out["curvature"] = out["confidence"][pos], out["curvature"][pos]
     return out["normal"], out["confidence"], out["curvature"]
-
-
-def pick_network(builder: Any, model: Any, noisy_model: Any, *, seed: int = 0) -> Any:
-    """``noisy_model`` where the cloud of ``builder`` is noisy (:func:`fapc.noise.cloud_noise`
-    at or above :data:`fapc.noise.NOISY_FROM`), else ``model``; both must build the same
-    patches."""
-    from fapc.noise import NOISY_FROM, cloud_noise, noise_sample
-
-    if noisy_model.config.patch != model.config.patch:
-        raise ValueError("the noisy-cloud network must build the same patches as the model")
-    sample = noise_sample(len(builder.points), seed=seed)
-    figure = cloud_noise(builder.points, builder.near(builder.as_index(sample)), sample)
-    noisy = figure >= NOISY_FROM
-    log.info("noise figure %.4f: the %s network", figure, "noisy-cloud" if noisy else "default")
-    return noisy_model if noisy else model
 
 
 def _ticker(progress: Callable[[int, int], None] | None, total: int) -> Callable[[int], None]:
@@ -259,15 +239,6 @@ def load_network(model: str | os.PathLike | Any | None, device: torch.device, *,
     return net
 
 
-def shipped_noisy_network(device: torch.device) -> Any:
-    """The shipped network for noisy clouds on ``device`` (None where the package holds
-    none): with the default model, :func:`estimate_normals` runs it instead where
-    :mod:`fapc.noise` finds the cloud noisy."""
-    from fapc.models.checkpoint import NOISY_MODEL, cached_model
-
-    return cached_model(str(NOISY_MODEL), str(device))[0] if NOISY_MODEL.exists() else None
-
-
 def estimate_normals(
     points: Any,
     *,
@@ -292,9 +263,7 @@ def estimate_normals(
             neighbours).
         k: PCA neighbourhood size (the FA model's patch size is part of the model).
         model: for ``fa``: a ``.safetensors`` file, a run directory, a loaded ``NormalNet``,
-            or None for the shipped default: its network for clean clouds, or, where the
-            cloud's noise figure (:mod:`fapc.noise`) says it is noisy, its network for noisy
-            ones (``fapc/weights/noisy.safetensors``); give a file to run that one alone.
+            or None for the shipped default model.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
         batch_size: query points per network batch (default 4096 on a CPU, 262144 on CUDA).
         query_index: estimate only at these point indices (results are then ``(Q, ...)``).
@@ -335,9 +304,6 @@ def estimate_normals(
         dev = resolve_device(device)
         net = load_network(model, dev, consensus_model=consensus_model if consensus else None)
         configure_precision(net, dev, precision)
-        noisy = shipped_noisy_network(dev) if model is None else None
-        if noisy is not None:
-            configure_precision(noisy, dev, precision)
         need = getattr(net.config, "points", None) or max(net.config.k_near,
                                                            net.config.patch.k_far_all)
     else:
@@ -361,8 +327,7 @@ def estimate_normals(
     if method == "fa" and getattr(net.config, "kind", "patch") != "shape":
         nrm, conf, curv = fa_normals(finite, net, device=dev, batch_size=batch_size,
                                      query_index=qi_f, knn=knn, consensus=consensus,
-                                     consensus_model=consensus_model, noisy_model=noisy,
-                                     progress=progress)
+                                     consensus_model=consensus_model, progress=progress)
     else:  # PCA, or a whole-shape model: one step
         if method == "pca":
             nrm, conf, curv = pca_normals(finite, k=k, query_index=qi_f)

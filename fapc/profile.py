@@ -133,12 +133,6 @@ def _profile_fa(pts: np.ndarray, t: dict[str, float], *, dev: torch.device, mode
     else:
         builder = PatchBuilder(pts, net.config.patch)
     t["knn"] = now() - t0
-    noisy = normals_mod.shipped_noisy_network(dev) if model is None else None
-    if noisy is not None:  # the default model: its network for this cloud's noise
-        configure_precision(noisy, dev, precision)
-        t0 = now()
-        net = normals_mod.pick_network(builder, net, noisy)
-        t["noise"] = now() - t0
     t["frames"] = t["network"] = 0.0
     spec = net.config.patch
     graphed = dev.type == "cuda" and normals_mod.CUDA_GRAPHS

@@ -279,13 +279,11 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.baseline) as f:
                 baseline = json.load(f)
         dev = resolve_device("cpu")
-        load_network(args.model, dev, consensus_model=args.consensus_model)  # refuse bad ones now
+        net = load_network(args.model, dev, consensus_model=args.consensus_model)
         held_out, checks = ((), ())
         if set(args.suites) & set("AD"):
             held_out, checks = config_shapes(args.config, [c for c in args.checks.split(",") if c])
-        # the path, not the loaded network: the default (None) picks its network per cloud
-        report = validate(model_method(args.model, device="cpu",
-                                       consensus_model=args.consensus_model),
+        report = validate(model_method(net, device="cpu", consensus_model=args.consensus_model),
                           held_out=held_out, checks=checks, suites=args.suites)
     except (FapcError, OSError, ValueError) as e:
         console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)

@@ -20,8 +20,6 @@ from fapc.models.normal_net import NormalNet, NormalNetConfig
 
 FORMAT = "fapc-normalnet-1"
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "default.safetensors"
-# the network for noisy clouds, which the default runs instead where fapc.noise says so
-NOISY_MODEL = DEFAULT_MODEL.with_name("noisy.safetensors")
 # the learned consensus step (fapc.models.consensus_net), used by default after the network
 CONSENSUS_MODEL = DEFAULT_MODEL.with_name("consensus.safetensors")
 
