@@ -22,6 +22,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from fapc.errors import FapcError
+
 log = logging.getLogger(__name__)
 console = Console(width=None if sys.stdout.isatty() else 150)  # logs: no truncated tables
 
@@ -156,11 +158,13 @@ def bench_accuracy(root: str | None = None, *, model: str | None = None,
     from fapc.bench_data import find_root, test_clouds
     from fapc.evaluate import evaluate, model_method, pca_method
     from fapc.models.checkpoint import load_model
+    from fapc.normals import load_network
 
     root = find_root(root)
     if root is None:
         return None
     net, info = load_model(model)
+    load_network(net, torch.device("cpu"), consensus_model=consensus_model)  # refuse bad ones now
     clouds = test_clouds(root, queries=queries)
     methods = {"fa": model_method(net, device="cpu", consensus_model=consensus_model)}
     methods.update({f"pca-{k}": pca_method(k) for k in (16, 32, 64, 128, 256)})
@@ -278,7 +282,12 @@ def main(argv: list[str] | None = None) -> int:
         results["orient"] = bench_orient()
         _table("Orientation: MST propagation vs open3d (100k points)", results["orient"])
     if args.section in ("all", "accuracy"):
-        rep = bench_accuracy(args.data, model=args.model, consensus_model=args.consensus_model)
+        try:
+            rep = bench_accuracy(args.data, model=args.model,
+                                 consensus_model=args.consensus_model)
+        except FapcError as e:  # a missing or refused model: one line, no traceback
+            console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            return 2
         if rep is None:
             console.print("[yellow]accuracy: ../shared/data not found (set FAPC_DATA or "
                           "--data); skipped[/]")

@@ -54,8 +54,7 @@ def consensus_pass(builder: Any, normals: np.ndarray, far: torch.Tensor, run: np
     the rows of the pass before, the first's among all of ``run``). A query's candidates are
     its patch's points (near, then far), its support the near scale; on noisy data the
     learned smoothing (:func:`consensus_model`: ``smoother_path``, or the shipped one) runs
-    where it is present. Returns
-    the normals ``(Q, 3)`` float32 at the last pass's rows;
+    where it is present. Returns the normals ``(Q, 3)`` float32 at the last pass's rows;
     ``tick(k)`` after each batch of ``k`` rows."""
     from fapc.consensus import ConsensusSettings, consensus_normals, spread
     from fapc.gather import rows as rows_of
