@@ -144,8 +144,7 @@ def check_suite(estimate: Estimator, shapes: Sequence[Shape], *, points: int = 1
                 pts, nrm = simulated_scan(s, seed=seed, lines=scan_rays[0], per_line=scan_rays[1])
             else:
                 continue
-            q = np.sort(np.random.default_rng(seed).choice(len(pts), min(queries, len(pts)),
-                                                           replace=False))
+            q = _queries(len(pts), queries, seed)
             est = estimate(pts, q)
             add(s.name, col, rmse(est, nrm[q]))
             if col == "dense":
