@@ -61,6 +61,12 @@ def test_interpolated_normals_follow_the_smooth_surface():
                                vertex_normals(v, f)[f[:50, 0]], atol=1e-9)
     with pytest.raises(ValueError, match="points"):
         interpolated_normals(v, f, face[:10], pts[:11])
+    # a mesh whose faces are wound every which way has the same smooth surface
+    flip = np.random.default_rng(2).random(len(f)) < 0.4
+    mixed = np.where(flip[:, None], f[:, ::-1], f)
+    assert angle_deg(interpolated_normals(v, mixed, face, pts), smooth).max() < 1e-4
+    outward = vertex_normals(v, f)
+    assert (outward * v).sum(1).min() > 0  # consistent winding: outward, as the faces are
 
 
 def test_simulated_scan_is_one_sided_and_on_the_surface():

@@ -109,11 +109,27 @@ def sample_mesh(
 
 def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
     """Area-weighted mean of the adjacent faces' normals at each vertex, ``(V, 3)`` unit
-    (zero where a vertex touches no face of positive area)."""
+    (zero where a vertex touches no face of positive area). Independent of the faces'
+    winding: each face's normal is first turned to agree with the top eigenvector of the
+    area-weighted ``sum n n^T`` at the vertex; the sign then follows the faces' majority."""
+    import torch
+
+    from fapc.eigen import sym3_eigh
+
     fn, area = face_normals(vertices, faces)
-    vn = np.zeros_like(vertices, dtype=np.float64)
+    outer = area[:, None, None] * fn[:, :, None] * fn[:, None, :]  # (F, 3, 3)
+    scatter = np.zeros((len(vertices), 3, 3))
     for i in range(3):
-        np.add.at(vn, faces[:, i], fn * area[:, None])
+        np.add.at(scatter, faces[:, i], outer)
+    axis = sym3_eigh(torch.from_numpy(scatter))[1][..., 2].numpy()  # (V, 3) top eigenvector
+    vn = np.zeros((len(vertices), 3))
+    for i in range(3):
+        side = np.sign((fn * axis[faces[:, i]]).sum(1))  # (F,) this face against the axis
+        np.add.at(vn, faces[:, i], (side * area)[:, None] * fn)
+    oriented = np.zeros((len(vertices), 3))
+    for i in range(3):
+        np.add.at(oriented, faces[:, i], area[:, None] * fn)
+    vn *= np.where((vn * oriented).sum(1) < 0, -1.0, 1.0)[:, None]  # the majority's side
     norm = np.linalg.norm(vn, axis=1, keepdims=True)
     return np.divide(vn, norm, out=np.zeros_like(vn), where=norm > 0)
 
@@ -123,10 +139,13 @@ def interpolated_normals(vertices: np.ndarray, faces: np.ndarray, face_index: np
     """Smooth ground truth: the vertex normals (:func:`vertex_normals`) of each point's face
     ``face_index (N,)`` blended by the point's barycentric coordinates, ``(N, 3)`` unit. The
     surface the mesh approximates, rather than its facets; a degenerate face keeps its
-    vertices' mean."""
+    vertices' mean. Each vertex normal is turned to the side of the point's face first, so
+    the result does not depend on the faces' winding."""
     if points.shape != (len(face_index), 3):
         raise ValueError(f"points must be (N, 3) with N = len(face_index), got {points.shape}")
     vn = vertex_normals(vertices, faces)
+    fn, _ = face_normals(vertices, faces)
+    own = fn[face_index]  # (N, 3): each blended vertex normal is turned to its face's side
     a, b, c = (vertices[faces[face_index, i]] for i in range(3))  # (N, 3) each
     e0, e1, d = b - a, c - a, points - a
     d00, d01, d11 = (e0 * e0).sum(1), (e0 * e1).sum(1), (e1 * e1).sum(1)
@@ -137,7 +156,11 @@ def interpolated_normals(vertices: np.ndarray, faces: np.ndarray, face_index: np
     u = np.where(ok, (d11 * d20 - d01 * d21) / safe, 1 / 3)  # weight of b
     v = np.where(ok, (d00 * d21 - d01 * d20) / safe, 1 / 3)  # weight of c
     w = np.stack([1 - u - v, u, v], 1)  # (N, 3)
-    out = sum(w[:, i:i + 1] * vn[faces[face_index, i]] for i in range(3))
+    out = np.zeros_like(own)
+    for i in range(3):
+        corner = vn[faces[face_index, i]]  # (N, 3)
+        corner = corner * np.where((corner * own).sum(1) < 0, -1.0, 1.0)[:, None]
+        out += w[:, i:i + 1] * corner
     norm = np.linalg.norm(out, axis=1, keepdims=True)
     return np.divide(out, norm, out=np.zeros_like(out), where=norm > 0)
 
