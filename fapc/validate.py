@@ -29,18 +29,16 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from fapc.datasets import ANALYTIC, Shape, analytic_surface, make_cloud, simulated_scan
-from fapc.evaluate import _seed, angle_errors
+from fapc.evaluate import Estimator, _seed, angle_errors, scores
 from fapc.io.mesh import interpolated_normals, sample_mesh
 
 log = logging.getLogger(__name__)
-
-Estimator = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (points (N, 3), query (Q,)) -> (Q, 3)
 
 HELD_OUT_LEVELS = {"none": 0.0, "0.03%": 0.0003, "0.06%": 0.0006, "0.125%": 0.00125,
                    "0.25%": 0.0025, "0.6%": 0.006, "1.2%": 0.012}
@@ -53,7 +51,7 @@ CHECK_COLUMNS = ("clean", "0.125%", "dense", "scan")  # the rule's; "dense-smoot
 
 def rmse(pred: np.ndarray, gt: np.ndarray) -> float:
     """Unoriented RMSE in degrees of ``pred (Q, 3)`` against ``gt (Q, 3)``."""
-    return float(np.sqrt(np.mean(angle_errors(pred, gt) ** 2)))
+    return scores(angle_errors(pred, gt))["rmse"]
 
 
 def _queries(n: int, count: int, seed: int) -> np.ndarray:

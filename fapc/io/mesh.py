@@ -123,13 +123,12 @@ def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
         np.add.at(scatter, faces[:, i], outer)
     axis = sym3_eigh(torch.from_numpy(scatter))[1][..., 2].numpy()  # (V, 3) top eigenvector
     vn = np.zeros((len(vertices), 3))
+    lean = np.zeros(len(vertices))  # (V,) which way the faces, as wound, lean along the axis
     for i in range(3):
-        side = np.sign((fn * axis[faces[:, i]]).sum(1))  # (F,) this face against the axis
-        np.add.at(vn, faces[:, i], (side * area)[:, None] * fn)
-    oriented = np.zeros((len(vertices), 3))
-    for i in range(3):
-        np.add.at(oriented, faces[:, i], area[:, None] * fn)
-    vn *= np.where((vn * oriented).sum(1) < 0, -1.0, 1.0)[:, None]  # the majority's side
+        along = (fn * axis[faces[:, i]]).sum(1)  # (F,) this face against its vertex's axis
+        np.add.at(vn, faces[:, i], (np.sign(along) * area)[:, None] * fn)
+        np.add.at(lean, faces[:, i], area * along)
+    vn *= np.where(lean < 0, -1.0, 1.0)[:, None]  # the majority's side
     norm = np.linalg.norm(vn, axis=1, keepdims=True)
     return np.divide(vn, norm, out=np.zeros_like(vn), where=norm > 0)
 
