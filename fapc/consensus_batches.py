@@ -45,7 +45,8 @@ def consensus_model(device: torch.device, path: str | os.PathLike | None = None)
 def consensus_pass(builder: Any, normals: np.ndarray, far: torch.Tensor, run: np.ndarray,
                    rows: list[np.ndarray], *, n: int, device: torch.device,
                    batch_size: int, tick: Callable[[int], None] | None = None,
-                   smoother_path: str | os.PathLike | None = None) -> np.ndarray:
+                   smoother_path: str | os.PathLike | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """Neighbour consensus (:func:`fapc.consensus.consensus_normals`), given the network's
     ``normals (M, 3)`` and far neighbours ``far (M, k_far)`` at the points ``run (M,)`` of a
     cloud of ``n``. ``rows``: for each pass, the rows of ``run`` it refines (the first pass
@@ -54,8 +55,10 @@ def consensus_pass(builder: Any, normals: np.ndarray, far: torch.Tensor, run: np
     the rows of the pass before, the first's among all of ``run``). A query's candidates are
     its patch's points (near, then far), its support the near scale; on noisy data the
     learned smoothing (:func:`consensus_model`: ``smoother_path``, or the shipped one) runs
-    where it is present. Returns the normals ``(Q, 3)`` float32 at the last pass's rows;
-    ``tick(k)`` after each batch of ``k`` rows."""
+    where it is present. Returns the normals ``(Q, 3)`` float32 at the last pass's rows, and
+    the normals ``(M, 3)`` float32 at ``run`` as the last pass found them (what the
+    confidence's neighbour agreement compares with: the same in a run over the whole cloud
+    and over ``rows[-1]`` alone); ``tick(k)`` after each batch of ``k`` rows."""
     from fapc.consensus import ConsensusSettings, consensus_normals, spread
     from fapc.gather import rows as rows_of
 
@@ -79,7 +82,11 @@ def consensus_pass(builder: Any, normals: np.ndarray, far: torch.Tensor, run: np
     with torch.inference_mode():
         update_spreads(torch.arange(len(run), device=device))
         moved = torch.zeros(n, dtype=torch.bool, device=device)  # (N,) changed by the last pass
+        if not rows:
+            raise ValueError("consensus_pass needs at least one pass")
         for p, pass_rows in enumerate(rows):
+            if p == len(rows) - 1:
+                before = full[run_t]  # (M, 3) a copy: the normals the last pass reads
             pos_t = torch.as_tensor(pass_rows, device=device)
             arrays = None  # the learned step's features come from float32 copies (half the cost)
             if p == 0 and smoother is not None:
@@ -112,4 +119,5 @@ def consensus_pass(builder: Any, normals: np.ndarray, far: torch.Tensor, run: np
                 update_spreads(pos_t[changed])
                 moved.zero_()
                 moved[q_all[changed]] = True
-    return full[run_t[torch.as_tensor(rows[-1], device=device)]].float().cpu().numpy()
+    final = full[run_t[torch.as_tensor(rows[-1], device=device)]]
+    return final.float().cpu().numpy(), before.float().cpu().numpy()

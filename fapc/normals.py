@@ -133,6 +133,7 @@ def fa_normals(
     snapping pass); ``consensus_model``: the learned smoothing's weights (default: the
     shipped ones). ``progress(done, total)``: after each batch, in points of work (the
     network's points, then each consensus pass's)."""
+    from fapc.confidence import final_confidence
     from fapc.consensus import ConsensusSettings
     from fapc.consensus_batches import consensus_pass
     from fapc.patches import PatchBuilder, TorchPatchBuilder
@@ -153,24 +154,61 @@ def fa_normals(
     # the points each consensus pass reads, from the last pass's (the queries) back to the
     # points the network sees: each pass reads its queries' candidates from the pass before
     sets = [qi] * (passes + 1)
-    if passes and query_index is not None:
+    if query_index is not None:
         for h in range(1, passes + 1):
-            prev = sets[h - 1]
-            cand = [torch.as_tensor(builder.neighbours(builder.as_index(prev[s:s + batch_size])))
-                    .cpu().numpy() for s in range(0, len(prev), batch_size)]
-            sets[h] = np.unique(np.concatenate([prev, *[c.ravel() for c in cand]]))
-    run = sets[-1]  # points the network sees
+            sets[h] = _with_neighbours(builder, sets[h - 1], batch_size, builder.neighbours)
+        if not passes:  # the confidence reads the queries' near neighbours' normals
+            sets.append(_with_neighbours(builder, qi, batch_size, builder.near))
+    run = sets[-1]  # points the network sees (sorted)
     rows = [np.searchsorted(run, sets[h]) for h in range(passes - 1, -1, -1)]
+    pos = np.searchsorted(run, qi) if query_index is not None else qi  # queries' rows of run
     tick = _ticker(progress, len(run) + sum(len(r) for r in rows))
     out, far = _network_pass(builder, model, run, device=device, batch_size=batch_size,
                              keep_far=consensus, tick=tick)
     if consensus:
-        out["normal"] = consensus_pass(builder, out["normal"], far, run, rows, n=n,
-                                       device=device, batch_size=batch_size,
-                                       tick=tick, smoother_path=consensus_model)  # (Q, 3)
-        pos = rows[-1]  # the queries' rows among the points run
-        out["confidence"], out["curvature"] = out["confidence"][pos], out["curvature"][pos]
-    return out["normal"], out["confidence"], out["curvature"]
+        normal, before = consensus_pass(builder, out["normal"], far, run, rows, n=n,
+                                        device=device, batch_size=batch_size,
+                                        tick=tick, smoother_path=consensus_model)  # (Q, 3)
+    else:
+        normal, before = out["normal"][pos], out["normal"]
+    agree = neighbour_agreement_at(builder, normal, before, run, qi, device=device,
+                                   batch_size=batch_size)  # (Q,)
+    conf = final_confidence(torch.from_numpy(out["confidence"][pos]), torch.from_numpy(agree))
+    return normal, conf.numpy(), out["curvature"][pos]
+
+
+def _with_neighbours(builder: Any, index: np.ndarray, batch_size: int,
+                     find: Callable[[Any], Any]) -> np.ndarray:
+    """The sorted union of ``index`` and the points ``find`` (``builder.near`` or
+    ``builder.neighbours``) gives for them."""
+    found = [torch.as_tensor(find(builder.as_index(index[s:s + batch_size]))).cpu().numpy()
+             for s in range(0, len(index), batch_size)]
+    return np.unique(np.concatenate([index, *[f.ravel() for f in found]]))
+
+
+def neighbour_agreement_at(builder: Any, normals: np.ndarray, before: np.ndarray,
+                           run: np.ndarray, query: np.ndarray, *, device: torch.device,
+                           batch_size: int) -> np.ndarray:
+    """:func:`fapc.confidence.neighbour_agreement` of the final ``normals (Q, 3)`` at ``query
+    (Q,)`` with their near neighbours' normals in ``before (M, 3)``, the normals at the
+    sorted points ``run (M,)`` (which hold every query's near neighbours) as the last step
+    read them. Returns ``(Q,)`` float32."""
+    from fapc.confidence import neighbour_agreement
+    from fapc.gather import rows as gather
+
+    whole = len(run) == len(builder.points)  # run is every point: rows are point indices
+    table = torch.as_tensor(before, device=device).float()
+    run_t = None if whole else torch.as_tensor(run, device=device)
+    out = np.empty(len(query), np.float32)
+    with torch.inference_mode():
+        for s in range(0, len(query), batch_size):
+            near = torch.as_tensor(builder.near(builder.as_index(query[s:s + batch_size])),
+                                   device=device)
+            near = near[:, 1:].long().contiguous()  # (B, k_near - 1): not the point itself
+            at = near if run_t is None else torch.searchsorted(run_t, near)
+            own = torch.as_tensor(normals[s:s + batch_size], device=device).float()
+            out[s:s + len(own)] = neighbour_agreement(own, gather(table, at)).cpu().numpy()
+    return out
 
 
 def _ticker(progress: Callable[[int, int], None] | None, total: int) -> Callable[[int], None]:

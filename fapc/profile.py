@@ -120,7 +120,7 @@ def _profile_fa(pts: np.ndarray, t: dict[str, float], *, dev: torch.device, mode
     from fapc.frames import compute_frames
     from fapc.memory import trim_every
     from fapc.models.checkpoint import load_model
-    from fapc.normals import configure_precision, default_batch_size, run_network
+    from fapc.normals import configure_precision, default_batch_size, neighbour_agreement_at, run_network
     from fapc.patches import PatchBuilder, TorchPatchBuilder
 
     net, _ = load_model(model, device=dev)
@@ -170,8 +170,11 @@ def _profile_fa(pts: np.ndarray, t: dict[str, float], *, dev: torch.device, mode
         t["network"] = max(t["network"] - t["frames"], 0.0)  # the forward pass includes frames
     t0 = now()
     run = np.arange(n)
-    normals = consensus_pass(builder, normals, far, run, [run] * ConsensusSettings.snap_passes,
-                             n=n, device=dev, batch_size=batch_size)
+    normals, before = consensus_pass(builder, normals, far, run,
+                                     [run] * ConsensusSettings.snap_passes, n=n, device=dev,
+                                     batch_size=batch_size)
+    neighbour_agreement_at(builder, normals, before, run, run, device=dev,
+                           batch_size=batch_size)  # the confidence's part
     t["consensus"] = now() - t0
     return normals, setup
 

@@ -26,9 +26,10 @@ about ``k_wide * wide_stride`` raw points), with one weight per patch, ``exp(c)`
 the network; the robust passes leave those rows alone, and the quadratic fit does not take
 them. All of these use invariant quantities only, so the normal stays exactly equivariant.
 
-Outputs per query: ``normal (B, 3)``, ``confidence (B,)`` in [0, 1] (how well the frame
-elements agree on the weights, times the weighted fit's planarity), ``curvature (B,)``
-(surface variation of the weighted fit).
+Outputs per query: ``normal (B, 3)``, ``confidence (B,)`` in [0, 1] (the patch's own,
+:func:`fapc.confidence.patch_confidence`: how well the frame elements agree on the weights,
+to the power 1/4, times the weighted fit's planarity; the pipeline multiplies in the
+neighbours' agreement), ``curvature (B,)`` (surface variation of the weighted fit).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fapc.confidence import patch_confidence
 from fapc.frames import compute_frames
 from fapc.models.fits import homogeneous, jet_normal, moment_fit, plane_residuals
 from fapc.patches import PatchSpec
@@ -316,5 +318,5 @@ class NormalNet(nn.Module):
         else:
             agreement = torch.ones_like(planarity)
         return {"normal": normal.to(out_dtype),
-                "confidence": (agreement * planarity).clamp(0, 1).to(out_dtype),
+                "confidence": patch_confidence(agreement, planarity).to(out_dtype),
                 "curvature": curvature.to(out_dtype), "weights": weights.to(out_dtype)}
