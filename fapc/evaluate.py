@@ -98,6 +98,25 @@ def scores(err: np.ndarray) -> dict[str, float]:
             "pgp10": float(np.mean(err < 10))}
 
 
+def confidence_auroc(err: np.ndarray, confidence: np.ndarray, *, threshold: float = 10.0
+                     ) -> float:
+    """How well ``confidence (Q,)`` ranks the errors ``err (Q,)`` (degrees): the chance that a
+    normal off by more than ``threshold`` has a lower confidence than one that is not (ties
+    count half; 0.5 is no better than chance, 1 a perfect ranking). NaN where either group is
+    empty."""
+    from scipy.stats import rankdata
+
+    if err.shape != confidence.shape or err.ndim != 1:
+        raise ValueError(f"err and confidence must be (Q,) each, got {err.shape} and "
+                         f"{confidence.shape}")
+    bad = err > threshold
+    n_bad, n_good = int(bad.sum()), int((~bad).sum())
+    if n_bad == 0 or n_good == 0:
+        return float("nan")
+    r = rankdata(-confidence)  # rank 1: the most confident
+    return float((r[bad].sum() - n_bad * (n_bad + 1) / 2) / (n_bad * n_good))
+
+
 Estimator = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 

@@ -17,6 +17,10 @@ pipeline: the network, then the consensus step with its learned smoothing):
   parts) clean, at 0.125 % noise, dense (250,000 points, noiseless; scored against the
   faceted and the smooth ground truth, :func:`fapc.io.mesh.interpolated_normals`) and as
   simulated one-sided line scans (:func:`fapc.datasets.simulated_scan`, needs open3d).
+- ``R``, **confidence ranking** (reported, not in the rule; not run by default): suite A's
+  shapes at none, 0.03, 0.125, 0.6 and 1.2 %, scored by how well the confidence ranks the
+  errors (:func:`fapc.evaluate.confidence_auroc`: normals off by more than 10 deg against
+  the rest), the mean over shapes per level.
 
 Shapes under ``../shared/data`` are read through the config's ``data``; where they are
 missing, suites A and D are skipped (and say so); suite C needs no data.
@@ -29,13 +33,13 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from fapc.datasets import ANALYTIC, Shape, analytic_surface, make_cloud, simulated_scan
-from fapc.evaluate import Estimator, _seed, angle_errors, scores
+from fapc.evaluate import Estimator, _seed, angle_errors, confidence_auroc, scores
 from fapc.io.mesh import interpolated_normals, sample_mesh
 
 log = logging.getLogger(__name__)
@@ -47,6 +51,8 @@ ANALYTIC_NOISE = (0.0003, 0.0006, 0.00125, 0.0025)
 CHECK_SHAPES = ("rabbit", "beetle", "camelhead", "cheburashka", "elephant", "face",
                 "plate_holes", "ADIS16480")
 CHECK_COLUMNS = ("clean", "0.125%", "dense", "scan")  # the rule's; "dense-smooth" is reported
+RANKING_LEVELS = ("none", "0.03%", "0.125%", "0.6%", "1.2%")
+ConfidenceEstimator = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 def rmse(pred: np.ndarray, gt: np.ndarray) -> float:
@@ -77,6 +83,32 @@ def held_out_suite(estimate: Estimator, shapes: Sequence[Shape], *, points: int 
         cols[col] = float(np.mean(errs))
     if all(c in cols for c in BENCHMARK_LEVELS):
         cols["noise4"] = float(np.mean([cols[c] for c in BENCHMARK_LEVELS]))
+    return cols, rows
+
+
+def ranking_suite(estimate: ConfidenceEstimator, shapes: Sequence[Shape], *,
+                  points: int = 100_000, queries: int = 3000,
+                  levels: Sequence[str] = RANKING_LEVELS
+                  ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Suite R: ``estimate(points, query) -> (normals (Q, 3), confidence (Q,))`` on each
+    shape at each level (suite A's clouds and queries); the mean AUROC per level (shapes
+    with no normal off by 10 deg are left out of a level's mean) and over all (``mean``)."""
+    cols: dict[str, float] = {}
+    rows = []
+    for col in levels:
+        vals = []
+        for s in shapes:
+            pts, nrm = make_cloud(s, n=points, noise=HELD_OUT_LEVELS[col],
+                                  seed=_seed(0, s.name, col))
+            q = _queries(len(pts), queries, _seed(0, s.name, col, "q"))
+            normals, conf = estimate(pts, q)
+            auc = confidence_auroc(angle_errors(normals, nrm[q]), conf)
+            rows.append({"suite": "R", "shape": s.name, "column": col, "auroc": auc})
+            log.info("R %s %s %.3f", s.name, col, auc)
+            if np.isfinite(auc):
+                vals.append(auc)
+        cols[col] = float(np.mean(vals)) if vals else float("nan")
+    cols["mean"] = float(np.nanmean(list(cols.values())))
     return cols, rows
 
 
@@ -180,16 +212,20 @@ def validate(estimate: Estimator, *, held_out: Sequence[Shape] = (),
              checks: Sequence[Shape] = (), suites: str = "ACD", points: int = 100_000,
              dense_points: int = 250_000, analytic_sizes: Sequence[int] = (10_000, 30_000, 100_000),
              queries: int = 3000, check_queries: int = 2000,
-             scan_rays: tuple[int, int] = (300, 700)) -> dict[str, Any]:
-    """Run the ``suites`` (letters of ``ACD``) with ``estimate(points (N, 3), query (Q,))
-    -> normals (Q, 3)``. A suite whose shapes are not given is skipped.
+             scan_rays: tuple[int, int] = (300, 700),
+             estimate_confidence: ConfidenceEstimator | None = None) -> dict[str, Any]:
+    """Run the ``suites`` (letters of ``ACDR``) with ``estimate(points (N, 3), query (Q,))
+    -> normals (Q, 3)`` (suite R: ``estimate_confidence``, which gives the confidence too). A
+    suite whose shapes are not given is skipped.
 
     Returns ``{"suites": {"A": {column: mean RMSE}, ...}, "clouds": [rows], "skipped":
     [letters]}``.
     """
-    bad = set(suites) - set("ACD")
+    bad = set(suites) - set("ACDR")
     if bad or not suites:
-        raise ValueError(f"suites are letters of ACD, got {suites!r}")
+        raise ValueError(f"suites are letters of ACDR, got {suites!r}")
+    if "R" in suites and estimate_confidence is None:
+        raise ValueError("suite R needs estimate_confidence")
     report: dict[str, Any] = {"suites": {}, "clouds": [], "skipped": []}
 
     def keep(letter: str, result: tuple[dict[str, float], list[dict[str, Any]]]) -> None:
@@ -209,6 +245,12 @@ def validate(estimate: Estimator, *, held_out: Sequence[Shape] = (),
                                   queries=check_queries, scan_rays=scan_rays))
         else:
             report["skipped"].append("D")
+    if "R" in suites:
+        if held_out and estimate_confidence is not None:
+            keep("R", ranking_suite(estimate_confidence, held_out, points=points,
+                                    queries=queries))
+        else:
+            report["skipped"].append("R")
     return report
 
 
@@ -248,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from fapc.errors import FapcError
     from fapc.evaluate import model_method
-    from fapc.normals import load_network, resolve_device
+    from fapc.normals import estimate_normals, load_network, resolve_device
 
     p = argparse.ArgumentParser(prog="python -m fapc.validate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -257,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the learned smoothing's weights (default: the shipped ones)")
     p.add_argument("--config", default="fapc/weights/default.toml",
                    help="training config: its data and held-out split")
-    p.add_argument("--suites", default="ACD", help="letters of ACD (default all)")
+    p.add_argument("--suites", default="ACD",
+                   help="letters of ACDR (default ACD; R: how the confidence ranks the errors)")
     p.add_argument("--checks", default=",".join(CHECK_SHAPES), help="suite D's shapes")
     p.add_argument("--json", dest="json_path", default=None, help="write the report here")
     p.add_argument("--baseline", default=None,
@@ -278,10 +321,16 @@ def main(argv: list[str] | None = None) -> int:
         dev = resolve_device("cpu")
         net = load_network(args.model, dev, consensus_model=args.consensus_model)
         held_out, checks = ((), ())
-        if set(args.suites) & set("AD"):
+        if set(args.suites) & set("ADR"):
             held_out, checks = config_shapes(args.config, [c for c in args.checks.split(",") if c])
+        def with_confidence(pts: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            res = estimate_normals(pts, method="fa", model=net, device="cpu", query_index=q,
+                                   consensus_model=args.consensus_model)
+            return res.normals, res.confidence
+
         report = validate(model_method(net, device="cpu", consensus_model=args.consensus_model),
-                          held_out=held_out, checks=checks, suites=args.suites)
+                          held_out=held_out, checks=checks, suites=args.suites,
+                          estimate_confidence=with_confidence)
     except (FapcError, OSError, ValueError) as e:
         console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         return 2
@@ -291,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[yellow]suite {letter} skipped: its shapes (the config's data) were not "
                       "found[/]")
     for letter, cols in report["suites"].items():
-        t = Table(title=f"suite {letter}: unoriented RMSE (deg)")
+        t = Table(title=f"suite {letter}: " + ("AUROC of the confidence (errors > 10 deg)"
+                                               if letter == "R" else "unoriented RMSE (deg)"))
         for col in cols:
             t.add_column(col, justify="right")
         t.add_row(*(f"{v:.3f}" for v in cols.values()))

@@ -10,8 +10,9 @@ import pytest
 from conftest import angle_deg
 
 from fapc.datasets import analytic_surface, procedural_shapes, simulated_scan
-from fapc.evaluate import pca_method
+from fapc.evaluate import confidence_auroc, pca_method
 from fapc.io.mesh import face_normals, interpolated_normals, sample_mesh, vertex_normals
+from fapc.normals import estimate_normals
 from fapc.validate import CHECK_COLUMNS, config_shapes, gate, main, validate
 
 
@@ -117,7 +118,7 @@ def test_suites_score_every_cloud_and_noise_costs_accuracy():
     assert again["suites"]["A"] == a  # seeded: the same clouds and queries each time
     skipped = _small(pca_method(16), "AD", held_out=(), checks=())
     assert skipped["suites"] == {} and skipped["skipped"] == ["A", "D"]
-    with pytest.raises(ValueError, match="ACD"):
+    with pytest.raises(ValueError, match="ACDR"):
         _small(pca_method(16), "AB", held_out=held, checks=checks)
 
 
@@ -126,6 +127,41 @@ def test_the_shipped_model_runs_through_the_suites():
 
     rep = _small(model_method(None, device="cpu"), "C", held_out=(), checks=())
     assert 0 < rep["suites"]["C"]["mean"] < 20
+
+
+def test_confidence_auroc_counts_the_ranking():
+    err = np.array([1.0, 2.0, 30.0, 40.0])
+    assert confidence_auroc(err, np.array([0.9, 0.8, 0.2, 0.1])) == 1.0
+    assert confidence_auroc(err, np.array([0.1, 0.2, 0.8, 0.9])) == 0.0
+    assert confidence_auroc(err, np.full(4, 0.5)) == 0.5  # ties count half
+    # one bad normal ranked above one of the two good ones: 1 of 4 pairs wrong
+    assert confidence_auroc(err, np.array([0.9, 0.3, 0.5, 0.1])) == 0.75
+    assert np.isnan(confidence_auroc(err[:2], np.ones(2)))
+    with pytest.raises(ValueError, match="confidence"):
+        confidence_auroc(err, np.ones(3))
+
+
+def test_ranking_suite_scores_the_confidence_of_every_level():
+    held = procedural_shapes(["box"])
+
+    def planarity_of_pca(pts, q):
+        res = estimate_normals(pts, method="pca", k=16, query_index=q)
+        return res.normals, res.confidence
+
+    def reversed_confidence(pts, q):
+        normals, conf = planarity_of_pca(pts, q)
+        return normals, 1 - conf
+
+    rep = validate(pca_method(16), held_out=held, suites="R", points=6000, queries=300,
+                   estimate_confidence=planarity_of_pca)
+    r = rep["suites"]["R"]
+    assert set(r) == {"none", "0.03%", "0.125%", "0.6%", "1.2%", "mean"}
+    assert r["none"] > 0.8  # on a clean box PCA's planarity finds the edges
+    worse = validate(pca_method(16), held_out=held, suites="R", points=6000, queries=300,
+                     estimate_confidence=reversed_confidence)["suites"]["R"]
+    assert worse["none"] == pytest.approx(1 - r["none"])
+    with pytest.raises(ValueError, match="estimate_confidence"):
+        validate(pca_method(16), held_out=held, suites="R")
 
 
 def _report(a=(5.0, 14.0), c=2.0, d=(4.0, 7.0, 3.0, 6.0)) -> dict:
