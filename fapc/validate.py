@@ -64,6 +64,13 @@ def _queries(n: int, count: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, min(count, n), replace=False))
 
 
+def _held_out_cloud(shape: Shape, col: str, noise: float, *, points: int, queries: int
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Suite A's seeded cloud of ``shape`` in column ``col``: points, normals, queries."""
+    pts, nrm = make_cloud(shape, n=points, noise=noise, seed=_seed(0, shape.name, col))
+    return pts, nrm, _queries(len(pts), queries, _seed(0, shape.name, col, "q"))
+
+
 def held_out_suite(estimate: Estimator, shapes: Sequence[Shape], *, points: int = 100_000,
                    queries: int = 3000, levels: dict[str, float] | None = None
                    ) -> tuple[dict[str, float], list[dict[str, Any]]]:
@@ -75,8 +82,7 @@ def held_out_suite(estimate: Estimator, shapes: Sequence[Shape], *, points: int 
     for col, noise in levels.items():
         errs = []
         for s in shapes:
-            pts, nrm = make_cloud(s, n=points, noise=noise, seed=_seed(0, s.name, col))
-            q = _queries(len(pts), queries, _seed(0, s.name, col, "q"))
+            pts, nrm, q = _held_out_cloud(s, col, noise, points=points, queries=queries)
             errs.append(rmse(estimate(pts, q), nrm[q]))
             rows.append({"suite": "A", "shape": s.name, "column": col, "rmse": errs[-1]})
             log.info("A %s %s %.3f", s.name, col, errs[-1])
@@ -98,9 +104,8 @@ def ranking_suite(estimate: ConfidenceEstimator, shapes: Sequence[Shape], *,
     for col in levels:
         vals = []
         for s in shapes:
-            pts, nrm = make_cloud(s, n=points, noise=HELD_OUT_LEVELS[col],
-                                  seed=_seed(0, s.name, col))
-            q = _queries(len(pts), queries, _seed(0, s.name, col, "q"))
+            pts, nrm, q = _held_out_cloud(s, col, HELD_OUT_LEVELS[col], points=points,
+                                          queries=queries)
             normals, conf = estimate(pts, q)
             auc = confidence_auroc(angle_errors(normals, nrm[q]), conf)
             rows.append({"suite": "R", "shape": s.name, "column": col, "auroc": auc})
@@ -108,7 +113,8 @@ def ranking_suite(estimate: ConfidenceEstimator, shapes: Sequence[Shape], *,
             if np.isfinite(auc):
                 vals.append(auc)
         cols[col] = float(np.mean(vals)) if vals else float("nan")
-    cols["mean"] = float(np.nanmean(list(cols.values())))
+    finite = [v for v in cols.values() if np.isfinite(v)]
+    cols["mean"] = float(np.mean(finite)) if finite else float("nan")
     return cols, rows
 
 
@@ -323,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         held_out, checks = ((), ())
         if set(args.suites) & set("ADR"):
             held_out, checks = config_shapes(args.config, [c for c in args.checks.split(",") if c])
+
         def with_confidence(pts: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             res = estimate_normals(pts, method="fa", model=net, device="cpu", query_index=q,
                                    consensus_model=args.consensus_model)
