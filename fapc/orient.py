@@ -1,9 +1,12 @@
 """Consistent orientation of unoriented normals.
 
 - ``mst``: propagation over a minimum spanning tree of the kNN graph, edge cost
-  ``1 - |n_i . n_j|`` (flip across the edges where neighbouring normals agree best first);
-  each connected component is seeded at its point farthest from the component's centroid,
-  oriented outward. The tree is walked with vectorised pointer jumping, not a Python loop.
+  ``1 - |n_i . n_j| + w (|e . n_i| + |e . n_j|) / 2`` with ``e`` the edge's unit direction
+  (flip across the edges where neighbouring normals agree best first; the second term keeps
+  the tree in the surface: an edge that leaves the tangent plane, as one across a thin wall
+  to the other side does, costs more, ``w`` = :data:`TANGENT_WEIGHT`); each connected
+  component is seeded at its point farthest from the component's centroid, oriented
+  outward. The tree is walked with vectorised pointer jumping, not a Python loop.
 - ``viewpoint``: every normal faces a sensor position (``n . (view - p) > 0``).
 - ``outward``: every normal faces away from the cloud's centroid (star-shaped objects).
 """
@@ -17,6 +20,10 @@ from scipy.sparse.csgraph import breadth_first_order, connected_components, mini
 from fapc.neighbors import knn
 
 MODES = ("none", "mst", "viewpoint", "outward")
+# Chosen on TRAIN meshes (100,000 points, the FA normals, noise 0 / 0.125 / 0.6 %: 111
+# clouds): clouds oriented >= 99 % consistently 59 -> 64, mean 85.9 -> 88.9 %; 0.5 and 1.0
+# gained as much there but flipped whole faces of clean thin plates (README: where it is weaker).
+TANGENT_WEIGHT = 0.25
 
 
 def parse_orient(spec: str) -> tuple[str, np.ndarray | None]:
@@ -48,8 +55,11 @@ def orient_outward(points: np.ndarray, normals: np.ndarray) -> np.ndarray:
     return np.where((s < 0)[:, None], -normals, normals)
 
 
-def orient_mst(points: np.ndarray, normals: np.ndarray, *, k: int = 8) -> np.ndarray:
-    """Orient ``normals (N, 3)`` consistently over the kNN graph of ``points (N, 3)``."""
+def orient_mst(points: np.ndarray, normals: np.ndarray, *, k: int = 8,
+               tangent_weight: float = TANGENT_WEIGHT) -> np.ndarray:
+    """Orient ``normals (N, 3)`` consistently over the kNN graph of ``points (N, 3)``
+    (``tangent_weight``: ``w`` in the module's edge cost; 0 for the plain normal-agreement
+    cost)."""
     n = len(points)
     if n < 2:
         return normals.copy()
@@ -58,6 +68,12 @@ def orient_mst(points: np.ndarray, normals: np.ndarray, *, k: int = 8) -> np.nda
     rows = np.repeat(np.arange(n), idx.shape[1])
     cols = idx.ravel()
     cost = 1.0 - np.abs(np.einsum("ij,ij->i", normals[rows], normals[cols])) + 1e-6
+    if tangent_weight:
+        e = (points[cols] - points[rows]).astype(np.float64)  # (E, 3) edge directions
+        e /= np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-300)
+        out_of_plane = (np.abs(np.einsum("ij,ij->i", e, normals[rows]))
+                        + np.abs(np.einsum("ij,ij->i", e, normals[cols])))  # (E,) in [0, 2]
+        cost += 0.5 * tangent_weight * out_of_plane
     graph = coo_matrix((cost, (rows, cols)), shape=(n, n)).tocsr()
     graph = graph.maximum(graph.T)  # symmetric
     tree = minimum_spanning_tree(graph)
