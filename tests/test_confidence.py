@@ -90,3 +90,6 @@ def test_confidence_is_the_same_in_any_pose_and_for_queries_alone(noisy_cube):
         whole = estimate_normals(pts, method="fa", device="cpu", consensus=consensus)
         part = estimate_normals(pts, method="fa", device="cpu", consensus=consensus, query_index=q)
         np.testing.assert_allclose(part.confidence, whole.confidence[q], atol=1e-6)
+    # the device path's neighbour search (exact grid kNN in torch) gives the same confidence
+    grid = estimate_normals(pts, method="fa", device="cpu", knn="torch", query_index=q)
+    np.testing.assert_allclose(grid.confidence, base.confidence, atol=1e-4)
