@@ -62,6 +62,9 @@ def consensus_pass(builder: Any, normals: np.ndarray, far: torch.Tensor, run: np
     from fapc.consensus import ConsensusSettings, consensus_normals, spread
     from fapc.gather import rows as rows_of
 
+    if not rows:
+        raise ValueError("consensus_pass needs at least one pass")
+
     dtype = torch.float64 if device.type == "cpu" else torch.float32
     pts = torch.as_tensor(builder.points, device=device).to(dtype)  # (N, 3)
     full = torch.zeros(n, 3, dtype=dtype, device=device)
@@ -82,8 +85,6 @@ def consensus_pass(builder: Any, normals: np.ndarray, far: torch.Tensor, run: np
     with torch.inference_mode():
         update_spreads(torch.arange(len(run), device=device))
         moved = torch.zeros(n, dtype=torch.bool, device=device)  # (N,) changed by the last pass
-        if not rows:
-            raise ValueError("consensus_pass needs at least one pass")
         for p, pass_rows in enumerate(rows):
             if p == len(rows) - 1:
                 before = full[run_t]  # (M, 3) a copy: the normals the last pass reads

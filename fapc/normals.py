@@ -161,7 +161,8 @@ def fa_normals(
             sets.append(_with_neighbours(builder, qi, batch_size, builder.near))
     run = sets[-1]  # points the network sees (sorted)
     rows = [np.searchsorted(run, sets[h]) for h in range(passes - 1, -1, -1)]
-    pos = np.searchsorted(run, qi) if query_index is not None else qi  # queries' rows of run
+    # the queries' rows of run (all of them, in order, for a whole cloud: no copy)
+    pos: Any = np.searchsorted(run, qi) if query_index is not None else slice(None)
     tick = _ticker(progress, len(run) + sum(len(r) for r in rows))
     out, far = _network_pass(builder, model, run, device=device, batch_size=batch_size,
                              keep_far=consensus, tick=tick)
