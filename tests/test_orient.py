@@ -71,4 +71,24 @@ def test_mst_stays_on_one_side_of_a_thin_noisy_plate():
         return max(agree.mean(), 1 - agree.mean())
 
     assert consistent(orient_mst(pts, normals)) > 0.99
-    assert consistent(orient_mst(pts, normals, tangent_weight=0.0)) < 0.6  # the plain cost
+    plain = orient_mst(pts, normals, tangent_weight=0.0, reflect_significance=None)
+    assert consistent(plain) < 0.6  # the plain cost
+
+
+def test_mst_mirrored_agreement_orients_a_clean_thin_plate():
+    """A clean wall two or three spacings thick: neighbours across it are in the kNN graph
+    and their normals agree up to sign, so by that alone the tree joins the two faces with
+    the same orientation. The mirrored agreement (each edge's normals compared after
+    reflecting one through the plane that bisects the edge) reads such an edge, whose
+    direction is along both normals, as one between opposite faces."""
+    from fapc.normals import estimate_normals
+
+    pts, gt = _thin_plate(20000, 0.025, seed=0)
+    normals = estimate_normals(pts, method="fa", device="cpu").normals
+
+    def consistent(out: np.ndarray) -> float:
+        agree = (out * gt).sum(1) > 0
+        return max(agree.mean(), 1 - agree.mean())
+
+    assert consistent(orient_mst(pts, normals)) > 0.99
+    assert consistent(orient_mst(pts, normals, reflect_significance=None)) < 0.6
