@@ -11,8 +11,10 @@
   :data:`REFLECT_SIGNIFICANCE`), so offsets that noise explains keep the plain comparison. The
   cost is ``1 - |m| + w (|e . n_i| + |e . n_j|) / 2 x (1 - lam / 2)``: the second term keeps
   the tree in the surface where the mirror does not apply (``w`` = :data:`TANGENT_WEIGHT`).
-  Each connected component is seeded at its point farthest from the component's centroid,
-  oriented outward. The tree is walked with vectorised pointer jumping, not a Python loop.
+  The tree is walked with vectorised pointer jumping, not a Python loop. Each connected
+  component then faces outward by the sign of its normals' flux of ``p - centroid``
+  (``sum n . (p - c)``): over a closed surface with outward normals that flux is 3 x the
+  enclosed volume, positive for any shape, convex or not.
 - ``viewpoint``: every normal faces a sensor position (``n . (view - p) > 0``).
 - ``outward``: every normal faces away from the cloud's centroid (star-shaped objects).
 """
@@ -107,13 +109,12 @@ def orient_mst(points: np.ndarray, normals: np.ndarray, *, k: int = 8,
             break
         anc = anc[anc]
     out = normals * sign[:, None]
-    # seed orientation: each root faces away from its component's centroid
-    for r in roots:
-        comp = labels == labels[r]
-        c = points[comp].mean(0)
-        if np.dot(out[r], points[r] - c) < 0:
-            out[comp] = -out[comp]
-    return out
+    # each component faces outward by the sign of its normals' flux of (p - centroid): over a
+    # closed surface with outward normals that is 3 x the enclosed volume, > 0 for any shape
+    cent = np.stack([np.bincount(labels, points[:, d], minlength=ncomp) for d in range(3)], 1)
+    cent /= np.bincount(labels, minlength=ncomp)[:, None]
+    flux = np.bincount(labels, np.einsum("ij,ij->i", out, points - cent[labels]), minlength=ncomp)
+    return np.where((flux[labels] < 0)[:, None], -out, out)
 
 
 def _edge_terms(points: np.ndarray, normals: np.ndarray, rows: np.ndarray, cols: np.ndarray, *,
