@@ -1,23 +1,24 @@
 """Consistent orientation of unoriented normals.
 
 - ``mst``: propagation over a minimum spanning tree of the kNN graph (flip across the edges
-  whose ends agree best first). An edge's agreement is ``m = n_i . n_j - lam (e . n_i)(e . n_j)``
-  with ``e`` its unit direction: ``lam = 2`` compares ``n_i`` with ``n_j`` mirrored through the
-  plane that bisects the edge, which holds for any circular arc through both points and reads
-  an edge across a thin wall (along both normals, normals opposite when oriented) the right way
-  round; ``lam = 0`` is the plain comparison (Hoppe et al.), right where the edge lies in the
-  tangent plane. ``lam`` goes from 0 to 2 as both ends' offsets along their normals go from
-  ``c`` to ``2 c`` times the cloud's median RMS offset to its neighbours (``c`` =
-  :data:`REFLECT_SIGNIFICANCE`), so offsets that noise explains keep the plain comparison. The
-  cost is ``1 - |m| + w (|e . n_i| + |e . n_j|) / 2 x (1 - lam / 2)``: the second term keeps
-  the tree in the surface where the mirror does not apply (``w`` = :data:`TANGENT_WEIGHT`).
-  On a noisy cloud (the median point's RMS slope ``|e . n|`` to its neighbours at least
+  whose ends agree best first). An edge's agreement is
+  ``m = n_i . n_j - lam (e . n_i)(e . n_j)`` with ``e`` its unit direction. ``lam = 2``
+  compares ``n_i`` with ``n_j`` mirrored through the plane that bisects the edge: that holds
+  for any circular arc through both points, and reads an edge across a thin wall (along both
+  normals, normals opposite when oriented) the right way round. ``lam = 0`` is the plain
+  comparison (Hoppe et al.), right where the edge lies in the tangent plane. ``lam`` goes
+  from 0 to 2 as both ends' offsets along their normals go from ``c`` to ``2 c`` times the
+  cloud's median RMS offset to its neighbours (``c`` = :data:`REFLECT_SIGNIFICANCE`), so
+  offsets that noise explains keep the plain comparison. The cost is
+  ``1 - |m| + w (|e . n_i| + |e . n_j|) / 2 x (1 - lam / 2)``: the second term keeps the tree
+  in the surface where the mirror does not apply (``w`` = :data:`TANGENT_WEIGHT`). On a
+  noisy cloud (the median point's RMS slope ``|e . n|`` to its neighbours at least
   :data:`DENOISE_ROUGHNESS`) the edges are measured between the points moved along their
-  normals onto the plane through the mean of their 16 nearest points, so that a wall a few noise
-  widths thick still shows. The tree is walked with vectorised pointer jumping, not a Python
-  loop. Each connected component then faces outward by the sign of its normals' flux of ``p - centroid``
-  (``sum n . (p - c)``): over a closed surface with outward normals that flux is 3 x the
-  enclosed volume, positive for any shape, convex or not.
+  normals onto the plane through the mean of their 16 nearest points, so that a wall a few
+  noise widths thick still shows. The tree is walked with vectorised pointer jumping, not a
+  Python loop. Each connected component then faces outward by the sign of its normals' flux
+  of ``p - centroid`` (``sum n . (p - c)``): over a closed surface with outward normals that
+  flux is 3 x the enclosed volume, positive for any shape, convex or not.
 - ``viewpoint``: every normal faces a sensor position (``n . (view - p) > 0``).
 - ``outward``: every normal faces away from the cloud's centroid (star-shaped objects).
 """
@@ -91,19 +92,19 @@ def orient_mst(points: np.ndarray, normals: np.ndarray, *, k: int = 8,
     if n < 2:
         return normals.copy()
     k = min(k + 1, n)
-    tree = cKDTree(points)
+    kd = cKDTree(points)
     epts, idx = points, None
     if reflect_significance is not None and denoise_roughness is not None:
         some = np.arange(0, n, max(1, n // 20_000))  # (S,) a strided sample is enough
-        d = points[knn(points, k, queries=points[some], tree=tree)[:, 1:]] - points[some, None]
+        d = points[knn(points, k, queries=points[some], tree=kd)[:, 1:]] - points[some, None]
         slope2 = np.einsum("skd,sd->sk", d, normals[some]) ** 2 / np.maximum(
             np.einsum("skd,skd->sk", d, d), 1e-300)  # (S, k-1)
         if float(np.median(np.sqrt(slope2.mean(1)))) >= denoise_roughness:
             # noise rules the offsets at the kNN scale: measure between denoised points
-            near = knn(points, max(k, min(DENOISE_K, n)), tree=tree)  # (N, K) self first
+            near = knn(points, max(k, min(DENOISE_K, n)), tree=kd)  # (N, K) self first
             epts, idx = _onto_local_planes(points, normals, near), near[:, 1:k]
     if idx is None:
-        idx = knn(points, k, tree=tree)[:, 1:]  # (N, k-1) without self
+        idx = knn(points, k, tree=kd)[:, 1:]  # (N, k-1) without self
     rows = np.repeat(np.arange(n), idx.shape[1])
     cols = idx.ravel()
     agree, out_of_plane, mirror, offset = _edge_terms(epts, normals, rows, cols,
