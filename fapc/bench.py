@@ -206,6 +206,7 @@ def bench_orient(n: int = 100_000, k: int = 8) -> dict[str, Any]:
     Consistency: the share of points whose normal agrees with the outward truth (after the
     better global sign)."""
     from fapc.datasets import make_cloud, procedural_shapes
+    from fapc.evaluate import orientation_scores
     from fapc.normals import estimate_normals
     from fapc.orient import orient_mst
 
@@ -215,8 +216,7 @@ def bench_orient(n: int = 100_000, k: int = 8) -> dict[str, Any]:
     est *= np.random.default_rng(0).choice([-1.0, 1.0], size=(n, 1))
 
     def consistency(nrm: np.ndarray) -> float:
-        a = float(np.mean((nrm * gt).sum(1) > 0))
-        return max(a, 1 - a)
+        return orientation_scores(nrm, gt)[0] / 100
 
     res: dict[str, Any] = {"points": n, "k": k}
     res["fapc_s"], out = _timed(lambda: orient_mst(pts, est, k=k))

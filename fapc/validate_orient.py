@@ -28,25 +28,13 @@ from typing import Any
 import numpy as np
 
 from fapc.datasets import Shape, make_cloud
+from fapc.evaluate import orientation_scores
 from fapc.orient import orient_mst
 
 log = logging.getLogger(__name__)
 
 ORIENT_LEVELS = {"none": 0.0, "0.03%": 0.0003, "0.125%": 0.00125, "0.6%": 0.006}
 NormalsFn = Callable[[np.ndarray], np.ndarray]
-
-
-def orientation_scores(oriented: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
-    """``(consistent, outward)`` in percent for ``oriented (N, 3)`` against the outward
-    ``truth (N, 3)``; points whose truth is zero (outliers) are left out."""
-    if oriented.shape != truth.shape or oriented.ndim != 2 or oriented.shape[1] != 3:
-        raise ValueError(f"oriented and truth must both be (N, 3), got {oriented.shape} "
-                         f"and {truth.shape}")
-    keep = np.abs(truth).sum(1) > 0
-    if not keep.any():
-        raise ValueError("no point has a ground-truth normal")
-    outward = float(np.mean(np.einsum("ij,ij->i", oriented[keep], truth[keep]) > 0)) * 100
-    return max(outward, 100 - outward), outward
 
 
 def orientation_suite(normals_fn: NormalsFn, shapes: Sequence[Shape], *,

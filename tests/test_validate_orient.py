@@ -1,5 +1,5 @@
 """Suite O (how well ``--orient mst`` orients): its scores and its summary, on procedural
-meshes only (tests do not read ../shared)."""
+meshes generated here, so the tests need no benchmark data."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from fapc.datasets import procedural_shapes
+from fapc.evaluate import orientation_scores
 from fapc.pca import pca_normals
-from fapc.validate_orient import orientation_scores, orientation_suite
+from fapc.validate_orient import orientation_suite
 
 
 def test_orientation_scores_consistent_and_outward():
