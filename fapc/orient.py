@@ -116,7 +116,7 @@ def orient_mst(points: np.ndarray, normals: np.ndarray, *, k: int = 8,
     tree = tree + tree.T
     ncomp, labels = connected_components(tree, directed=False)
     parent = np.arange(n)
-    roots = _component_roots(points, labels, ncomp)
+    roots = np.unique(labels, return_index=True)[1]  # any point of a component starts its walk
     for r in roots:
         order, pred = breadth_first_order(tree, r, directed=False, return_predecessors=True)
         parent[order[1:]] = pred[order[1:]]
@@ -173,18 +173,6 @@ def _edge_terms(points: np.ndarray, normals: np.ndarray, rows: np.ndarray, cols:
         mirror = 2.0 * np.clip(sig - 1.0, 0.0, 1.0)
         agree = agree - mirror * (off_i / length) * (off_j / length)
     return agree, (np.abs(off_i) + np.abs(off_j)) / length, mirror, offset or 0.0
-
-
-def _component_roots(points: np.ndarray, labels: np.ndarray, ncomp: int) -> np.ndarray:
-    """Per component, the point farthest from the component's centroid."""
-    counts = np.bincount(labels, minlength=ncomp).astype(np.float64)
-    cent = np.stack([np.bincount(labels, points[:, d], minlength=ncomp) for d in range(3)], 1)
-    cent /= counts[:, None]
-    dist = ((points - cent[labels]) ** 2).sum(1)
-    order = np.lexsort((-dist, labels))  # by label, farthest first
-    first = np.ones(len(order), bool)
-    first[1:] = labels[order[1:]] != labels[order[:-1]]
-    return order[first]
 
 
 def orient(points: np.ndarray, normals: np.ndarray, mode: str, *,
