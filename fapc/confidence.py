@@ -8,9 +8,10 @@ It is the product of two parts:
 - the neighbours' agreement (:func:`neighbour_agreement`), squared: how well the point's
   final normal agrees with its nearest points' normals.
 
-Why these parts, measured on TRAIN shapes (the model card gives the figures): the frame
-agreement alone hardly ranks the errors (frames that disagree change the network's weights,
-and the weighted fit absorbs most of that), planarity ranks them well on clean data, and
+Why these parts, measured on TRAIN shapes (`fapc/weights/EXPERIMENTS.md` gives the
+figures): the frame agreement alone hardly ranks the errors (frames that disagree change
+the network's weights, and the weighted fit absorbs most of that), planarity ranks them well
+on clean data, and
 the neighbours' agreement best under noise, where a wrong normal is one its neighbours do not
 share. The frame agreement keeps a small weight: a patch whose frames disagree is still
 flagged.

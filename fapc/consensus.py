@@ -45,7 +45,7 @@ from fapc.gather import rows
 
 @dataclass(frozen=True)
 class ConsensusSettings:
-    """Tuned on TRAIN shapes only (see the model card): the validation shapes under the
+    """Tuned on TRAIN shapes only (`fapc/weights/EXPERIMENTS.md`): the validation shapes under the
     PCPNet protocol, and sculpted and CAD shapes clean, dense and as simulated line scans."""
 
     quantile: float = 0.1  # eps: this quantile of the candidates' spread
