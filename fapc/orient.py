@@ -165,8 +165,9 @@ def _edge_terms(points: np.ndarray, normals: np.ndarray, rows: np.ndarray, cols:
     mirror = np.zeros_like(agree)
     if significance is not None:
         if offset is None:
-            count = np.maximum(np.bincount(rows), 1)
-            rms = np.sqrt(np.bincount(rows, off_i ** 2) / count)[np.bincount(rows) > 0]
+            count = np.bincount(rows)
+            has = count > 0
+            rms = np.sqrt(np.bincount(rows, off_i ** 2)[has] / count[has])
             offset = significance * float(np.median(rms))
         # 2 where both offsets clearly exceed the cloud's typical (noise or curvature) offset
         sig = np.minimum(np.abs(off_i), np.abs(off_j)) / max(offset, 1e-300)

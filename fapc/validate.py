@@ -260,6 +260,22 @@ def validate(estimate: Estimator, *, held_out: Sequence[Shape] = (),
     return report
 
 
+def check_report_path(path: str) -> None:
+    """Refuse an unwritable report path before a long run, not after it (raises OSError)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w"):
+        pass
+    os.remove(path + ".tmp")
+
+
+def write_report(path: str, report: dict[str, Any]) -> None:
+    """``report`` as JSON at ``path``, through a temporary file (never half written)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(tmp, path)
+
+
 def config_shapes(config: str, check_names: Sequence[str] = CHECK_SHAPES
                   ) -> tuple[list[Shape], list[Shape]]:
     """The held-out shapes of a training config (its seeded split or ``val_shapes``) and
@@ -315,11 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     console = Console(stderr=False)
     try:
-        if args.json_path:  # refuse an unwritable report path before the work, not after
-            os.makedirs(os.path.dirname(os.path.abspath(args.json_path)), exist_ok=True)
-            with open(args.json_path + ".tmp", "w"):
-                pass
-            os.remove(args.json_path + ".tmp")
+        if args.json_path:
+            check_report_path(args.json_path)
         baseline = None
         if args.baseline:
             with open(args.baseline) as f:
@@ -354,10 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         t.add_row(*(f"{v:.3f}" for v in cols.values()))
         console.print(t)
     if args.json_path:
-        tmp = args.json_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=1)
-        os.replace(tmp, args.json_path)
+        write_report(args.json_path, report)
     if baseline is None:
         return 0
     verdict = gate(baseline, report)

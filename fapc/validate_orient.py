@@ -18,9 +18,7 @@ estimating normals. Where the data is missing it says so and exits 2.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -78,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     from fapc.errors import FapcError
     from fapc.normals import estimate_normals, load_network, resolve_device
     from fapc.train import TrainConfig
+    from fapc.validate import write_report
 
     p = argparse.ArgumentParser(prog="python -m fapc.validate_orient", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -115,11 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                   str(v["at_99"]), str(v["below_90"]))
     console.print(t)
     if args.json_path:
-        tmp = args.json_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"summary": summary, "clouds": rows, "config": args.config,
-                       "model": args.model}, f, indent=1)
-        os.replace(tmp, args.json_path)
+        write_report(args.json_path, {"summary": summary, "clouds": rows,
+                                      "config": args.config, "model": args.model})
     return 0
 
 
