@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     from fapc.errors import FapcError
     from fapc.normals import estimate_normals, load_network, resolve_device
     from fapc.train import TrainConfig
-    from fapc.validate import write_report
+    from fapc.validate import check_report_path, write_report
 
     p = argparse.ArgumentParser(prog="python -m fapc.validate_orient", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     console = Console()
     try:
+        if args.json_path:
+            check_report_path(args.json_path)
         shapes = load_shapes(TrainConfig.from_toml(args.config).data)
         if args.shapes:
             wanted = set(args.shapes.split(","))

@@ -44,3 +44,16 @@ def test_orientation_suite_on_procedural_meshes():
     assert summary["all"]["at_99"] + summary["all"]["below_90"] <= 4
     assert summary["none"]["consistent"] == pytest.approx(
         np.mean([r["consistent"] for r in rows if r["column"] == "none"]))
+
+
+def test_an_unwritable_report_path_is_refused_before_any_work(monkeypatch, capsys):
+    import fapc.datasets
+    from fapc.validate_orient import main
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the meshes were loaded before the report path was checked")
+
+    monkeypatch.setattr(fapc.datasets, "load_shapes", no_work)
+    assert main(["--json", "/proc/no-such-dir/o.json"]) == 2
+    out = capsys.readouterr().out
+    assert "error:" in out and "/proc/no-such-dir" in out and len(out.strip().splitlines()) == 1
