@@ -1,7 +1,8 @@
 """Benchmarks behind ``make bench`` and ``fapc bench``: speed of the PCA baseline against
 open3d, throughput of the FA core, and (when ``../shared/data`` exists) accuracy tables.
 
-Run ``python -m fapc.bench all`` (or a section: ``pca``, ``core``). Results print as rich
+Run ``python -m fapc.bench all`` (or a section: ``pca``, ``core``; ``bound``, the Bayes bound on
+the TEST split's noisy columns, runs only when named). Results print as rich
 tables; ``--json FILE`` also writes them as JSON.
 """
 
@@ -245,10 +246,36 @@ def _table(title: str, rows: dict[str, Any]) -> None:
     console.print(t)
 
 
+def bench_bound(root: str | None = None, *, queries: int = 5000) -> dict[str, Any] | None:
+    """The Bayes bound (:mod:`fapc.bound`) on the TEST meshes' noisy columns: the least RMSE
+    any estimator can reach there in expectation. None when data is absent."""
+    from fapc.bench_data import find_root
+    from fapc.bound import benchmark_bound
+
+    root = find_root(root)
+    return None if root is None else benchmark_bound(root, queries=queries)
+
+
+def print_bound(rep: dict[str, Any]) -> None:
+    t = Table(title="TEST split: Bayes bound, the least RMSE any estimator can reach (deg)")
+    t.add_column("mesh")
+    cols = list(rep["columns"])
+    for c in cols:
+        t.add_column(c, justify="right")
+    for name in dict.fromkeys(r["mesh"] for r in rep["rows"]):
+        vals = {r["column"]: r["rmse"] for r in rep["rows"] if r["mesh"] == name}
+        t.add_row(name, *(f"{vals[c]:.2f}" for c in cols))
+    t.add_row("mean", *(f"{rep['columns'][c]:.2f}" for c in cols))
+    console.print(t)
+    console.print(f"noise-column average with a perfect noiseless column: "
+                  f"{sum(rep['columns'].values()) / 4:.2f} deg")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fapc.bench", description=__doc__)
     p.add_argument("section", nargs="?", default="all",
-                   choices=["all", "pca", "fa", "core", "orient", "accuracy"])
+                   choices=["all", "pca", "fa", "core", "orient", "accuracy", "bound"],
+                   help="'all' runs every section but 'bound' (about 10 minutes on 2 cores)")
     p.add_argument("--data", default=None, help="the shared data folder (default ../shared/data)")
     p.add_argument("--model", default=None)
     p.add_argument("--consensus-model", default=None,
@@ -294,6 +321,14 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print_accuracy(rep)
             results["accuracy"] = {k: v for k, v in rep.items() if k != "rows"}
+    if args.section == "bound":
+        bound = bench_bound(args.data)
+        if bound is None:
+            console.print("[yellow]bound: ../shared/data not found (set FAPC_DATA or --data); "
+                          "skipped[/]")
+        else:
+            print_bound(bound)
+            results["bound"] = bound
     if args.json_path:
         with open(args.json_path, "w") as f:
             json.dump(results, f, indent=2)
