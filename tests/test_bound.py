@@ -117,3 +117,29 @@ def test_refuses_bad_inputs():
         bayes_normals(good, surface_points=good, surface_normals=good, sigma=0.0)
     with pytest.raises(ValueError, match="needs a mesh"):
         dense_sample_size(Shape("cloud", good, normals=good), 0.1)
+
+
+def test_bench_bound_section_reads_the_test_meshes_and_skips_without_data(tmp_path, monkeypatch,
+                                                                         capsys):
+    import json
+
+    import fapc.bench_data
+    from fapc.bench import main
+
+    shape = cube()
+    (tmp_path / "libigl").mkdir()
+    with open(tmp_path / "libigl" / "cube.obj", "w") as f:
+        f.writelines(f"v {x} {y} {z}\n" for x, y, z in shape.vertices)
+        f.writelines(f"f {a + 1} {b + 1} {c + 1}\n" for a, b, c in shape.faces)
+    monkeypatch.setattr(fapc.bench_data, "TEST_MESHES", ["libigl/cube.obj"])
+    out = tmp_path / "bound.json"
+    assert main(["bound", "--data", str(tmp_path), "--json", str(out)]) == 0
+    rep = json.loads(out.read_text())["bound"]
+    cols = rep["columns"]
+    assert list(cols) == ["0.125%", "0.6%", "1.2%"] and 0 < cols["0.125%"] < cols["0.6%"] < cols["1.2%"]
+    assert [r["mesh"] for r in rep["rows"]] == ["libigl/cube.obj"] * 3
+    assert "libigl/cube.obj" in capsys.readouterr().out
+    monkeypatch.setattr(fapc.bench_data, "find_root", lambda root=None: None)
+    assert main(["bound", "--json", str(out)]) == 0
+    assert "bound" not in json.loads(out.read_text())
+    assert "not found" in capsys.readouterr().out
