@@ -282,8 +282,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="the learned smoothing's weights (default the shipped ones)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--points", type=int, default=1_000_000)
+    p.add_argument("--queries", type=int, default=5000,
+                   help="query points per TEST cloud for 'accuracy' and 'bound' (the protocol's "
+                        "5000 by default; fewer for a quick look)")
     p.add_argument("--json", dest="json_path", default=None)
     args = p.parse_args(argv)
+    if args.queries < 1:
+        p.error("--queries must be at least 1")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     results: dict[str, Any] = {}
     if args.section in ("all", "core"):
@@ -311,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.section in ("all", "accuracy"):
         try:
             rep = bench_accuracy(args.data, model=args.model,
-                                 consensus_model=args.consensus_model)
+                                 consensus_model=args.consensus_model, queries=args.queries)
         except FapcError as e:  # a missing or refused model: one line, no traceback
             console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             return 2
@@ -322,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
             print_accuracy(rep)
             results["accuracy"] = {k: v for k, v in rep.items() if k != "rows"}
     if args.section == "bound":
-        bound = bench_bound(args.data)
+        bound = bench_bound(args.data, queries=args.queries)
         if bound is None:
             console.print("[yellow]bound: ../shared/data not found (set FAPC_DATA or --data); "
                           "skipped[/]")

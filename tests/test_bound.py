@@ -133,7 +133,7 @@ def test_bench_bound_section_reads_the_test_meshes_and_skips_without_data(tmp_pa
         f.writelines(f"f {a + 1} {b + 1} {c + 1}\n" for a, b, c in shape.faces)
     monkeypatch.setattr(fapc.bench_data, "TEST_MESHES", ["libigl/cube.obj"])
     out = tmp_path / "bound.json"
-    assert main(["bound", "--data", str(tmp_path), "--json", str(out)]) == 0
+    assert main(["bound", "--data", str(tmp_path), "--queries", "400", "--json", str(out)]) == 0
     rep = json.loads(out.read_text())["bound"]
     cols = rep["columns"]
     assert list(cols) == ["0.125%", "0.6%", "1.2%"] and 0 < cols["0.125%"] < cols["0.6%"] < cols["1.2%"]
