@@ -275,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fapc.bench", description=__doc__)
     p.add_argument("section", nargs="?", default="all",
                    choices=["all", "pca", "fa", "core", "orient", "accuracy", "bound"],
-                   help="'all' runs every section but 'bound' (about 10 minutes on 2 cores)")
+                   help="'all' runs every section except 'bound' (the Bayes bound of the TEST "
+                        "split's noisy columns: about 20 minutes on 2 cores)")
     p.add_argument("--data", default=None, help="the shared data folder (default ../shared/data)")
     p.add_argument("--model", default=None)
     p.add_argument("--consensus-model", default=None,

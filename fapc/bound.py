@@ -20,6 +20,7 @@ benchmark cloud (29.68 against 29.64 deg with a spacing of sigma / 4 on TEST's a
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import numpy as np
@@ -160,8 +161,6 @@ def benchmark_bound(root: str, *, queries: int = 5000,
                      columns: tuple[str, ...] = ("0.125%", "0.6%", "1.2%")) -> dict[str, Any]:
     """The bound on the TEST meshes' noise columns, the same clouds and queries as
     ``python -m fapc.bench accuracy``: ``{"columns": {col: mean RMSE}, "rows": [...]}``."""
-    import os
-
     from fapc.bench_data import TEST_MESHES
     from fapc.datasets import load_shape
     from fapc.evaluate import NOISE_COLUMNS, build_clouds
