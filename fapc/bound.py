@@ -24,9 +24,13 @@ import os
 from typing import Any
 
 import numpy as np
+import torch
 from scipy.spatial import cKDTree
 
-from fapc.datasets import Shape
+from fapc import bench_data
+from fapc.datasets import Shape, load_shape
+from fapc.eigen import sym3_eigh
+from fapc.evaluate import NOISE_COLUMNS, angle_errors, build_clouds, scores
 from fapc.io.mesh import face_normals, sample_mesh
 
 log = logging.getLogger(__name__)
@@ -95,7 +99,8 @@ def _bayes_chunk(x: np.ndarray, tree: cKDTree, normals: np.ndarray, *, sigma: fl
         idx[lost, 0], w[lost, 0] = near, 1.0
     nj = normals[np.where(w > 0, idx, 0)]  # (C, K, 3)
     w = w / w.sum(1, keepdims=True)
-    basis = np.linalg.eigh(np.einsum("ck,cki,ckj->cij", w, nj, nj))[1]  # (C, 3, 3) columns
+    scatter = torch.from_numpy(np.einsum("ck,cki,ckj->cij", w, nj, nj))  # (C, 3, 3)
+    basis = sym3_eigh(scatter)[1].numpy()  # (C, 3, 3): eigenvector columns, ascending
     n, cost = _karcher(nj, w, basis[..., 2], iters)
     # Where the posterior spans several faces the expected loss can have several minima (at a
     # cube's corner, four): restart from the other axes and the diagonals, keep the lowest.
@@ -153,20 +158,15 @@ def bayes_rmse(shape: Shape, points: np.ndarray, normals: np.ndarray, queries: n
     dense, dense_n, _ = sample_mesh(shape.vertices, shape.faces, m, seed=seed)
     est = bayes_normals(points[queries], surface_points=dense, surface_normals=dense_n,
                         sigma=sigma)
-    cos = np.clip(np.abs((est * normals[queries]).sum(-1)), 0.0, 1.0)
-    return float(np.sqrt(np.mean(np.degrees(np.arccos(cos)) ** 2)))
+    return scores(angle_errors(est, normals[queries]))["rmse"]
 
 
 def benchmark_bound(root: str, *, queries: int = 5000,
                      columns: tuple[str, ...] = ("0.125%", "0.6%", "1.2%")) -> dict[str, Any]:
     """The bound on the TEST meshes' noise columns, the same clouds and queries as
     ``python -m fapc.bench accuracy``: ``{"columns": {col: mean RMSE}, "rows": [...]}``."""
-    from fapc.bench_data import TEST_MESHES
-    from fapc.datasets import load_shape
-    from fapc.evaluate import NOISE_COLUMNS, build_clouds
-
     rows = []
-    for mesh in TEST_MESHES:
+    for mesh in bench_data.TEST_MESHES:
         shape = load_shape(os.path.join(root, mesh))
         for c in build_clouds([shape], columns=columns, queries=queries):
             sigma = NOISE_COLUMNS[c.column] * shape.diagonal

@@ -10,7 +10,7 @@ from conftest import angle_deg
 from scipy.special import ndtr
 
 from fapc.bound import bayes_normals, bayes_rmse, dense_sample_size
-from fapc.datasets import Shape, make_cloud
+from fapc.datasets import Shape, make_cloud, procedural_shapes
 from fapc.evaluate import pca_method
 from fapc.io.mesh import sample_mesh
 from fapc.testing import random_rotation
@@ -19,11 +19,8 @@ FACES = np.array([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0
 
 
 def cube() -> Shape:
-    """The axis-aligned cube of side 1 centred at the origin, 12 triangles."""
-    v = np.array([[x, y, z] for x in (-0.5, 0.5) for y in (-0.5, 0.5) for z in (-0.5, 0.5)])
-    f = [[0, 1, 3], [0, 3, 2], [4, 6, 7], [4, 7, 5], [0, 4, 5], [0, 5, 1],
-         [2, 3, 7], [2, 7, 6], [0, 2, 6], [0, 6, 4], [1, 5, 7], [1, 7, 3]]
-    return Shape("cube", v, faces=np.array(f))
+    """The axis-aligned unit cube centred at the origin (the procedural ``cube``)."""
+    return procedural_shapes(["cube"])[0]
 
 
 def cube_posterior(x: np.ndarray, sigma: float) -> np.ndarray:
