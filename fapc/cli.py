@@ -94,6 +94,10 @@ def normals(
     consensus_model: Annotated[str | None, typer.Option(
         help="fa: the learned smoothing's weights, a .safetensors file or a directory "
         "holding consensus.safetensors (python -m fapc.train_consensus --out) [shipped].")] = None,
+    crease: Annotated[bool, typer.Option(
+        help="fa: under light noise (up to about a quarter of the point spacing), points a few "
+        "noise widths from a sharp edge take the face they lie on (scans of machined "
+        "parts).")] = False,
     fields: Annotated[str, typer.Option(
         help="Comma-separated outputs: normals,confidence,curvature.")] = "normals,confidence,"
     "curvature",
@@ -149,7 +153,8 @@ def normals(
             _fail(str(e))
     opts = NormalsOptions(method=method, k=k, model=model, device=device, orient=orient,
                           batch_size=batch_size, precision=precision, from_mesh=from_mesh,
-                          consensus=consensus, consensus_model=consensus_model, fields=chosen,
+                          consensus=consensus, consensus_model=consensus_model, crease=crease,
+                          fields=chosen,
                           drop_invalid=drop_invalid, strict=strict, overwrite=overwrite,
                           ascii=ascii, debug=debug)
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from fapc.errors import FapcError
+from fapc.gather import rows as rows_of
 from fapc.memory import trim_every
 
 
@@ -60,7 +61,6 @@ def consensus_pass(builder: Any, normals: np.ndarray, far: torch.Tensor, run: np
     confidence's neighbour agreement compares with: the same in a run over the whole cloud
     and over ``rows[-1]`` alone); ``tick(k)`` after each batch of ``k`` rows."""
     from fapc.consensus import ConsensusSettings, consensus_normals, spread
-    from fapc.gather import rows as rows_of
 
     if not rows:
         raise ValueError("consensus_pass needs at least one pass")
@@ -122,3 +122,52 @@ def consensus_pass(builder: Any, normals: np.ndarray, far: torch.Tensor, run: np
                 moved[q_all[changed]] = True
     final = full[run_t[torch.as_tensor(rows[-1], device=device)]]
     return final.float().cpu().numpy(), before.float().cpu().numpy()
+
+
+def crease_pass(builder: Any, normals: np.ndarray, query: np.ndarray, *,
+                device: torch.device, batch_size: int) -> np.ndarray:
+    """The face choice at creases under light noise (:mod:`fapc.crease`) over the queries'
+    ``normals (Q, 3)`` at the points ``query (Q,)``; returns the new normals ``(Q, 3)``
+    float32 (the same array, unchanged, where the cloud's noise gate is closed). Every
+    point's own plane is fitted first (the noise figure is the whole cloud's), so a run over
+    some queries gives them what a run over the whole cloud does."""
+    from fapc.crease import (
+        CreaseSettings,
+        cloud_sigma,
+        crease_candidates,
+        crease_faces,
+        local_planes,
+    )
+
+    s = CreaseSettings()
+    dtype = torch.float64 if device.type == "cpu" else torch.float32
+    pts = torch.as_tensor(builder.points, device=device).to(dtype)  # (N, 3)
+    n = len(pts)
+    centres, plane_n = torch.empty_like(pts), torch.empty_like(pts)
+    residual, spacing = torch.empty(n, dtype=dtype, device=device), torch.empty(n, dtype=dtype,
+                                                                                device=device)
+    with torch.inference_mode():
+        for b in range(0, n, 1 << 17):
+            idx = np.arange(b, min(n, b + (1 << 17)))
+            near = torch.as_tensor(builder.near(builder.as_index(idx)), device=device).long()
+            at = slice(b, b + len(idx))
+            centres[at], plane_n[at], residual[at] = local_planes(pts, near[:, :s.plane_k])
+            spacing[at] = (rows_of(pts, near[:, s.spacing_rank]) - pts[at]).norm(dim=-1)
+        sigma = cloud_sigma(residual, spacing, s)
+        if sigma is None:
+            return normals
+        out = torch.as_tensor(normals, device=device).to(dtype)  # (Q, 3)
+        for b in range(0, len(query), batch_size):
+            trim_every(b // batch_size)
+            idx = query[b:b + batch_size]
+            near = torch.as_tensor(builder.near(builder.as_index(idx)), device=device).long()
+            go = crease_candidates(pts, centres, plane_n, support=near[:, :s.pre_k],
+                                   sigma=sigma, settings=s).nonzero().squeeze(1)
+            if not len(go):
+                continue
+            support = torch.as_tensor(builder.nearest(builder.as_index(idx[go.cpu().numpy()]),
+                                                      s.k), device=device).long()
+            rows_go = b + go
+            out[rows_go], _ = crease_faces(pts, out[rows_go], centres, plane_n,
+                                           support=support, sigma=sigma, settings=s)
+    return out.float().cpu().numpy()

@@ -196,6 +196,11 @@ class PatchBuilder:
         _, near = self.tree.query(self.points[index], k=self.spec.k_near, workers=-1)
         return np.asarray(near, np.int64).reshape(len(index), -1)
 
+    def nearest(self, index: np.ndarray, k: int) -> np.ndarray:
+        """``(M,)`` point indices -> ``(M, k)`` their ``k`` nearest points, nearest first."""
+        _, near = self.tree.query(self.points[index], k=k, workers=-1)
+        return np.asarray(near, np.int64).reshape(len(index), -1)
+
     def neighbours(self, query_index: np.ndarray) -> np.ndarray:
         """``(Q,)`` query indices -> ``(Q, k_near + k_far_all)`` neighbour indices into
         points: the near scale's, then the far scale's."""
@@ -282,6 +287,10 @@ class TorchPatchBuilder:
         if self.near_all is not None:
             return self.near_all[index]
         return self.grid.query(self.points[index], self.spec.k_near)[0]
+
+    def nearest(self, index: torch.Tensor, k: int) -> torch.Tensor:
+        """``(M,)`` point indices -> ``(M, k)`` their ``k`` nearest points, nearest first."""
+        return self.grid.query(self.points[index], k)[0]
 
     def neighbours(self, query_index: torch.Tensor) -> torch.Tensor:
         """``(Q,)`` indices -> ``(Q, k_near + k_far_all)``: near, then far neighbours."""

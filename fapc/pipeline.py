@@ -36,6 +36,7 @@ class NormalsOptions:
     precision: str = "auto"
     consensus: bool = True  # fa: snap at creases, smooth under heavy noise
     consensus_model: str | None = None  # the learned smoothing's weights [shipped]
+    crease: bool = False  # fa: under light noise, points near a sharp edge take their face
     from_mesh: str | None = None
     orient: str = "none"
     fields: tuple[str, ...] = ALL_FIELDS
@@ -183,7 +184,8 @@ def process_file(job: Job, opts: NormalsOptions, *,
                                    device=opts.device, batch_size=opts.batch_size,
                                    precision=opts.precision,
                                    consensus=opts.consensus,
-                                   consensus_model=opts.consensus_model, progress=progress)
+                                   consensus_model=opts.consensus_model,
+                                   crease=opts.crease, progress=progress)
         except FapcError as e:
             raise FapcError(e.reason, path=job.input) from None
         if opts.orient != "none":
