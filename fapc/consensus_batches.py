@@ -144,12 +144,19 @@ def crease_pass(builder: Any, normals: np.ndarray, query: np.ndarray, *,
     pts = torch.as_tensor(builder.points, device=device).to(dtype)  # (N, 3)
     n = len(pts)
     centres, plane_n = torch.empty_like(pts), torch.empty_like(pts)
-    residual, spacing = torch.empty(n, dtype=dtype, device=device), torch.empty(n, dtype=dtype,
-                                                                                device=device)
+    residual = torch.empty(n, dtype=dtype, device=device)  # (N,) each point's plane residual
+    spacing = torch.empty_like(residual)  # (N,) distance to its 9th nearest point
+
+    def nearest(idx: np.ndarray, k: int) -> torch.Tensor:  # (len(idx), k), nearest first
+        near = torch.as_tensor(builder.near(builder.as_index(idx)), device=device).long()
+        if near.shape[1] >= k:  # the patch builder's table holds them
+            return near[:, :k]
+        return torch.as_tensor(builder.nearest(builder.as_index(idx), k), device=device).long()
+
     with torch.inference_mode():
         for b in range(0, n, 1 << 17):
             idx = np.arange(b, min(n, b + (1 << 17)))
-            near = torch.as_tensor(builder.near(builder.as_index(idx)), device=device).long()
+            near = nearest(idx, max(s.plane_k, s.spacing_rank + 1))
             at = slice(b, b + len(idx))
             centres[at], plane_n[at], residual[at] = local_planes(pts, near[:, :s.plane_k])
             spacing[at] = (rows_of(pts, near[:, s.spacing_rank]) - pts[at]).norm(dim=-1)
@@ -160,14 +167,14 @@ def crease_pass(builder: Any, normals: np.ndarray, query: np.ndarray, *,
         for b in range(0, len(query), batch_size):
             trim_every(b // batch_size)
             idx = query[b:b + batch_size]
-            near = torch.as_tensor(builder.near(builder.as_index(idx)), device=device).long()
-            go = crease_candidates(pts, centres, plane_n, support=near[:, :s.pre_k],
+            go = crease_candidates(pts, centres, plane_n, support=nearest(idx, s.pre_k),
                                    sigma=sigma, settings=s).nonzero().squeeze(1)
-            if not len(go):
-                continue
-            support = torch.as_tensor(builder.nearest(builder.as_index(idx[go.cpu().numpy()]),
-                                                      s.k), device=device).long()
-            rows_go = b + go
-            out[rows_go], _ = crease_faces(pts, out[rows_go], centres, plane_n,
-                                           support=support, sigma=sigma, settings=s)
+            for c in range(0, len(go), 4096):  # the full test holds (B, 8, 48, 48) flags
+                part = go[c:c + 4096]
+                support = torch.as_tensor(
+                    builder.nearest(builder.as_index(idx[part.cpu().numpy()]), s.k),
+                    device=device).long()
+                at = b + part
+                out[at], _ = crease_faces(pts, out[at], centres, plane_n, support=support,
+                                          sigma=sigma, settings=s)
     return out.float().cpu().numpy()

@@ -97,7 +97,8 @@ def cloud_sigma(residual: torch.Tensor, spacing: torch.Tensor,
     if residual.shape != spacing.shape or residual.ndim != 1 or not len(residual):
         raise ValueError("residual and spacing must both have shape (N,), N >= 1")
     s = settings
-    r = torch.quantile(residual.double(), s.quantile).item()
+    k = min(len(residual), max(1, round(s.quantile * len(residual))))
+    r = residual.double().kthvalue(k).values.item()  # (torch.quantile refuses > 16 M values)
     h = spacing.double().median().item()
     if not (h > 0 and s.gate_lo * h <= r < s.gate_hi * h):
         return None

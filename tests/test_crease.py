@@ -220,3 +220,32 @@ def test_cli_crease_flag_reaches_the_step(tmp_path) -> None:
     plain = estimate_normals(pts, method="fa", device="cpu").normals
     assert angle_deg(got, want).max() < 1e-3
     assert angle_deg(want, plain).max() > 1  # the step did change something here
+
+
+CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@pytest.mark.parametrize("small", [False, True])
+def test_device_path_gives_the_cpu_path(device: str, small: bool) -> None:
+    """The step through the torch grid kNN (the GPU pipeline, here also on the CPU) gives
+    what the scipy pipeline gives; ``small``: a network whose near scale (16) is narrower
+    than the step's first look (32), so the step searches its own neighbours."""
+    from fapc.datasets import make_cloud, procedural_shapes
+    from fapc.models.normal_net import NormalNet, NormalNetConfig
+    from fapc.normals import estimate_normals
+
+    model = None
+    if small:
+        torch.manual_seed(0)
+        model = NormalNet(NormalNetConfig(k_near=16, k_far=16, far_stride=4)).eval()
+    cube = procedural_shapes(["cube"])[0]
+    pts, _ = make_cloud(cube, n=8_000, noise=0.004 / cube.diagonal, seed=6)
+    kw = {"method": "fa", "model": model, "crease": True}
+    ref = estimate_normals(pts, device="cpu", knn="scipy", **kw).normals
+    plain = estimate_normals(pts, device="cpu", knn="scipy", model=model).normals
+    got = estimate_normals(pts, device=device, knn="torch", **kw).normals
+    assert angle_deg(ref, plain).max() > 1  # the step ran
+    err = angle_deg(ref, got)
+    assert np.mean(err < 0.1) >= 0.999, np.sort(err)[-10:]
