@@ -148,10 +148,11 @@ def crease_pass(builder: Any, normals: np.ndarray, query: np.ndarray, *,
     spacing = torch.empty_like(residual)  # (N,) distance to its 9th nearest point
 
     def nearest(idx: np.ndarray, k: int) -> torch.Tensor:  # (len(idx), k), nearest first
-        near = torch.as_tensor(builder.near(builder.as_index(idx)), device=device).long()
-        if near.shape[1] >= k:  # the patch builder's table holds them
-            return near[:, :k]
-        return torch.as_tensor(builder.nearest(builder.as_index(idx), k), device=device).long()
+        if builder.spec.k_near >= k:  # the patch builder's near scale holds them
+            near = builder.near(builder.as_index(idx))[:, :k]
+        else:
+            near = builder.nearest(builder.as_index(idx), k)
+        return torch.as_tensor(near, device=device).long()
 
     with torch.inference_mode():
         for b in range(0, n, 1 << 17):

@@ -32,6 +32,8 @@ import torch
 
 from fapc.eigen import sym3_eigh
 from fapc.gather import rows
+from fapc.models.fits import homogeneous, moment_fit, spd_solve
+from fapc.pca import patch_covariance
 
 
 @dataclass(frozen=True)
@@ -79,11 +81,8 @@ def local_planes(points: torch.Tensor, near: torch.Tensor
     if near.ndim != 2 or near.shape[1] < 3:
         raise ValueError(f"near must have shape (M, P >= 3), got {tuple(near.shape)}")
     nb = rows(points, near)  # (M, P, 3)
-    centre = nb.mean(1)
-    rel = nb - centre.unsqueeze(1)
-    cov = rel.transpose(1, 2) @ rel / near.shape[1]  # (M, 3, 3)
-    w, v = sym3_eigh(cov)
-    return centre, v[..., 0], w[:, 0].clamp_min(0).sqrt()
+    w, v = sym3_eigh(patch_covariance(nb))  # (M, 3), (M, 3, 3)
+    return nb.mean(1), v[..., 0], w[:, 0].clamp_min(0).sqrt()
 
 
 def cloud_sigma(residual: torch.Tensor, spacing: torch.Tensor,
@@ -120,9 +119,8 @@ def quadric_residual(pos: torch.Tensor) -> torch.Tensor:
     """``(Q,)``: the RMS residual of a least-squares quadric height field over each row of
     ``pos (Q, K, 3)``, heights along the smallest principal axis of the points (a sharp edge
     fits it badly; a smoothly curved patch fits it to the noise)."""
-    c = pos.mean(1, keepdim=True)
-    rel = pos - c  # (Q, K, 3)
-    axes = sym3_eigh(rel.transpose(1, 2) @ rel)[1]  # (Q, 3, 3) ascending: height first
+    rel = pos - pos.mean(1, keepdim=True)  # (Q, K, 3)
+    axes = sym3_eigh(patch_covariance(pos))[1]  # (Q, 3, 3) ascending: height first
     loc = rel @ axes  # (Q, K, 3): (w, u, v) in the principal frame
     w, u, v = loc.unbind(-1)
     scale = (u.square() + v.square()).mean(1, keepdim=True).sqrt().clamp_min(1e-30)
@@ -131,33 +129,8 @@ def quadric_residual(pos: torch.Tensor) -> torch.Tensor:
     gram = basis.transpose(1, 2) @ basis  # (Q, 6, 6)
     ridge = 1e-9 * gram.diagonal(dim1=1, dim2=2).sum(1)  # (Q,) keeps collinear points solvable
     gram = gram + ridge[:, None, None] * torch.eye(6, dtype=gram.dtype, device=gram.device)
-    coef = spd_solve(gram, basis.transpose(1, 2) @ w.unsqueeze(2))  # (Q, 6, 1)
-    return (basis @ coef).squeeze(2).sub(w).square().mean(1).sqrt()
-
-
-def spd_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``x (Q, n, 1)`` with ``a x = b`` for symmetric positive definite ``a (Q, n, n)`` and
-    ``b (Q, n, 1)``, by a Cholesky factorisation in plain torch: small batched systems stay
-    off the vendor solvers (whose batched 3x3 eigensolver failed on a GPU; see
-    :mod:`fapc.eigen`) and run alike on any device."""
-    if a.ndim != 3 or a.shape[1] != a.shape[2] or b.shape != (*a.shape[:2], 1):
-        raise ValueError(f"a must be (Q, n, n) and b (Q, n, 1), got {tuple(a.shape)} and "
-                         f"{tuple(b.shape)}")
-    n = a.shape[1]
-    tiny = torch.finfo(a.dtype).tiny
-    low = torch.zeros_like(a)
-    for j in range(n):
-        d = a[:, j, j] - low[:, j, :j].square().sum(-1)
-        low[:, j, j] = d.clamp_min(tiny).sqrt()
-        below = a[:, j + 1:, j] - (low[:, j + 1:, :j] * low[:, j, None, :j]).sum(-1)
-        low[:, j + 1:, j] = below / low[:, j, j, None]
-    y = torch.zeros_like(b[..., 0])  # (Q, n) forward: low y = b
-    for i in range(n):
-        y[:, i] = (b[:, i, 0] - (low[:, i, :i] * y[:, :i]).sum(-1)) / low[:, i, i]
-    x = torch.zeros_like(y)  # backward: low^T x = y
-    for i in reversed(range(n)):
-        x[:, i] = (y[:, i] - (low[:, i + 1:, i] * x[:, i + 1:]).sum(-1)) / low[:, i, i]
-    return x.unsqueeze(2)
+    coef = spd_solve(gram, (basis.transpose(1, 2) @ w.unsqueeze(2)).squeeze(2))  # (Q, 6)
+    return (basis @ coef.unsqueeze(2)).squeeze(2).sub(w).square().mean(1).sqrt()
 
 
 def crease_candidates(points: torch.Tensor, centres: torch.Tensor, normals: torch.Tensor, *,
@@ -169,9 +142,8 @@ def crease_candidates(points: torch.Tensor, centres: torch.Tensor, normals: torc
     tried first and the points' planes only where it fails (a few % of a smooth cloud)."""
     band = settings.inlier * sigma
     pos = rows(points, support)  # (Q, K', 3)
-    rel = pos - pos.mean(1, keepdim=True)
-    ls = sym3_eigh(rel.transpose(1, 2) @ rel)[1][..., 0]  # (Q, 3)
-    dist = (rel * ls.unsqueeze(1)).sum(-1).abs()  # (Q, K')
+    ls = sym3_eigh(patch_covariance(pos))[1][..., 0]  # (Q, 3)
+    dist = ((pos - pos.mean(1, keepdim=True)) * ls.unsqueeze(1)).sum(-1).abs()  # (Q, K')
     out = (dist < band).float().mean(1) <= settings.pre  # (Q,) the plane fails
     at = out.nonzero().squeeze(1)
     if len(at):
@@ -234,14 +206,12 @@ def crease_faces(points: torch.Tensor, own: torch.Tensor, centres: torch.Tensor,
     face_a, face_b = a & ~b, b & ~a
     ok = (best >= s.two) & (face_a.sum(1) >= s.min_face) & (face_b.sum(1) >= s.min_face)
     ok &= quadric_residual(pos) > s.smooth * sigma  # a smoothly curved patch is no crease
-    x = pos[:, 0]  # (G, 3) the query itself
+    aug = homogeneous(pos - pos[:, :1])  # (G, K, 4) centred on the query (pos[:, 0])
     fits = []
     for face in (face_a, face_b):
-        w = face.to(pos.dtype).unsqueeze(2)  # (G, K, 1)
-        c = (w * pos).sum(1) / w.sum(1).clamp_min(1)  # (G, 3)
-        rel = (pos - c.unsqueeze(1)) * w
-        nrm = sym3_eigh(rel.transpose(1, 2) @ rel)[1][..., 0]  # (G, 3)
-        fits.append((nrm, ((x - c) * nrm).sum(-1).abs() / sigma))
+        _, vecs, mean = moment_fit(aug, face.to(pos.dtype))  # the face's own points' plane
+        nrm = vecs[..., 0]  # (G, 3)
+        fits.append((nrm, (mean.squeeze(1) * nrm).sum(-1).abs() / sigma))  # query's distance
     (na, ra), (nb, rb) = fits
     take_a = ok & (ra < s.inlier) & (rb > s.off)
     take_b = ok & (rb < s.inlier) & (ra > s.off)
