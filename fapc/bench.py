@@ -151,11 +151,13 @@ def bench_knn(n: int = 1_000_000, *, device: str = "cpu", k: int = 32, far_k: in
 
 
 def bench_accuracy(root: str | None = None, *, model: str | None = None,
-                   consensus_model: str | None = None,
+                   consensus_model: str | None = None, crease: bool = False,
+                   light_smoothing: bool = False,
                    queries: int = 5000) -> dict[str, Any] | None:
     """The accuracy table on the TEST split (``../shared/data``): the model (with the learned
-    smoothing ``consensus_model``, default the shipped one) and PCA with k in 16..256, under
-    no rotation and under random SO(3) poses. None when data is absent."""
+    smoothing ``consensus_model``, default the shipped one, and the optional steps ``crease``
+    and ``light_smoothing``) and PCA with k in 16..256, under no rotation and under random
+    SO(3) poses. None when data is absent."""
     from fapc.bench_data import find_root, test_clouds
     from fapc.evaluate import evaluate, model_method, pca_method
     from fapc.models.checkpoint import load_model
@@ -167,7 +169,8 @@ def bench_accuracy(root: str | None = None, *, model: str | None = None,
     net, info = load_model(model)
     load_network(net, torch.device("cpu"), consensus_model=consensus_model)  # refuse bad ones now
     clouds = test_clouds(root, queries=queries)
-    methods = {"fa": model_method(net, device="cpu", consensus_model=consensus_model)}
+    methods = {"fa": model_method(net, device="cpu", consensus_model=consensus_model,
+                                  crease=crease, light_smoothing=light_smoothing)}
     methods.update({f"pca-{k}": pca_method(k) for k in (16, 32, 64, 128, 256)})
     rep = evaluate(clouds, methods, rotate="none")
     rot = evaluate(clouds, {"fa": methods["fa"]}, rotate="so3")
@@ -175,6 +178,7 @@ def bench_accuracy(root: str | None = None, *, model: str | None = None,
     rep["fa_so3_avg"] = rot["avg"]["fa"]
     rep["model"] = info["path"]
     rep["consensus_model"] = consensus_model
+    rep["crease"], rep["light_smoothing"] = crease, light_smoothing
     return rep
 
 
@@ -281,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None)
     p.add_argument("--consensus-model", default=None,
                    help="the learned smoothing's weights (default the shipped ones)")
+    p.add_argument("--crease", action="store_true", help="accuracy: with fapc normals --crease")
+    p.add_argument("--light-smoothing", action="store_true",
+                   help="accuracy: with fapc normals --light-smoothing")
     p.add_argument("--device", default="cpu")
     p.add_argument("--points", type=int, default=1_000_000)
     p.add_argument("--queries", type=int, default=5000,
@@ -317,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.section in ("all", "accuracy"):
         try:
             rep = bench_accuracy(args.data, model=args.model,
-                                 consensus_model=args.consensus_model, queries=args.queries)
+                                 consensus_model=args.consensus_model, crease=args.crease,
+                                 light_smoothing=args.light_smoothing, queries=args.queries)
         except FapcError as e:  # a missing or refused model: one line, no traceback
             console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             return 2

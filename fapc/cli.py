@@ -98,6 +98,10 @@ def normals(
         help="fa: under light noise (up to about a quarter of the point spacing), points a few "
         "noise widths from a sharp edge take the face they lie on (scans of machined "
         "parts).")] = False,
+    light_smoothing: Annotated[bool, typer.Option(
+        help="fa: under light noise (about 0.01-0.1 of the point spacing), a last pass refits "
+        "each normal from its 32 nearest points' normals (lightly noisy scans of smooth "
+        "surfaces; rounds detail as fine as the spacing).")] = False,
     fields: Annotated[str, typer.Option(
         help="Comma-separated outputs: normals,confidence,curvature.")] = "normals,confidence,"
     "curvature",
@@ -154,7 +158,7 @@ def normals(
     opts = NormalsOptions(method=method, k=k, model=model, device=device, orient=orient,
                           batch_size=batch_size, precision=precision, from_mesh=from_mesh,
                           consensus=consensus, consensus_model=consensus_model, crease=crease,
-                          fields=chosen,
+                          light_smoothing=light_smoothing, fields=chosen,
                           drop_invalid=drop_invalid, strict=strict, overwrite=overwrite,
                           ascii=ascii, debug=debug)
 

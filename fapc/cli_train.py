@@ -202,6 +202,10 @@ def eval_cmd(
     consensus_model: Annotated[str | None, typer.Option(
         help="The learned smoothing's weights (file or train_consensus --out directory) "
         "[shipped].")] = None,
+    crease: Annotated[bool, typer.Option(
+        help="With the optional face choice at creases (as fapc normals --crease).")] = False,
+    light_smoothing: Annotated[bool, typer.Option(
+        help="With the optional light smoothing (as fapc normals --light-smoothing).")] = False,
     rotate: Annotated[str, typer.Option(help="none, so3 or o3: random pose per cloud.")] = "none",
     columns: Annotated[str, typer.Option(help="Mesh columns.")] = "none,0.125%,0.6%,1.2%",
     pca_k: Annotated[str, typer.Option(help="PCA baselines' k.")] = "16,32,64,128,256",
@@ -238,7 +242,8 @@ def eval_cmd(
         label = "fa" if net.config.fa else "no-fa"
         if getattr(net.config, "kind", "patch") == "shape":
             label += f"-{net.config.backbone}"
-        methods = {label: model_method(net, device=str(dev), consensus_model=consensus_model)}
+        methods = {label: model_method(net, device=str(dev), consensus_model=consensus_model,
+                                       crease=crease, light_smoothing=light_smoothing)}
         methods.update({f"pca-{k}": pca_method(k) for k in ks})
         with Progress(TextColumn("[bold]eval"), BarColumn(), TextColumn("{task.completed}/"
                       "{task.total} clouds"), TimeRemainingColumn(), console=err) as prog:

@@ -46,7 +46,7 @@ def consensus_model(device: torch.device, path: str | os.PathLike | None = None)
 def consensus_pass(builder: Any, normals: np.ndarray, far: torch.Tensor, run: np.ndarray,
                    rows: list[np.ndarray], *, n: int, device: torch.device,
                    batch_size: int, tick: Callable[[int], None] | None = None,
-                   smoother_path: str | os.PathLike | None = None
+                   smoother_path: str | os.PathLike | None = None, light: bool = False
                    ) -> tuple[np.ndarray, np.ndarray]:
     """Neighbour consensus (:func:`fapc.consensus.consensus_normals`), given the network's
     ``normals (M, 3)`` and far neighbours ``far (M, k_far)`` at the points ``run (M,)`` of a
@@ -56,14 +56,17 @@ def consensus_pass(builder: Any, normals: np.ndarray, far: torch.Tensor, run: np
     the rows of the pass before, the first's among all of ``run``). A query's candidates are
     its patch's points (near, then far), its support the near scale; on noisy data the
     learned smoothing (:func:`consensus_model`: ``smoother_path``, or the shipped one) runs
-    where it is present. Returns the normals ``(Q, 3)`` float32 at the last pass's rows, and
+    where it is present. ``light``: the last pass is the light smoothing
+    (:func:`fapc.light.light_smoothing`) instead of a snapping pass. Returns the normals
+    ``(Q, 3)`` float32 at the last pass's rows, and
     the normals ``(M, 3)`` float32 at ``run`` as the last pass found them (what the
     confidence's neighbour agreement compares with: the same in a run over the whole cloud
     and over ``rows[-1]`` alone); ``tick(k)`` after each batch of ``k`` rows."""
     from fapc.consensus import ConsensusSettings, consensus_normals, spread
+    from fapc.light import light_smoothing
 
-    if not rows:
-        raise ValueError("consensus_pass needs at least one pass")
+    if len(rows) < 1 + int(light):
+        raise ValueError("consensus_pass needs at least one pass (two with light)")
 
     dtype = torch.float64 if device.type == "cpu" else torch.float32
     pts = torch.as_tensor(builder.points, device=device).to(dtype)  # (N, 3)
@@ -92,6 +95,7 @@ def consensus_pass(builder: Any, normals: np.ndarray, far: torch.Tensor, run: np
             arrays = None  # the learned step's features come from float32 copies (half the cost)
             if p == 0 and smoother is not None:
                 arrays = (pts.float(), full.float(), spreads.float())
+            light_pass = light and p == len(rows) - 1
             q_all = run_t[pos_t]
             new = full[q_all]  # (R, 3) a copy: rows a later pass skips keep their normal
             for s in range(0, len(pos_t), batch_size):
@@ -101,17 +105,21 @@ def consensus_pass(builder: Any, normals: np.ndarray, far: torch.Tensor, run: np
                 near = near_of(run[r.cpu().numpy()])
                 cand = torch.cat([near, far[r].long()], 1)  # (B, k_near + k_far)
                 at = slice(s, s + len(q))
-                if p > 0:  # a later pass repeats the one before (snapping only) where
-                    # nothing it reads moved: the query's normal, its candidates' normals and
-                    # spreads (a spread reads only its own point's normal)
-                    go = (moved[q] | rows_of(moved, cand).any(1)).nonzero().squeeze(1)
-                    q, cand, near = q[go], cand[go], near[go]
-                    at = s + go
-                if len(q):
-                    new[at], _, _ = consensus_normals(
-                        pts, full, spreads, query=q, candidates=cand, support=near,
-                        smoother=smoother if p == 0 else None, n_near=near.shape[1],
-                        smoother_arrays=arrays, smooth=p == 0)
+                if light_pass:
+                    new[at], _ = light_smoothing(pts, full, spreads, query=q, candidates=cand,
+                                                 support=near)
+                else:
+                    if p > 0:  # a later snapping pass repeats the one before where nothing
+                        # it reads moved: the query's normal, its candidates' normals and
+                        # spreads (a spread reads only its own point's normal)
+                        go = (moved[q] | rows_of(moved, cand).any(1)).nonzero().squeeze(1)
+                        q, cand, near = q[go], cand[go], near[go]
+                        at = s + go
+                    if len(q):
+                        new[at], _, _ = consensus_normals(
+                            pts, full, spreads, query=q, candidates=cand, support=near,
+                            smoother=smoother if p == 0 else None, n_near=near.shape[1],
+                            smoother_arrays=arrays, smooth=p == 0)
                 if tick is not None:
                     tick(len(r))
             changed = (new != full[q_all]).any(1)  # (R,)

@@ -123,19 +123,21 @@ def fa_normals(
     consensus: bool = True,
     consensus_model: str | os.PathLike | None = None,
     crease: bool = False,
+    light_smoothing: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The FA network's normals at ``query_index`` (default all) of finite ``points (N, 3)``
     float64 (centred). ``knn``: ``scipy`` (patches built on the CPU), ``torch`` (exact grid
     kNN on ``device``: the whole pipeline stays there) or ``auto`` (torch on CUDA).
     ``consensus``: snap normals that straddle a crease onto one face (clean data), smooth
-    them with their patch's under heavy noise (:mod:`fapc.consensus`), then, under light
-    noise, with ``crease``, give points near a sharp edge the face they lie on
-    (:mod:`fapc.crease`); with ``query_index``
-    this runs the network on the queries' patch points too (and on theirs, one hop per
-    snapping pass); ``consensus_model``: the learned smoothing's weights (default: the
-    shipped ones). ``progress(done, total)``: after each batch, in points of work (the
-    network's points, then each consensus pass's)."""
+    them with their patch's under heavy noise (:mod:`fapc.consensus`); under light noise, with
+    ``light_smoothing``, refit them from their nearest points' normals
+    (:mod:`fapc.light`, a last consensus pass), then, with ``crease``, give points near a
+    sharp edge the face they lie on (:mod:`fapc.crease`); with ``query_index`` this runs the
+    network on the queries' patch points too (and on theirs, one hop per consensus pass);
+    ``consensus_model``: the learned smoothing's weights (default: the shipped ones).
+    ``progress(done, total)``: after each batch, in points of work (the network's points,
+    then each consensus pass's)."""
     from fapc.confidence import final_confidence
     from fapc.consensus import ConsensusSettings
     from fapc.consensus_batches import consensus_pass, crease_pass
@@ -153,7 +155,7 @@ def fa_normals(
     on_device = knn == "torch"
     builder: Any = (TorchPatchBuilder(points, model.config.patch, device=device, seed=seed)
                     if on_device else PatchBuilder(points, model.config.patch, seed=seed))
-    passes = ConsensusSettings.snap_passes if consensus else 0
+    passes = ConsensusSettings.snap_passes + int(light_smoothing) if consensus else 0
     # the points each consensus pass reads, from the last pass's (the queries) back to the
     # points the network sees: each pass reads its queries' candidates from the pass before
     sets = [qi] * (passes + 1)
@@ -172,7 +174,8 @@ def fa_normals(
     if consensus:
         normal, before = consensus_pass(builder, out["normal"], far, run, rows, n=n,
                                         device=device, batch_size=batch_size,
-                                        tick=tick, smoother_path=consensus_model)  # (Q, 3)
+                                        tick=tick, smoother_path=consensus_model,
+                                        light=light_smoothing)  # (Q, 3)
         if crease:  # light noise: the face each point near a sharp edge lies on
             normal = crease_pass(builder, normal, qi, device=device, batch_size=batch_size)
     else:
@@ -297,6 +300,7 @@ def estimate_normals(
     consensus: bool = True,
     consensus_model: str | os.PathLike | None = None,
     crease: bool = False,
+    light_smoothing: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> NormalsResult:
     """Estimate unoriented normals, a confidence and the curvature of every point.
@@ -331,6 +335,11 @@ def estimate_normals(
             the point spacing), a last step gives points a few noise widths from a sharp edge
             the face they lie on (:mod:`fapc.crease`; off by default: on TRAIN shapes it
             gains at 0.03-0.125 % noise, on the TEST split it changed nothing measurable).
+        light_smoothing: for ``fa`` with ``consensus``: under light noise (0.012-0.1 point
+            spacings), a last consensus pass refits each normal from its 32 nearest points'
+            normals (:mod:`fapc.light`; one hop more with ``query_index``). For lightly noisy
+            scans of smooth surfaces; off by default, as it rounds detail at the scale of the
+            point spacing.
         progress: called as ``progress(done, total)`` as the work goes on (for ``fa``, in
             points: the network's, then each consensus pass's; otherwise once, at the end).
 
@@ -377,7 +386,7 @@ def estimate_normals(
         nrm, conf, curv = fa_normals(finite, net, device=dev, batch_size=batch_size,
                                      query_index=qi_f, knn=knn, consensus=consensus,
                                      consensus_model=consensus_model, crease=crease,
-                                     progress=progress)
+                                     light_smoothing=light_smoothing, progress=progress)
     else:  # PCA, or a whole-shape model: one step
         if method == "pca":
             nrm, conf, curv = pca_normals(finite, k=k, query_index=qi_f)

@@ -37,6 +37,7 @@ class NormalsOptions:
     consensus: bool = True  # fa: snap at creases, smooth under heavy noise
     consensus_model: str | None = None  # the learned smoothing's weights [shipped]
     crease: bool = False  # fa: under light noise, points near a sharp edge take their face
+    light_smoothing: bool = False  # fa: under light noise, refit from the nearest normals
     from_mesh: str | None = None
     orient: str = "none"
     fields: tuple[str, ...] = ALL_FIELDS
@@ -185,7 +186,8 @@ def process_file(job: Job, opts: NormalsOptions, *,
                                    precision=opts.precision,
                                    consensus=opts.consensus,
                                    consensus_model=opts.consensus_model,
-                                   crease=opts.crease, progress=progress)
+                                   crease=opts.crease,
+                                   light_smoothing=opts.light_smoothing, progress=progress)
         except FapcError as e:
             raise FapcError(e.reason, path=job.input) from None
         if opts.orient != "none":

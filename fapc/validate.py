@@ -319,6 +319,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="the network (default: the shipped one)")
     p.add_argument("--consensus-model", default=None,
                    help="the learned smoothing's weights (default: the shipped ones)")
+    p.add_argument("--crease", action="store_true",
+                   help="with the optional face choice at creases (fapc normals --crease)")
+    p.add_argument("--light-smoothing", action="store_true",
+                   help="with the optional light smoothing (fapc normals --light-smoothing)")
     p.add_argument("--config", default="fapc/weights/default.toml",
                    help="training config: its data and held-out split")
     p.add_argument("--suites", default="ACD",
@@ -345,16 +349,19 @@ def main(argv: list[str] | None = None) -> int:
 
         def with_confidence(pts: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             res = estimate_normals(pts, method="fa", model=net, device="cpu", query_index=q,
-                                   consensus_model=args.consensus_model)
+                                   consensus_model=args.consensus_model, crease=args.crease,
+                                   light_smoothing=args.light_smoothing)
             return res.normals, res.confidence
 
-        report = validate(model_method(net, device="cpu", consensus_model=args.consensus_model),
+        report = validate(model_method(net, device="cpu", consensus_model=args.consensus_model,
+                                       crease=args.crease, light_smoothing=args.light_smoothing),
                           held_out=held_out, checks=checks, suites=args.suites,
                           estimate_confidence=with_confidence)
     except (FapcError, OSError, ValueError) as e:
         console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         return 2
-    report.update(model=args.model, consensus_model=args.consensus_model, config=args.config,
+    report.update(model=args.model, consensus_model=args.consensus_model, crease=args.crease,
+                  light_smoothing=args.light_smoothing, config=args.config,
                   held_out=[s.name for s in held_out], checks=[s.name for s in checks])
     for letter in report["skipped"]:
         console.print(f"[yellow]suite {letter} skipped: its shapes (the config's data) were not "
