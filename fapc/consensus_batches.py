@@ -1,7 +1,10 @@
-"""The neighbour-consensus step (:mod:`fapc.consensus`) run over a whole cloud in batches:
-its candidates and support found through the patch builder, its spreads kept up to date
-between the snapping passes, and the shipped learned smoothing loaded where the package
-holds it. :func:`fapc.normals.estimate_normals` calls it after the network."""
+"""The steps after the network, run over a whole cloud in batches: the neighbour consensus
+(:mod:`fapc.consensus`, with the optional light smoothing of :mod:`fapc.light` as its last
+pass), its candidates and support found through the patch builder, its spreads kept up to
+date between the passes, and the shipped learned smoothing loaded where the package holds
+it; the optional face choice at creases (:mod:`fapc.crease`); and the neighbours' agreement
+that the confidence multiplies in. :func:`fapc.normals.estimate_normals` calls them after
+the network."""
 
 from __future__ import annotations
 
@@ -187,3 +190,28 @@ def crease_pass(builder: Any, normals: np.ndarray, query: np.ndarray, *,
                 out[at], _ = crease_faces(pts, out[at], centres, plane_n, support=support,
                                           sigma=sigma, settings=s)
     return out.float().cpu().numpy()
+
+
+def neighbour_agreement_at(builder: Any, normals: np.ndarray, before: np.ndarray,
+                           run: np.ndarray, query: np.ndarray, *, device: torch.device,
+                           batch_size: int) -> np.ndarray:
+    """:func:`fapc.confidence.neighbour_agreement` of the final ``normals (Q, 3)`` at ``query
+    (Q,)`` with their near neighbours' normals in ``before (M, 3)``, the normals at the
+    sorted points ``run (M,)`` (which hold every query's near neighbours) as the last step
+    read them. Returns ``(Q,)`` float32."""
+    from fapc.confidence import neighbour_agreement
+    from fapc.gather import rows as gather
+
+    whole = len(run) == len(builder.points)  # run is every point: rows are point indices
+    table = torch.as_tensor(before, device=device).float()
+    run_t = None if whole else torch.as_tensor(run, device=device)
+    out = np.empty(len(query), np.float32)
+    with torch.inference_mode():
+        for s in range(0, len(query), batch_size):
+            near = torch.as_tensor(builder.near(builder.as_index(query[s:s + batch_size])),
+                                   device=device)
+            near = near[:, 1:].long().contiguous()  # (B, k_near - 1): not the point itself
+            at = near if run_t is None else torch.searchsorted(run_t, near)
+            own = torch.as_tensor(normals[s:s + batch_size], device=device).float()
+            out[s:s + len(own)] = neighbour_agreement(own, gather(table, at)).cpu().numpy()
+    return out

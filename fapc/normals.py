@@ -140,7 +140,7 @@ def fa_normals(
     then each consensus pass's)."""
     from fapc.confidence import final_confidence
     from fapc.consensus import ConsensusSettings
-    from fapc.consensus_batches import consensus_pass, crease_pass
+    from fapc.consensus_batches import consensus_pass, crease_pass, neighbour_agreement_at
     from fapc.patches import PatchBuilder, TorchPatchBuilder
 
     if knn == "auto":
@@ -193,31 +193,6 @@ def _with_neighbours(builder: Any, index: np.ndarray, batch_size: int,
     found = [torch.as_tensor(find(builder.as_index(index[s:s + batch_size]))).cpu().numpy()
              for s in range(0, len(index), batch_size)]
     return np.unique(np.concatenate([index, *[f.ravel() for f in found]]))
-
-
-def neighbour_agreement_at(builder: Any, normals: np.ndarray, before: np.ndarray,
-                           run: np.ndarray, query: np.ndarray, *, device: torch.device,
-                           batch_size: int) -> np.ndarray:
-    """:func:`fapc.confidence.neighbour_agreement` of the final ``normals (Q, 3)`` at ``query
-    (Q,)`` with their near neighbours' normals in ``before (M, 3)``, the normals at the
-    sorted points ``run (M,)`` (which hold every query's near neighbours) as the last step
-    read them. Returns ``(Q,)`` float32."""
-    from fapc.confidence import neighbour_agreement
-    from fapc.gather import rows as gather
-
-    whole = len(run) == len(builder.points)  # run is every point: rows are point indices
-    table = torch.as_tensor(before, device=device).float()
-    run_t = None if whole else torch.as_tensor(run, device=device)
-    out = np.empty(len(query), np.float32)
-    with torch.inference_mode():
-        for s in range(0, len(query), batch_size):
-            near = torch.as_tensor(builder.near(builder.as_index(query[s:s + batch_size])),
-                                   device=device)
-            near = near[:, 1:].long().contiguous()  # (B, k_near - 1): not the point itself
-            at = near if run_t is None else torch.searchsorted(run_t, near)
-            own = torch.as_tensor(normals[s:s + batch_size], device=device).float()
-            out[s:s + len(own)] = neighbour_agreement(own, gather(table, at)).cpu().numpy()
-    return out
 
 
 def _ticker(progress: Callable[[int, int], None] | None, total: int) -> Callable[[int], None]:

@@ -116,11 +116,11 @@ def _profile_fa(pts: np.ndarray, t: dict[str, float], *, dev: torch.device, mode
     time (one-time, like loading the model: not a stage), or None."""
     from fapc import normals as normals_mod
     from fapc.consensus import ConsensusSettings
-    from fapc.consensus_batches import consensus_pass
+    from fapc.consensus_batches import consensus_pass, neighbour_agreement_at
     from fapc.frames import compute_frames
     from fapc.memory import trim_every
     from fapc.models.checkpoint import load_model
-    from fapc.normals import configure_precision, default_batch_size, neighbour_agreement_at, run_network
+    from fapc.normals import configure_precision, default_batch_size, run_network
     from fapc.patches import PatchBuilder, TorchPatchBuilder
 
     net, _ = load_model(model, device=dev)
