@@ -228,3 +228,21 @@ def test_device_path_gives_the_cpu_path(device: str) -> None:
     assert angle_deg(ref, plain).max() > 0.5  # the step ran
     err = angle_deg(ref, got)
     assert np.mean(err < 0.1) >= 0.999, np.sort(err)[-10:]
+
+
+def test_the_evaluators_estimator_passes_the_options_on() -> None:
+    """``fapc eval``, ``python -m fapc.validate`` and ``python -m fapc.bench accuracy`` score
+    the pipeline through :func:`fapc.evaluate.model_method`: with the options it is the
+    pipeline with them."""
+    from fapc.evaluate import model_method
+    from fapc.models.checkpoint import load_model
+
+    pts, _ = noisy_torus(6000, 0.0003, seed=6)
+    q = np.arange(0, len(pts), 7)
+    net = load_model(None)[0]
+    est = model_method(net, device="cpu", light_smoothing=True, crease=True)(pts, q)
+    want = estimate_normals(pts, device="cpu", query_index=q, light_smoothing=True,
+                            crease=True).normals
+    plain = model_method(net, device="cpu")(pts, q)
+    np.testing.assert_array_equal(est, want)
+    assert angle_deg(est, plain).max() > 0.5
