@@ -61,10 +61,10 @@ def consensus_pass(builder: Any, normals: np.ndarray, far: torch.Tensor, run: np
     learned smoothing (:func:`consensus_model`: ``smoother_path``, or the shipped one) runs
     where it is present. ``light``: the last pass is the light smoothing
     (:func:`fapc.light.light_smoothing`) instead of a snapping pass. Returns the normals
-    ``(Q, 3)`` float32 at the last pass's rows, and
-    the normals ``(M, 3)`` float32 at ``run`` as the last pass found them (what the
-    confidence's neighbour agreement compares with: the same in a run over the whole cloud
-    and over ``rows[-1]`` alone); ``tick(k)`` after each batch of ``k`` rows."""
+    ``(Q, 3)`` float32 at the last pass's rows, and the normals ``(M, 3)`` float32 at ``run``
+    as the last pass found them (what the confidence's neighbour agreement compares with: the
+    same in a run over the whole cloud and over ``rows[-1]`` alone); ``tick(k)`` after each
+    batch of ``k`` rows."""
     from fapc.consensus import ConsensusSettings, consensus_normals, spread
     from fapc.light import light_smoothing
 
