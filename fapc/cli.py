@@ -17,6 +17,7 @@ from fapc.errors import FapcError
 
 if TYPE_CHECKING:
     from fapc.cloud import PointCloud
+    from fapc.noise import NoiseFigure
 
 app = typer.Typer(
     name="fapc",
@@ -227,6 +228,9 @@ def _summary(results, *, as_json: bool, quiet: bool) -> None:
 def info(
     files: Annotated[list[Path], typer.Argument(help="Point-cloud or mesh files.")],
     from_mesh: Annotated[str | None, typer.Option(help="vertices or sample:N")] = None,
+    noise: Annotated[bool, typer.Option(
+        "--noise", help="Also measure the noise, in point spacings (none, light or heavy: "
+        "which fapc normals options are made for the cloud).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout, one object per "
                                           "line and file.")] = False,
     debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
@@ -238,18 +242,30 @@ def info(
     for file in files:
         try:
             cloud = read_cloud(file, from_mesh=from_mesh)
+            figure = None
+            if noise:  # (imports torch: only when asked)
+                from fapc.noise import noise_figure
+
+                figure = noise_figure(cloud.points)
         except FapcError as e:
             if debug:
                 raise
-            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {FapcError(e.reason, path=file)}", highlight=False,
+                      soft_wrap=True)
             failed = True
             continue
-        _info_one(file, cloud, as_json=as_json)
+        _info_one(file, cloud, as_json=as_json, noise=figure)
     if failed:
         raise typer.Exit(1)
 
 
-def _info_one(file: Path, cloud: PointCloud, *, as_json: bool) -> None:
+# what each noise level is made for (fapc.noise)
+NOISE_HINTS = {"none": "noiseless", "light": "--light-smoothing, --crease are made for it",
+               "heavy": "sigma is a lower bound here"}
+
+
+def _info_one(file: Path, cloud: PointCloud, *, as_json: bool,
+              noise: NoiseFigure | None = None) -> None:
     import numpy as np
 
     from fapc.io import sniff_format
@@ -270,6 +286,8 @@ def _info_one(file: Path, cloud: PointCloud, *, as_json: bool) -> None:
         from fapc.io.las import describe
 
         data["las"] = describe(cloud.metadata["las"])
+    if noise is not None:
+        data["noise"] = noise.to_dict()
     if as_json:
         typer.echo(json.dumps(data))
         return
@@ -287,6 +305,9 @@ def _info_one(file: Path, cloud: PointCloud, *, as_json: bool) -> None:
                   f"{' '.join(f'{v:g}' for v in las['scale'])}, coordinate system "
                   f"{las['crs'] or 'none recorded'}")
     t.add_row("attributes", ", ".join(f"{k} ({v})" for k, v in data["attributes"].items()) or "-")
+    if noise is not None:
+        t.add_row("noise", f"{noise.level}: {noise.ratio:.3f} point spacings (sigma "
+                  f"{noise.sigma:.4g}, spacing {noise.spacing:.4g}; {NOISE_HINTS[noise.level]})")
     out.print(t)
 
 

@@ -85,6 +85,21 @@ def local_planes(points: torch.Tensor, near: torch.Tensor
     return nb.mean(1), v[..., 0], w[:, 0].clamp_min(0).sqrt()
 
 
+def residual_scale(residual: torch.Tensor, spacing: torch.Tensor,
+                   settings: CreaseSettings = CreaseSettings()) -> tuple[float, float]:
+    """``(r, h)``: the ``quantile`` of the points' plane residuals and their median spacing.
+
+    Args:
+        residual: ``(N,)`` the points' :func:`local_planes` residuals.
+        spacing: ``(N,)`` their distances to their ``(spacing_rank + 1)``-th nearest points.
+    """
+    if residual.shape != spacing.shape or residual.ndim != 1 or not len(residual):
+        raise ValueError("residual and spacing must both have shape (N,), N >= 1")
+    k = min(len(residual), max(1, round(settings.quantile * len(residual))))
+    r = residual.double().kthvalue(k).values.item()  # (torch.quantile refuses > 16 M values)
+    return r, spacing.double().median().item()
+
+
 def cloud_sigma(residual: torch.Tensor, spacing: torch.Tensor,
                 settings: CreaseSettings = CreaseSettings()) -> float | None:
     """The cloud's noise figure for the step, or None where the gate is closed.
@@ -93,12 +108,8 @@ def cloud_sigma(residual: torch.Tensor, spacing: torch.Tensor,
         residual: ``(N,)`` every point's :func:`local_planes` residual.
         spacing: ``(N,)`` every point's distance to its ``(spacing_rank + 1)``-th nearest.
     """
-    if residual.shape != spacing.shape or residual.ndim != 1 or not len(residual):
-        raise ValueError("residual and spacing must both have shape (N,), N >= 1")
     s = settings
-    k = min(len(residual), max(1, round(s.quantile * len(residual))))
-    r = residual.double().kthvalue(k).values.item()  # (torch.quantile refuses > 16 M values)
-    h = spacing.double().median().item()
+    r, h = residual_scale(residual, spacing, s)
     if not (h > 0 and s.gate_lo * h <= r < s.gate_hi * h):
         return None
     return r / s.calib

@@ -1,0 +1,100 @@
+"""The noise figure (:mod:`fapc.noise`, ``fapc info --noise``): noiseless, light and heavy
+noise told apart, sigma near the truth under light noise, unchanged by rigid motions and
+permutations, proportional to scale, and bad inputs refused."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fapc.crease import CreaseSettings
+from fapc.errors import FapcError
+from fapc.noise import noise_figure
+from fapc.testing import random_rotation
+
+SPACING = 0.01  # of the grid below
+
+
+def noisy_plane(sigma: float, *, n: int = 150, seed: int = 0) -> np.ndarray:
+    """A jittered grid of ``n x n`` points (spacing 0.01) in the plane z = 0, Gaussian noise
+    ``sigma`` along z."""
+    rng = np.random.default_rng(seed)
+    u, v = np.meshgrid(np.arange(n) * SPACING, np.arange(n) * SPACING)
+    pts = np.stack([u.ravel(), v.ravel(), np.zeros(u.size)], 1)
+    pts[:, :2] += rng.uniform(-0.3, 0.3, (len(pts), 2)) * SPACING
+    pts[:, 2] = rng.normal(scale=sigma, size=len(pts)) if sigma else 0.0
+    return pts
+
+
+def test_noiseless_light_and_heavy_are_told_apart() -> None:
+    assert noise_figure(noisy_plane(0.0)).level == "none"
+    assert noise_figure(noisy_plane(0.05 * SPACING)).level == "light"
+    assert noise_figure(noisy_plane(0.15 * SPACING)).level == "light"
+    assert noise_figure(noisy_plane(1.0 * SPACING)).level == "heavy"
+
+
+@pytest.mark.parametrize("rel", [0.05, 0.1, 0.15])
+def test_sigma_is_near_the_truth_under_light_noise(rel: float) -> None:
+    fig = noise_figure(noisy_plane(rel * SPACING, seed=3))
+    assert fig.sigma == pytest.approx(rel * SPACING, rel=0.25)
+    # the spacing is the distance to the 9th nearest point: about 1.7 grid steps here
+    assert 1.2 * SPACING < fig.spacing < 2.2 * SPACING
+    assert fig.ratio == pytest.approx(fig.sigma * CreaseSettings().calib / fig.spacing)
+
+
+def test_heavy_noise_sigma_is_a_lower_bound() -> None:
+    fig = noise_figure(noisy_plane(2.0 * SPACING))
+    assert fig.level == "heavy" and fig.sigma < 2.0 * SPACING
+
+
+def test_moves_with_the_cloud_and_scales_with_it() -> None:
+    pts = noisy_plane(0.1 * SPACING, n=100, seed=5)
+    ref = noise_figure(pts, sample=3000)
+    rot = random_rotation(torch.Generator().manual_seed(2)).numpy()
+    perm = np.random.default_rng(4).permutation(len(pts))
+    moved = noise_figure(pts @ rot.T + [1e6, -2e6, 300.0], sample=len(pts))
+    full = noise_figure(pts, sample=len(pts))
+    assert moved.level == full.level and moved.ratio == pytest.approx(full.ratio, rel=1e-6)
+    # a permutation changes which points a sample takes, not what they measure
+    assert noise_figure(pts[perm], sample=len(pts)).ratio == pytest.approx(full.ratio, rel=1e-9)
+    scaled = noise_figure(7.0 * pts, sample=3000)
+    assert scaled.ratio == pytest.approx(ref.ratio, rel=1e-9)
+    assert scaled.sigma == pytest.approx(7.0 * ref.sigma, rel=1e-9)
+    assert ref.points == 3000 and full.points == len(pts)
+
+
+def test_non_finite_points_are_ignored_and_bad_inputs_refused() -> None:
+    pts = noisy_plane(0.1 * SPACING, n=60)
+    with_nan = np.concatenate([pts, np.full((5, 3), np.nan)])
+    assert noise_figure(with_nan).ratio == pytest.approx(noise_figure(pts).ratio, rel=1e-12)
+    with pytest.raises(FapcError, match="finite points"):
+        noise_figure(np.concatenate([pts[:4], np.full((50, 3), np.inf)]))
+    with pytest.raises(ValueError, match="shape"):
+        noise_figure(pts[:, :2])
+    with pytest.raises(ValueError, match="sample"):
+        noise_figure(pts, sample=0)
+
+
+def test_cli_info_noise(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from fapc.cli import app
+    from fapc.cloud import PointCloud
+    from fapc.io import write_cloud
+
+    write_cloud(tmp_path / "plane.ply", PointCloud(noisy_plane(0.1 * SPACING, n=80)))
+    write_cloud(tmp_path / "few.ply", PointCloud(noisy_plane(0.0, n=2)))
+    runner = CliRunner()
+    r = runner.invoke(app, ["info", str(tmp_path / "plane.ply"), "--json"])
+    assert r.exit_code == 0 and "noise" not in json.loads(r.stdout)  # only when asked
+    r = runner.invoke(app, ["info", str(tmp_path / "plane.ply"), str(tmp_path / "few.ply"),
+                            "--noise", "--json"])
+    assert r.exit_code == 1  # the 4-point file fails, the other is still measured
+    (line,) = r.stdout.strip().splitlines()
+    got = json.loads(line)["noise"]
+    assert got["level"] == "light" and got["sigma"] == pytest.approx(0.001, rel=0.25)
+    assert "few.ply" in r.stderr and "finite points" in r.stderr
+    assert "Traceback" not in r.stderr
