@@ -261,7 +261,8 @@ def info(
 
 # what each noise level is made for (fapc.noise)
 NOISE_HINTS = {"none": "noiseless", "light": "--light-smoothing, --crease are made for it",
-               "heavy": "sigma is a lower bound here"}
+               "heavy": "sigma is a lower bound here",
+               "unknown": "nearly every neighbourhood is a line, as along scan lines"}
 
 
 def _info_one(file: Path, cloud: PointCloud, *, as_json: bool,
@@ -306,8 +307,10 @@ def _info_one(file: Path, cloud: PointCloud, *, as_json: bool,
                   f"{las['crs'] or 'none recorded'}")
     t.add_row("attributes", ", ".join(f"{k} ({v})" for k, v in data["attributes"].items()) or "-")
     if noise is not None:
+        lines = f", {noise.lines:.0%} of neighbourhoods lines, left out" if noise.lines >= 0.01 else ""
         t.add_row("noise", f"{noise.level}: {noise.ratio:.3f} point spacings (sigma "
-                  f"{noise.sigma:.4g}, spacing {noise.spacing:.4g}; {NOISE_HINTS[noise.level]})")
+                  f"{noise.sigma:.4g}, spacing {noise.spacing:.4g}{lines}; "
+                  f"{NOISE_HINTS[noise.level]})")
     out.print(t)
 
 

@@ -5,8 +5,14 @@ It is the figure the optional face choice at creases (:mod:`fapc.crease`) gates 
 on a seeded sample of the points: each sampled point's own plane (a PCA fit to its
 ``plane_k`` nearest points), the ``quantile`` of those planes' RMS residuals (face interiors
 set it; the few points at edges do not), and the median distance to the ``(spacing_rank +
-1)``-th nearest point. The residual over the spacing sorts clouds into three levels, which
-tell a user which of ``fapc normals``'s options are made for the cloud:
+1)``-th nearest point. Neighbourhoods that are lines, not patches (their middle PCA
+eigenvalue below ``LINE`` times the largest: the scan lines of a LiDAR sweep, whose nearest
+points lie along one line), fit any plane through that line and would read as noiseless; they
+are left out (their share is reported), and where nearly all are lines the level is
+``unknown``. (The crease step's own gate takes every neighbourhood, lines too, so on such
+scan-line data it may stay closed where this figure says ``light``.) The residual over the
+spacing sorts clouds into three levels, which tell a user which of ``fapc normals``'s options
+are made for the cloud:
 
 - ``none`` (below ``gate_lo``): noiseless, as sampled meshes are; the default handles it.
 - ``light`` (up to ``gate_hi``): as most scanners give; ``--light-smoothing`` (smooth
@@ -32,10 +38,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from fapc.crease import CreaseSettings, local_planes, residual_scale
+from fapc.crease import CreaseSettings, residual_scale
+from fapc.eigen import sym3_eigh
 from fapc.errors import FapcError
+from fapc.pca import patch_covariance
 
-LEVELS = ("none", "light", "heavy")
+LEVELS = ("none", "light", "heavy", "unknown")
+LINE = 0.05  # a neighbourhood is a line where its middle eigenvalue < LINE x its largest
+MIN_PATCHES = 100  # fewer neighbourhoods that are patches, not lines: level "unknown"
 
 
 @dataclass(frozen=True)
@@ -43,13 +53,15 @@ class NoiseFigure:
     """``sigma``: the noise's estimated standard deviation (a lower bound at ``heavy``), in the
     cloud's units; ``spacing``: the median distance to the 9th nearest point; ``ratio``:
     the plane residual over the spacing (what the levels are cut on); ``level``: one of
-    :data:`LEVELS`; ``points``: how many points were sampled."""
+    :data:`LEVELS`; ``points``: how many points were sampled; ``lines``: the share of their
+    neighbourhoods that are lines (left out; NaN figures where nearly all are)."""
 
     sigma: float
     spacing: float
     ratio: float
     level: str
     points: int
+    lines: float
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -81,8 +93,16 @@ def noise_figure(points: Any, *, sample: int = 20_000, seed: int = 0,
     at = np.sort(rng.choice(len(pts), size=sample, replace=False)) if len(pts) > sample \
         else np.arange(len(pts))
     dist, near = cKDTree(pts).query(pts[at], k=k)  # (M, k) each, nearest first
-    _, _, residual = local_planes(torch.from_numpy(pts), torch.from_numpy(near[:, :s.plane_k]))
-    r, h = residual_scale(residual, torch.from_numpy(dist[:, s.spacing_rank]), s)
+    vals, _ = sym3_eigh(patch_covariance(torch.from_numpy(pts[near[:, :s.plane_k]])))  # (M, 3)
+    patch = vals[:, 1] >= LINE * vals[:, 2]  # (M,) not a line
+    lines = 1.0 - patch.double().mean().item()
+    if int(patch.sum()) < min(MIN_PATCHES, len(at)):
+        nan = float("nan")
+        return NoiseFigure(sigma=nan, spacing=float(np.median(dist[:, s.spacing_rank])),
+                           ratio=nan, level="unknown", points=len(at), lines=lines)
+    residual = vals[patch, 0].clamp_min(0).sqrt()  # (P,) RMS distance to the own plane
+    r, h = residual_scale(residual, torch.from_numpy(dist[:, s.spacing_rank])[patch], s)
     ratio = r / h if h > 0 else 0.0
     level = "none" if ratio < s.gate_lo else "light" if ratio < s.gate_hi else "heavy"
-    return NoiseFigure(sigma=r / s.calib, spacing=h, ratio=ratio, level=level, points=len(at))
+    return NoiseFigure(sigma=r / s.calib, spacing=h, ratio=ratio, level=level, points=len(at),
+                       lines=lines)

@@ -98,3 +98,33 @@ def test_cli_info_noise(tmp_path) -> None:
     assert got["level"] == "light" and got["sigma"] == pytest.approx(0.001, rel=0.25)
     assert "few.ply" in r.stderr and "finite points" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def scan_lines(sigma: float, *, lines: int = 60, step: float = 0.002, gap: float = 0.02,
+               seed: int = 0) -> np.ndarray:
+    """Points along parallel scan lines in the plane z = 0 (``step`` apart along a line,
+    ``gap`` between lines, so each point's nearest points lie on its own line), noise
+    ``sigma`` along z."""
+    rng = np.random.default_rng(seed)
+    u = np.arange(0.0, 1.0, step)
+    pts = np.concatenate([np.stack([u, np.full_like(u, i * gap), np.zeros_like(u)], 1)
+                          for i in range(lines)])
+    pts[:, 2] = rng.normal(scale=sigma, size=len(pts))
+    return pts
+
+
+def test_scan_lines_are_left_out_not_read_as_noiseless() -> None:
+    """Along scan lines a 10-point neighbourhood is a line: any plane through it fits, so
+    taken as patches they would read as noiseless; the figure leaves them out and measures
+    the rest, or says it cannot tell."""
+    only_lines = noise_figure(scan_lines(0.0005))
+    assert only_lines.level == "unknown" and only_lines.lines > 0.95
+    assert np.isnan(only_lines.ratio)
+    # the same lines with a patch of the surface densely sampled between them
+    rng = np.random.default_rng(3)
+    patch = np.concatenate([rng.uniform(0, 1, (30000, 2)) * [1.0, 0.5], np.zeros((30000, 1))], 1)
+    patch[:, 2] = rng.normal(scale=0.0005, size=len(patch))
+    mixed = noise_figure(np.concatenate([scan_lines(0.0005) + [0, 0.6, 0], patch]))
+    assert 0.2 < mixed.lines < 0.8
+    assert mixed.level == "light"
+    assert mixed.sigma == pytest.approx(0.0005, rel=0.3)
