@@ -24,6 +24,10 @@ def bench(
     orient: Annotated[str, typer.Option(help="Orientation stage: none, mst, ...")] = "none",
     precision: Annotated[str, typer.Option(help="Network arithmetic: auto (= float32) or bf16.")] =
     "auto",
+    crease: Annotated[bool, typer.Option(
+        help="fa: with the optional face choice at creases (in the consensus stage).")] = False,
+    light_smoothing: Annotated[bool, typer.Option(
+        help="fa: with the optional light smoothing (in the consensus stage).")] = False,
     open3d: Annotated[bool, typer.Option("--open3d/--no-open3d",
                                          help="Time open3d estimate_normals too.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Results as JSON on stdout.")] = False,
@@ -45,7 +49,8 @@ def bench(
             files = [synthetic_file(n, tmp) for n in sizes] + list(real or [])
             for f in files:
                 r = profile_file(f, method=method, device=device, model=model, orient=orient,
-                                 precision=precision)
+                                 precision=precision, crease=crease,
+                                 light_smoothing=light_smoothing)
                 if open3d:
                     r["open3d"] = open3d_reference(f)
                     if r["open3d"]:

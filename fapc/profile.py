@@ -46,8 +46,10 @@ def peak_rss_mb() -> float:
 
 def profile_file(path: str, *, method: str = "fa", device: str = "cpu", model: str | None = None,
                  k: int = 30, orient: str = "none", batch_size: int | None = None,
-                 out_path: str | None = None, precision: str = "auto") -> dict[str, Any]:
-    """Run the pipeline on one file, timing each stage (seconds)."""
+                 out_path: str | None = None, precision: str = "auto", crease: bool = False,
+                 light_smoothing: bool = False) -> dict[str, Any]:
+    """Run the pipeline on one file, timing each stage (seconds); ``crease`` and
+    ``light_smoothing``: with those optional steps (timed in the consensus stage)."""
     from fapc.normals import resolve_device
 
     dev = resolve_device(device)
@@ -82,7 +84,8 @@ def profile_file(path: str, *, method: str = "fa", device: str = "cpu", model: s
             t["estimate"] += now() - t0
     else:
         normals, setup = _profile_fa(pts, t, dev=dev, model=model, batch_size=batch_size, now=now,
-                              precision=precision)
+                                     precision=precision, crease=crease,
+                                     light_smoothing=light_smoothing)
     if orient != "none":
         from fapc.orient import orient as orient_fn
         from fapc.orient import parse_orient
@@ -110,13 +113,15 @@ def profile_file(path: str, *, method: str = "fa", device: str = "cpu", model: s
 
 
 def _profile_fa(pts: np.ndarray, t: dict[str, float], *, dev: torch.device, model: str | None,
-                batch_size: int | None, now: Callable[[], float], precision: str
+                batch_size: int | None, now: Callable[[], float], precision: str,
+                crease: bool = False, light_smoothing: bool = False
                 ) -> tuple[np.ndarray, float | None]:
     """The FA normals ``(N, 3)``, stage times added to ``t``; and the CUDA graph's capture
-    time (one-time, like loading the model: not a stage), or None."""
+    time (one-time, like loading the model: not a stage), or None. The optional steps
+    (``crease``, ``light_smoothing``) count in the consensus stage."""
     from fapc import normals as normals_mod
     from fapc.consensus import ConsensusSettings
-    from fapc.consensus_batches import consensus_pass, neighbour_agreement_at
+    from fapc.consensus_batches import consensus_pass, crease_pass, neighbour_agreement_at
     from fapc.frames import compute_frames
     from fapc.memory import trim_every
     from fapc.models.checkpoint import load_model
@@ -170,9 +175,11 @@ def _profile_fa(pts: np.ndarray, t: dict[str, float], *, dev: torch.device, mode
         t["network"] = max(t["network"] - t["frames"], 0.0)  # the forward pass includes frames
     t0 = now()
     run = np.arange(n)
-    normals, before = consensus_pass(builder, normals, far, run,
-                                     [run] * ConsensusSettings.snap_passes, n=n, device=dev,
-                                     batch_size=batch_size)
+    passes = ConsensusSettings.snap_passes + int(light_smoothing)
+    normals, before = consensus_pass(builder, normals, far, run, [run] * passes, n=n,
+                                     device=dev, batch_size=batch_size, light=light_smoothing)
+    if crease:
+        normals = crease_pass(builder, normals, run, device=dev, batch_size=batch_size)
     neighbour_agreement_at(builder, normals, before, run, run, device=dev,
                            batch_size=batch_size)  # the confidence's part
     t["consensus"] = now() - t0

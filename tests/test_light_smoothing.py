@@ -246,3 +246,24 @@ def test_the_evaluators_estimator_passes_the_options_on() -> None:
     plain = model_method(net, device="cpu")(pts, q)
     np.testing.assert_array_equal(est, want)
     assert angle_deg(est, plain).max() > 0.5
+
+
+@pytest.mark.parametrize("crease", [False, True])
+def test_fapc_bench_times_the_pipeline_with_the_options(tmp_path, crease: bool) -> None:
+    """``fapc bench --light-smoothing [--crease]`` (:func:`fapc.profile.profile_file`) times
+    the pipeline those options run: the normals it writes are the pipeline's."""
+    from fapc.cloud import PointCloud
+    from fapc.io import read_cloud, write_cloud
+    from fapc.profile import profile_file
+
+    pts, _ = noisy_torus(6000, 0.0003, seed=7)
+    pts = pts.astype(np.float32).astype(np.float64)  # as the file holds them
+    write_cloud(tmp_path / "t.ply", PointCloud(pts.astype(np.float32)))
+    res = profile_file(str(tmp_path / "t.ply"), device="cpu", light_smoothing=True,
+                       crease=crease, out_path=str(tmp_path / "o.ply"))
+    assert res["stages_s"]["consensus"] > 0 and res["points"] == len(pts)
+    got = read_cloud(tmp_path / "o.ply").normals
+    want = estimate_normals(pts, device="cpu", light_smoothing=True, crease=crease).normals
+    plain = estimate_normals(pts, device="cpu").normals
+    assert angle_deg(got, want).max() < 1e-3
+    assert angle_deg(want, plain).max() > 0.5
