@@ -307,10 +307,15 @@ def _info_one(file: Path, cloud: PointCloud, *, as_json: bool,
                   f"{las['crs'] or 'none recorded'}")
     t.add_row("attributes", ", ".join(f"{k} ({v})" for k, v in data["attributes"].items()) or "-")
     if noise is not None:
-        lines = f", {noise.lines:.0%} of neighbourhoods lines, left out" if noise.lines >= 0.01 else ""
-        t.add_row("noise", f"{noise.level}: {noise.ratio:.3f} point spacings (sigma "
-                  f"{noise.sigma:.4g}, spacing {noise.spacing:.4g}{lines}; "
-                  f"{NOISE_HINTS[noise.level]})")
+        if noise.level == "unknown":
+            t.add_row("noise", f"unknown ({noise.lines:.0%} of neighbourhoods lines; "
+                      f"{NOISE_HINTS[noise.level]})")
+        else:
+            lines = (f", {noise.lines:.0%} of neighbourhoods lines, left out"
+                     if noise.lines >= 0.01 else "")
+            t.add_row("noise", f"{noise.level}: {noise.ratio:.3f} point spacings (sigma "
+                      f"{noise.sigma:.4g}, spacing {noise.spacing:.4g}{lines}; "
+                      f"{NOISE_HINTS[noise.level]})")
     out.print(t)
 
 

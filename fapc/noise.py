@@ -32,6 +32,7 @@ scales with it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -64,7 +65,9 @@ class NoiseFigure:
     lines: float
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The fields, NaN as None (JSON has no NaN)."""
+        return {k: None if isinstance(v, float) and math.isnan(v) else v
+                for k, v in asdict(self).items()}
 
 
 def noise_figure(points: Any, *, sample: int = 20_000, seed: int = 0,

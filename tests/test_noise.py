@@ -120,6 +120,7 @@ def test_scan_lines_are_left_out_not_read_as_noiseless() -> None:
     only_lines = noise_figure(scan_lines(0.0005))
     assert only_lines.level == "unknown" and only_lines.lines > 0.95
     assert np.isnan(only_lines.ratio)
+    assert only_lines.to_dict()["ratio"] is None  # JSON has no NaN
     # the same lines with a patch of the surface densely sampled between them
     rng = np.random.default_rng(3)
     patch = np.concatenate([rng.uniform(0, 1, (30000, 2)) * [1.0, 0.5], np.zeros((30000, 1))], 1)
