@@ -142,6 +142,11 @@ def normals(
         _fail(str(e), 2)
     if method not in ("fa", "pca"):
         _fail(f"--method must be fa or pca, got {method!r}", 2)
+    idle = [flag for flag, on in (("--crease", crease), ("--light-smoothing", light_smoothing))
+            if on and (method != "fa" or not consensus)]
+    if idle:  # steps of the FA pipeline's consensus stage: say so rather than do nothing quietly
+        logging.getLogger("fapc").warning("%s: only with --method fa and the consensus step "
+                                          "(on by default); ignored", ", ".join(idle))
     from fapc.normals import PRECISIONS
 
     if precision not in PRECISIONS:

@@ -267,3 +267,26 @@ def test_fapc_bench_times_the_pipeline_with_the_options(tmp_path, crease: bool) 
     plain = estimate_normals(pts, device="cpu").normals
     assert angle_deg(got, want).max() < 1e-3
     assert angle_deg(want, plain).max() > 0.5
+
+
+def test_cli_says_when_the_options_cannot_apply(tmp_path) -> None:
+    """With ``--method pca`` or ``--no-consensus`` the optional steps do not run: the CLI
+    warns once and still writes the normals."""
+    from typer.testing import CliRunner
+
+    from fapc.cli import app
+    from fapc.cloud import PointCloud
+    from fapc.io import write_cloud
+
+    pts, _ = noisy_torus(3000, 0.0003, seed=8)
+    write_cloud(tmp_path / "t.ply", PointCloud(pts))
+    runner = CliRunner()
+    for extra in (["--method", "pca"], ["--no-consensus"]):
+        r = runner.invoke(app, ["normals", str(tmp_path / "t.ply"), "--light-smoothing",
+                                "--crease", "--overwrite", "--device", "cpu", *extra])
+        assert r.exit_code == 0, r.output
+        assert "--crease, --light-smoothing: only with --method fa" in r.stderr
+        assert (tmp_path / "t.normals.ply").exists()
+    r = runner.invoke(app, ["normals", str(tmp_path / "t.ply"), "--light-smoothing",
+                            "--overwrite", "--device", "cpu"])
+    assert r.exit_code == 0 and "only with" not in r.stderr
