@@ -104,6 +104,24 @@ def learned_gate(eps: torch.Tensor, spacing: torch.Tensor,
     return (eps >= settings.gamma * spacing) & (spacing > 0)
 
 
+def check_inputs(points: torch.Tensor, normals: torch.Tensor, query: torch.Tensor,
+                 candidates: torch.Tensor, support: torch.Tensor,
+                 settings: ConsensusSettings = ConsensusSettings()) -> None:
+    """Shapes of a consensus pass's inputs (this module's and :mod:`fapc.light`'s): ``points``
+    and ``normals (N, 3)``, ``query (Q,)``, ``candidates (Q, C)``, ``support (Q, S)`` with
+    ``S > spacing_rank``; a ``ValueError`` naming what is wrong otherwise."""
+    if points.ndim != 2 or points.shape[1] != 3 or normals.shape != points.shape:
+        raise ValueError(f"points and normals must both have shape (N, 3), got "
+                         f"{tuple(points.shape)} and {tuple(normals.shape)}")
+    if query.ndim != 1 or candidates.ndim != 2 or support.ndim != 2 \
+            or len(candidates) != len(query) or len(support) != len(query):
+        raise ValueError("query (Q,), candidates (Q, C) and support (Q, S) need one row per "
+                         f"query, got {tuple(query.shape)}, {tuple(candidates.shape)} and "
+                         f"{tuple(support.shape)}")
+    if support.shape[1] <= settings.spacing_rank:
+        raise ValueError(f"support needs more than {settings.spacing_rank} points per query")
+
+
 def consensus_normals(
     points: torch.Tensor,
     normals: torch.Tensor,
@@ -142,15 +160,8 @@ def consensus_normals(
         ``normals (Q, 3)`` (the query's own where neither step applies), ``snapped (Q,)``
         bool and the smoothing weight ``t (Q,)`` in [0, 1].
     """
-    if points.ndim != 2 or points.shape[1] != 3 or normals.shape != points.shape:
-        raise ValueError(f"points and normals must both have shape (N, 3), got "
-                         f"{tuple(points.shape)} and {tuple(normals.shape)}")
-    if candidates.ndim != 2 or support.ndim != 2 or len(candidates) != len(query) \
-            or len(support) != len(query):
-        raise ValueError("candidates (Q, C) and support (Q, S) need one row per query")
+    check_inputs(points, normals, query, candidates, support, settings)
     s = settings
-    if support.shape[1] <= s.spacing_rank:
-        raise ValueError(f"support needs more than {s.spacing_rank} points per query")
     own = normals[query]  # (Q, 3)
     eps, spacing = noise_level(points, spreads, query=query, candidates=candidates,
                                support=support, settings=s)  # (Q,) each

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fapc.consensus import ConsensusSettings, noise_level
+from fapc.consensus import ConsensusSettings, check_inputs, noise_level
 from fapc.gather import rows
 from fapc.models.fits import spd_solve
 
@@ -92,16 +92,7 @@ def light_smoothing(
         ``normals (Q, 3)`` (the query's own where the gate is closed) and ``smoothed (Q,)``
         bool.
     """
-    if points.ndim != 2 or points.shape[1] != 3 or normals.shape != points.shape:
-        raise ValueError(f"points and normals must both have shape (N, 3), got "
-                         f"{tuple(points.shape)} and {tuple(normals.shape)}")
-    if query.ndim != 1 or candidates.ndim != 2 or support.ndim != 2 \
-            or len(candidates) != len(query) or len(support) != len(query):
-        raise ValueError("query (Q,), candidates (Q, C) and support (Q, S) need one row per "
-                         f"query, got {tuple(query.shape)}, {tuple(candidates.shape)} and "
-                         f"{tuple(support.shape)}")
-    if support.shape[1] <= consensus.spacing_rank:
-        raise ValueError(f"support needs more than {consensus.spacing_rank} points per query")
+    check_inputs(points, normals, query, candidates, support, consensus)
     eps, spacing = noise_level(points, spreads, query=query, candidates=candidates,
                                support=support, settings=consensus)  # (Q,) each
     out = normals[query].clone()  # (Q, 3)
