@@ -28,10 +28,10 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(ENSURE_LIBUSB)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,e57]'
 	@touch $(STAMP)
 
-install: $(STAMP) ## create .venv (if missing) and install fapc with test tools
+install: $(STAMP) ## create .venv (if missing) and install fapc with test tools and E57 input
 
 demo: $(STAMP) ## run `fapc normals` on sample_data/ (writes out/demo/)
 	$(VENV)/bin/fapc normals sample_data -o out/demo/ --overwrite

@@ -107,8 +107,8 @@ def normals(
         help="Comma-separated outputs: normals,confidence,curvature.")] = "normals,confidence,"
     "curvature",
     orient: Annotated[str, typer.Option(
-        help="none, mst (consistent over the surface), outward, viewpoint[:x,y,z] (PCD's "
-        "VIEWPOINT when no coordinates).")] = "none",
+        help="none, mst (consistent over the surface), outward, viewpoint[:x,y,z] (without "
+        "coordinates: a PCD's VIEWPOINT, each E57 scan's scanner position).")] = "none",
     recursive: Annotated[bool, typer.Option("--recursive", "-r",
                                             help="Descend into sub-directories.")] = False,
     drop_invalid: Annotated[bool, typer.Option(help="Remove NaN/inf points.")] = False,
@@ -292,6 +292,11 @@ def _info_one(file: Path, cloud: PointCloud, *, as_json: bool,
         from fapc.io.las import describe
 
         data["las"] = describe(cloud.metadata["las"])
+    if "e57" in cloud.metadata:  # each scan: its name, points and scanner position
+        e57, index = cloud.metadata["e57"], cloud.attributes["scan_index"]
+        counts = np.bincount(index, minlength=len(e57["names"]))
+        data["e57_scans"] = [{"name": n, "points": int(c), "origin": o.tolist()}
+                             for n, c, o in zip(e57["names"], counts, e57["origins"], strict=True)]
     if noise is not None:
         data["noise"] = noise.to_dict()
     if as_json:
@@ -310,6 +315,9 @@ def _info_one(file: Path, cloud: PointCloud, *, as_json: bool,
         t.add_row("las", f"point format {las['point_format']}, scale "
                   f"{' '.join(f'{v:g}' for v in las['scale'])}, coordinate system "
                   f"{las['crs'] or 'none recorded'}")
+    for i, scan in enumerate(data.get("e57_scans", [])):
+        t.add_row(f"scan {i}", f"{scan['name']}: {scan['points']:,} points, scanner at "
+                  + " ".join(f"{v:.10g}" for v in scan["origin"]))
     t.add_row("attributes", ", ".join(f"{k} ({v})" for k, v in data["attributes"].items()) or "-")
     if noise is not None:
         if noise.level == "unknown":

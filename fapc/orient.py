@@ -19,7 +19,8 @@
   Python loop. Each connected component then faces outward by the sign of its normals' flux
   of ``p - centroid`` (``sum n . (p - c)``): over a closed surface with outward normals that
   flux is 3 x the enclosed volume, positive for any shape, convex or not.
-- ``viewpoint``: every normal faces a sensor position (``n . (view - p) > 0``).
+- ``viewpoint``: every normal faces a sensor position (``n . (view - p) > 0``), one for
+  the cloud or one per point (an E57 file's scans, each facing its own scanner).
 - ``outward``: every normal faces away from the cloud's centroid (star-shaped objects).
 """
 
@@ -66,8 +67,12 @@ def parse_orient(spec: str) -> tuple[str, np.ndarray | None]:
 
 
 def orient_towards(points: np.ndarray, normals: np.ndarray, viewpoint: np.ndarray) -> np.ndarray:
-    """Flip normals to face ``viewpoint (3,)``."""
-    s = np.einsum("ij,ij->i", normals, viewpoint[None, :] - points)
+    """Flip normals ``(N, 3)`` to face ``viewpoint``: one sensor position ``(3,)``, or one
+    per point ``(N, 3)`` (a cloud merged from several scans, each facing its own scanner)."""
+    viewpoint = np.asarray(viewpoint)
+    if viewpoint.shape not in ((3,), points.shape):
+        raise ValueError(f"viewpoint must have shape (3,) or {points.shape}, got {viewpoint.shape}")
+    s = np.einsum("ij,ij->i", normals, viewpoint - points)
     return np.where((s < 0)[:, None], -normals, normals)
 
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from fapc.errors import FapcError
 from fapc.io import READ_EXTENSIONS, WRITE_EXTENSIONS, read_cloud, writable_extension, write_cloud
+from fapc.io.e57 import point_viewpoints
 
 log = logging.getLogger(__name__)
 
@@ -194,9 +195,10 @@ def process_file(job: Job, opts: NormalsOptions, *,
             from fapc.orient import orient, parse_orient
 
             mode, vp = parse_orient(opts.orient)
-            if mode == "viewpoint" and vp is None:
-                vp = cloud.viewpoint if cloud.viewpoint is not None else np.zeros(3)
             ok = est.valid
+            if mode == "viewpoint" and vp is None:  # the file's own sensor position(s)
+                vp = point_viewpoints(cloud)
+                vp = np.zeros(3) if vp is None else vp[ok] if vp.ndim == 2 else vp
             pts64 = cloud.points[ok].astype(np.float64)
             vp64 = None if vp is None else np.asarray(vp, np.float64)
             est.normals[ok] = orient(pts64, est.normals[ok], mode, viewpoint=vp64)

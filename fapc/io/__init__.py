@@ -15,6 +15,8 @@ import numpy as np
 from fapc.cloud import PointCloud
 from fapc.errors import FapcError, FormatError
 from fapc.io.arrays import read_npy, read_npz, write_npz
+from fapc.io.e57 import SIGNATURE as E57_SIGNATURE
+from fapc.io.e57 import read_e57
 from fapc.io.las import read_las, write_las
 from fapc.io.mesh import MESH_EXTENSIONS, load_mesh_trimesh, mesh_to_cloud, sample_mesh
 from fapc.io.pcd import read_pcd, write_pcd
@@ -22,7 +24,7 @@ from fapc.io.ply import read_ply, write_ply
 from fapc.io.text import read_text, write_text
 
 TEXT_EXTENSIONS = (".xyz", ".xyzn", ".pts", ".txt", ".csv", ".asc")
-READ_EXTENSIONS = (".ply", ".pcd", ".las", ".laz", ".npy", ".npz") + TEXT_EXTENSIONS + \
+READ_EXTENSIONS = (".ply", ".pcd", ".las", ".laz", ".e57", ".npy", ".npz") + TEXT_EXTENSIONS + \
     MESH_EXTENSIONS
 WRITE_EXTENSIONS = (".ply", ".pcd", ".las", ".laz", ".npz", ".xyzn", ".xyz", ".txt", ".csv")
 
@@ -44,6 +46,8 @@ def sniff_format(path: str) -> str:
         return ".ply"
     if head.startswith(b"LASF"):
         return ".las"
+    if head.startswith(E57_SIGNATURE):
+        return ".e57"
     if head.startswith(b"\x93NUMPY"):
         return ".npy"
     if head.startswith(b"PK\x03\x04"):
@@ -93,6 +97,8 @@ def read_cloud(
             cloud = read_pcd(path)
         elif fmt in (".las", ".laz"):
             cloud = read_las(path)
+        elif fmt == ".e57":
+            cloud = read_e57(path)
         elif fmt == ".npy":
             cloud = read_npy(path)
         elif fmt == ".npz":
