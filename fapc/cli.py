@@ -108,7 +108,8 @@ def normals(
     "curvature",
     orient: Annotated[str, typer.Option(
         help="none, mst (consistent over the surface), outward, viewpoint[:x,y,z] (without "
-        "coordinates: a PCD's VIEWPOINT, each E57 scan's scanner position).")] = "none",
+        "coordinates: a PCD's VIEWPOINT, each E57 scan's scanner position), direction[:x,y,z] "
+        "(n . d >= 0; +z without coordinates, for airborne LiDAR).")] = "none",
     recursive: Annotated[bool, typer.Option("--recursive", "-r",
                                             help="Descend into sub-directories.")] = False,
     drop_invalid: Annotated[bool, typer.Option(help="Remove NaN/inf points.")] = False,

@@ -22,6 +22,9 @@
 - ``viewpoint``: every normal faces a sensor position (``n . (view - p) > 0``), one for
   the cloud or one per point (an E57 file's scans, each facing its own scanner).
 - ``outward``: every normal faces away from the cloud's centroid (star-shaped objects).
+- ``direction``: every normal has a non-negative component along a direction, ``+z`` by
+  default (airborne LiDAR: ground and roofs face up); normals at right angles to it (walls)
+  keep their sign.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from scipy.spatial import cKDTree
 
 from fapc.neighbors import knn
 
-MODES = ("none", "mst", "viewpoint", "outward")
+MODES = ("none", "mst", "viewpoint", "outward", "direction")
 # Chosen on TRAIN meshes (100,000 points, the FA normals, noise 0 / 0.125 / 0.6 %: 111
 # clouds): clouds oriented >= 99 % consistently 59 -> 64, mean 85.9 -> 88.9 %; 0.5 and 1.0
 # gained as much there but flipped whole faces of clean thin plates (README: where it is weaker).
@@ -49,20 +52,24 @@ DENOISE_K = 16  # the denoising neighbourhood, the point itself included
 
 
 def parse_orient(spec: str) -> tuple[str, np.ndarray | None]:
-    """``none``, ``mst``, ``outward``, ``viewpoint`` or ``viewpoint:x,y,z``."""
+    """``none``, ``mst``, ``outward``, ``viewpoint[:x,y,z]`` or ``direction[:x,y,z]`` ->
+    the mode and its vector (None where not given)."""
     mode, _, rest = spec.partition(":")
     if mode not in MODES:
-        raise ValueError(f"--orient takes {', '.join(MODES)} (viewpoint:x,y,z), got {spec!r}")
+        raise ValueError(f"--orient takes {', '.join(MODES)} (viewpoint:x,y,z, direction:x,y,z), "
+                         f"got {spec!r}")
     if rest:
-        if mode != "viewpoint":
-            raise ValueError(f"only viewpoint takes coordinates, got {spec!r}")
+        if mode not in ("viewpoint", "direction"):
+            raise ValueError(f"only viewpoint and direction take coordinates, got {spec!r}")
         try:
-            vp = np.array([float(v) for v in rest.split(",")])
+            vec = np.array([float(v) for v in rest.split(",")])
         except ValueError:
-            raise ValueError(f"bad viewpoint {rest!r}: expected x,y,z") from None
-        if vp.shape != (3,):
-            raise ValueError(f"bad viewpoint {rest!r}: expected x,y,z")
-        return mode, vp
+            raise ValueError(f"bad {mode} {rest!r}: expected x,y,z") from None
+        if vec.shape != (3,) or not np.isfinite(vec).all():
+            raise ValueError(f"bad {mode} {rest!r}: expected x,y,z")
+        if mode == "direction" and not vec.any():
+            raise ValueError(f"bad direction {rest!r}: it must not be zero")
+        return mode, vec
     return mode, None
 
 
@@ -74,6 +81,14 @@ def orient_towards(points: np.ndarray, normals: np.ndarray, viewpoint: np.ndarra
         raise ValueError(f"viewpoint must have shape (3,) or {points.shape}, got {viewpoint.shape}")
     s = np.einsum("ij,ij->i", normals, viewpoint - points)
     return np.where((s < 0)[:, None], -normals, normals)
+
+
+def orient_along(normals: np.ndarray, direction: np.ndarray) -> np.ndarray:
+    """Flip normals ``(N, 3)`` so that ``n . direction >= 0`` (``direction (3,)``)."""
+    direction = np.asarray(direction, np.float64)
+    if direction.shape != (3,) or not direction.any():
+        raise ValueError(f"direction must be a non-zero (3,) vector, got {direction.tolist()}")
+    return np.where((normals @ direction < 0)[:, None], -normals, normals)
 
 
 def orient_outward(points: np.ndarray, normals: np.ndarray) -> np.ndarray:
@@ -182,8 +197,11 @@ def _edge_terms(points: np.ndarray, normals: np.ndarray, rows: np.ndarray, cols:
 
 
 def orient(points: np.ndarray, normals: np.ndarray, mode: str, *,
-           viewpoint: np.ndarray | None = None, k: int = 8) -> np.ndarray:
-    """Dispatch on ``mode`` (see the module docstring); ``normals`` are not modified."""
+           viewpoint: np.ndarray | None = None, direction: np.ndarray | None = None,
+           k: int = 8) -> np.ndarray:
+    """Dispatch on ``mode`` (see the module docstring); ``normals`` are not modified.
+    ``viewpoint``: ``(3,)`` or one per point ``(N, 3)`` (default the origin); ``direction``:
+    ``(3,)`` (default ``+z``)."""
     if mode == "none":
         return normals
     if mode == "mst":
@@ -192,4 +210,18 @@ def orient(points: np.ndarray, normals: np.ndarray, mode: str, *,
         return orient_towards(points, normals, np.zeros(3) if viewpoint is None else viewpoint)
     if mode == "outward":
         return orient_outward(points, normals)
+    if mode == "direction":
+        return orient_along(normals, np.array([0.0, 0.0, 1.0]) if direction is None else direction)
     raise ValueError(f"unknown orientation mode {mode!r}")
+
+
+def orient_spec(points: np.ndarray, normals: np.ndarray, spec: str, *,
+                file_viewpoint: np.ndarray | None = None, k: int = 8) -> np.ndarray:
+    """:func:`orient` from an ``--orient`` text (:func:`parse_orient`): its coordinates, or
+    for a bare ``viewpoint`` the file's own sensor position(s) ``file_viewpoint`` (``(3,)``
+    or ``(N, 3)``; the origin when None)."""
+    mode, vec = parse_orient(spec)
+    if mode == "viewpoint":
+        return orient(points, normals, mode, viewpoint=file_viewpoint if vec is None else vec, k=k)
+    return orient(points, normals, mode, direction=vec, k=k)
+

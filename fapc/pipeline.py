@@ -192,16 +192,14 @@ def process_file(job: Job, opts: NormalsOptions, *,
         except FapcError as e:
             raise FapcError(e.reason, path=job.input) from None
         if opts.orient != "none":
-            from fapc.orient import orient, parse_orient
+            from fapc.orient import orient_spec
 
-            mode, vp = parse_orient(opts.orient)
             ok = est.valid
-            if mode == "viewpoint" and vp is None:  # the file's own sensor position(s)
-                vp = point_viewpoints(cloud)
-                vp = np.zeros(3) if vp is None else vp[ok] if vp.ndim == 2 else vp
-            pts64 = cloud.points[ok].astype(np.float64)
-            vp64 = None if vp is None else np.asarray(vp, np.float64)
-            est.normals[ok] = orient(pts64, est.normals[ok], mode, viewpoint=vp64)
+            vp = point_viewpoints(cloud)  # the file's own sensor position(s), or None
+            if vp is not None and vp.ndim == 2:
+                vp = vp[ok]
+            est.normals[ok] = orient_spec(cloud.points[ok].astype(np.float64), est.normals[ok],
+                                          opts.orient, file_viewpoint=vp)
         if "normals" in opts.fields:
             cloud.normals = est.normals
         if "confidence" in opts.fields:

@@ -87,12 +87,10 @@ def profile_file(path: str, *, method: str = "fa", device: str = "cpu", model: s
                                      precision=precision, crease=crease,
                                      light_smoothing=light_smoothing)
     if orient != "none":
-        from fapc.orient import orient as orient_fn
-        from fapc.orient import parse_orient
+        from fapc.orient import orient_spec
 
-        mode, vp = parse_orient(orient)
         t0 = now()
-        normals = orient_fn(pts, normals.astype(np.float64), mode, viewpoint=vp)
+        normals = orient_spec(pts, normals.astype(np.float64), orient)
         t["orient"] = now() - t0
     cloud.normals = normals.astype(np.float32)
     with tempfile.TemporaryDirectory() as tmp:

@@ -343,3 +343,21 @@ def test_consensus_model_option_refuses_a_wrong_file_before_any_output(tmp_path)
         r = run("--quiet", "normals", str(tmp_path / "a.ply"), "-o", str(out) + "/",
                 "--device", "cpu", "--consensus-model", str(CONSENSUS_MODEL))
         assert r.exit_code == 0 and _files(out) == ["a.ply"], r.stderr
+
+
+def test_orient_options_from_the_command_line(tmp_path):
+    # a wavy terrain seen from above, as airborne LiDAR sees it
+    rng = np.random.default_rng(4)
+    xy = rng.uniform(-1, 1, (3000, 2))
+    pts = np.column_stack([xy, 0.1 * np.sin(3 * xy[:, 0]) * np.cos(2 * xy[:, 1])])
+    write_cloud(tmp_path / "terrain.ply", PointCloud(points=pts))
+    for spec, check in [("direction", lambda n: n[:, 2] > 0),
+                        ("direction:0,0,-1", lambda n: n[:, 2] < 0),
+                        ("viewpoint:0,0,5", lambda n: (n * ([0, 0, 5] - pts)).sum(1) > 0)]:
+        out = tmp_path / "out.ply"
+        r = run("normals", str(tmp_path / "terrain.ply"), "--method", "pca", "--orient", spec,
+                "-o", str(out), "--overwrite")
+        assert r.exit_code == 0, r.output
+        assert check(read_cloud(out).normals).all(), spec
+    r = run("normals", str(tmp_path / "terrain.ply"), "--orient", "direction:0,0,0")
+    assert r.exit_code == 2 and "must not be zero" in r.output

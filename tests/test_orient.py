@@ -7,7 +7,7 @@ import pytest
 from conftest import sphere_points
 
 from fapc.evaluate import orientation_scores
-from fapc.orient import orient, orient_mst, parse_orient
+from fapc.orient import orient, orient_mst, orient_spec, parse_orient
 
 
 def _scrambled(n=4000, seed=0, center=(0.0, 0.0, 0.0)):
@@ -41,9 +41,38 @@ def test_parse_orient():
     assert parse_orient("mst") == ("mst", None)
     mode, vp = parse_orient("viewpoint:1,2,3")
     assert mode == "viewpoint" and vp.tolist() == [1, 2, 3]
-    for bad in ("sideways", "viewpoint:1,2", "mst:1,2,3"):
+    mode, d = parse_orient("direction:0,-1,0")
+    assert mode == "direction" and d.tolist() == [0, -1, 0]
+    assert parse_orient("direction") == ("direction", None)
+    for bad in ("sideways", "viewpoint:1,2", "mst:1,2,3", "direction:0,0,0", "direction:1,nan,0"):
         with pytest.raises(ValueError):
             parse_orient(bad)
+
+
+def test_direction_faces_up_and_leaves_walls_alone():
+    rng = np.random.default_rng(3)
+    normals = rng.normal(size=(500, 3))
+    normals /= np.linalg.norm(normals, axis=1, keepdims=True)
+    normals[:50, 2] = 0.0  # walls: at right angles to +z
+    pts = rng.normal(size=(500, 3))
+    up = orient(pts, normals, "direction")  # +z by default
+    assert (up[50:, 2] > 0).all()
+    np.testing.assert_array_equal(up[:50], normals[:50])
+    np.testing.assert_array_equal(np.abs(up), np.abs(normals))  # only signs change
+    side = orient_spec(pts, normals, "direction:1,1,0")
+    assert (side @ np.array([1.0, 1.0, 0.0]) >= 0).all()
+    with pytest.raises(ValueError, match="non-zero"):
+        orient(pts, normals, "direction", direction=np.zeros(3))
+
+
+def test_orient_spec_uses_the_files_viewpoint_unless_given():
+    pts, gt, scrambled = _scrambled()
+    inward = orient_spec(pts, scrambled, "viewpoint")  # no file viewpoint: the origin
+    assert ((inward * gt).sum(1) < 0).all()
+    far = 10 * pts  # one sensor position per point, outside the sphere
+    assert ((orient_spec(pts, scrambled, "viewpoint", file_viewpoint=far) * gt).sum(1) > 0).all()
+    given = orient_spec(pts, scrambled, "viewpoint:0,0,0", file_viewpoint=far)
+    assert ((given * gt).sum(1) < 0).all()  # coordinates on the command line win
 
 
 def _consistent(gt: np.ndarray, out: np.ndarray) -> float:
