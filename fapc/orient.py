@@ -224,4 +224,3 @@ def orient_spec(points: np.ndarray, normals: np.ndarray, spec: str, *,
     if mode == "viewpoint":
         return orient(points, normals, mode, viewpoint=file_viewpoint if vec is None else vec, k=k)
     return orient(points, normals, mode, direction=vec, k=k)
-

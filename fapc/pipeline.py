@@ -195,7 +195,8 @@ def process_file(job: Job, opts: NormalsOptions, *,
             from fapc.orient import orient_spec
 
             ok = est.valid
-            vp = point_viewpoints(cloud)  # the file's own sensor position(s), or None
+            # a bare viewpoint: the file's own sensor position(s), or None
+            vp = point_viewpoints(cloud) if opts.orient == "viewpoint" else None
             if vp is not None and vp.ndim == 2:
                 vp = vp[ok]
             est.normals[ok] = orient_spec(cloud.points[ok].astype(np.float64), est.normals[ok],
