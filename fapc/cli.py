@@ -14,6 +14,7 @@ from rich.table import Table
 
 from fapc import __version__
 from fapc.errors import FapcError
+from fapc.tiles import TILE_POINTS
 
 if TYPE_CHECKING:
     from fapc.cloud import PointCloud
@@ -84,6 +85,10 @@ def normals(
     device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda.")] = "auto",
     batch_size: Annotated[int | None, typer.Option(
         help="Query points per network batch (default 4096 on a CPU, 262144 on CUDA).")] = None,
+    tile_points: Annotated[int, typer.Option(
+        help="fa: a cloud of more points than this is done in tiles of at most this many, "
+        "each with a halo, with the same normals and the memory of one tile (0: never).")
+    ] = TILE_POINTS,
     precision: Annotated[str, typer.Option(
         help="Network arithmetic: auto (= float32) or bf16 (faster on a GPU; a few normals "
         "in 1000 move by 0.1-1 deg).")] = "auto",
@@ -143,6 +148,8 @@ def normals(
         _fail(str(e), 2)
     if method not in ("fa", "pca"):
         _fail(f"--method must be fa or pca, got {method!r}", 2)
+    if tile_points < 0:
+        _fail(f"--tile-points must be 0 (never) or more, got {tile_points}", 2)
     idle = [flag for flag, on in (("--crease", crease), ("--light-smoothing", light_smoothing))
             if on and (method != "fa" or not consensus)]
     if idle:  # steps of the FA pipeline's consensus stage: say so rather than do nothing quietly
@@ -165,7 +172,8 @@ def normals(
     opts = NormalsOptions(method=method, k=k, model=model, device=device, orient=orient,
                           batch_size=batch_size, precision=precision, from_mesh=from_mesh,
                           consensus=consensus, consensus_model=consensus_model, crease=crease,
-                          light_smoothing=light_smoothing, fields=chosen,
+                          light_smoothing=light_smoothing, tile_points=tile_points or None,
+                          fields=chosen,
                           drop_invalid=drop_invalid, strict=strict, overwrite=overwrite,
                           ascii=ascii, debug=debug)
 

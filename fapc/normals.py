@@ -6,6 +6,7 @@ neighbourhood and get a zero normal, zero confidence and zero curvature.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -18,6 +19,7 @@ import torch
 from fapc.errors import FapcError
 from fapc.memory import trim_every
 from fapc.pca import pca_normals
+from fapc.tiles import TILE_POINTS, tiled_fa_normals
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +121,7 @@ def fa_normals(
     batch_size: int | None = None,
     query_index: np.ndarray | None = None,
     seed: int = 0,
+    far_index: np.ndarray | None = None,
     knn: str = "auto",
     consensus: bool = True,
     consensus_model: str | os.PathLike | None = None,
@@ -127,7 +130,8 @@ def fa_normals(
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The FA network's normals at ``query_index`` (default all) of finite ``points (N, 3)``
-    float64 (centred). ``knn``: ``scipy`` (patches built on the CPU), ``torch`` (exact grid
+    float64 (centred); ``far_index``: the far scale's subsample, if not the seeded one
+    (:class:`fapc.patches.PatchBuilder`). ``knn``: ``scipy`` (patches built on the CPU), ``torch`` (exact grid
     kNN on ``device``: the whole pipeline stays there) or ``auto`` (torch on CUDA).
     ``consensus``: snap normals that straddle a crease onto one face (clean data), smooth
     them with their patch's under heavy noise (:mod:`fapc.consensus`); under light noise, with
@@ -153,8 +157,10 @@ def fa_normals(
     n = len(points)
     qi = np.arange(n) if query_index is None else np.asarray(query_index, np.int64)
     on_device = knn == "torch"
-    builder: Any = (TorchPatchBuilder(points, model.config.patch, device=device, seed=seed)
-                    if on_device else PatchBuilder(points, model.config.patch, seed=seed))
+    builder: Any = (TorchPatchBuilder(points, model.config.patch, device=device, seed=seed,
+                                      far_index=far_index)
+                    if on_device else PatchBuilder(points, model.config.patch, seed=seed,
+                                                   far_index=far_index))
     passes = ConsensusSettings.snap_passes + int(light_smoothing) if consensus else 0
     # the points each consensus pass reads, from the last pass's (the queries) back to the
     # points the network sees: each pass reads its queries' candidates from the pass before
@@ -276,6 +282,7 @@ def estimate_normals(
     consensus_model: str | os.PathLike | None = None,
     crease: bool = False,
     light_smoothing: bool = False,
+    tile_points: int | None = TILE_POINTS,
     progress: Callable[[int, int], None] | None = None,
 ) -> NormalsResult:
     """Estimate unoriented normals, a confidence and the curvature of every point.
@@ -315,8 +322,13 @@ def estimate_normals(
             normals (:mod:`fapc.light`; one hop more with ``query_index``). For lightly noisy
             scans of smooth surfaces; off by default, as it rounds detail at the scale of the
             point spacing.
+        tile_points: for ``fa``: a cloud of more finite points than this is done in tiles
+            of at most this many, each with a halo (:mod:`fapc.tiles`), so memory stays that
+            of one tile (about 3 GB on a CPU for the default 5 M); the answers are those of
+            one run wherever the halo covers what they read. None: never.
         progress: called as ``progress(done, total)`` as the work goes on (for ``fa``, in
-            points: the network's, then each consensus pass's; otherwise once, at the end).
+            points: the network's, then each consensus pass's; in tiles, the queries
+            answered; otherwise once, at the end).
 
     Raises:
         FapcError: no finite point, or fewer finite points than a neighbourhood needs.
@@ -358,10 +370,13 @@ def estimate_normals(
     else:
         qi_f, ok = None, valid
     if method == "fa" and getattr(net.config, "kind", "patch") != "shape":
-        nrm, conf, curv = fa_normals(finite, net, device=dev, batch_size=batch_size,
-                                     query_index=qi_f, knn=knn, consensus=consensus,
-                                     consensus_model=consensus_model, crease=crease,
-                                     light_smoothing=light_smoothing, progress=progress)
+        run: Callable[..., Any] = fa_normals
+        if tile_points is not None and n_valid > tile_points:
+            run = functools.partial(tiled_fa_normals, tile_points=tile_points)
+        nrm, conf, curv = run(finite, net, device=dev, batch_size=batch_size,
+                              query_index=qi_f, knn=knn, consensus=consensus,
+                              consensus_model=consensus_model, crease=crease,
+                              light_smoothing=light_smoothing, progress=progress)
     else:  # PCA, or a whole-shape model: one step
         if method == "pca":
             nrm, conf, curv = pca_normals(finite, k=k, query_index=qi_f)

@@ -140,6 +140,23 @@ def patch_scale(local: torch.Tensor, spec: PatchSpec) -> torch.Tensor:
     return local[:, : spec.k_near + spec.k_far].square().sum(-1).mean(-1).sqrt()
 
 
+def far_subsample(n: int, spec: PatchSpec, seed: int) -> np.ndarray:
+    """The far scale's subsample of ``n`` points: ``1/far_stride`` of them (at least
+    ``k_far_all``), seeded, as sorted indices ``(M,)``."""
+    n_far = max(spec.k_far_all, n // max(spec.far_stride, 1))
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n, size=min(n, n_far), replace=False))
+
+
+def _far_index(n: int, spec: PatchSpec, seed: int, far_index: np.ndarray | None) -> np.ndarray:
+    if far_index is None:
+        return far_subsample(n, spec, seed)
+    far_index = np.asarray(far_index, np.int64)
+    if far_index.ndim != 1 or (len(far_index) and (far_index.min() < 0 or far_index.max() >= n)):
+        raise ValueError(f"far_index must be indices into the {n} points")
+    return far_index
+
+
 class PatchBuilder:
     """Neighbour search structures of one cloud, reused for any number of queries.
 
@@ -147,18 +164,20 @@ class PatchBuilder:
         points: ``(N, 3)`` finite float64 (already centred on the cloud, ideally).
         spec: patch shape.
         seed: seed of the far-scale subsample.
+        far_index: the far-scale subsample ``(M,)`` (sorted indices) instead of the seeded
+            one: a tile of a larger cloud takes its share of the whole cloud's
+            (:mod:`fapc.tiles`).
     """
 
-    def __init__(self, points: np.ndarray, spec: PatchSpec, *, seed: int = 0) -> None:
+    def __init__(self, points: np.ndarray, spec: PatchSpec, *, seed: int = 0,
+                 far_index: np.ndarray | None = None) -> None:
         if points.ndim != 2 or points.shape[1] != 3:
             raise ValueError(f"points must have shape (N, 3), got {points.shape}")
         self.points = np.asarray(points, np.float64)
         self.spec = spec
         n = len(points)
         self.tree = cKDTree(self.points)
-        n_far = max(spec.k_far_all, n // max(spec.far_stride, 1))
-        rng = np.random.default_rng(seed)
-        self.far_index = np.sort(rng.choice(n, size=min(n, n_far), replace=False))
+        self.far_index = _far_index(n, spec, seed, far_index)
         self.far_tree = cKDTree(self.points[self.far_index])
         if n < spec.k_near or len(self.far_index) < spec.k_far_all:
             raise ValueError(f"need at least {spec.k_near} points for a patch, got {n}")
@@ -246,15 +265,13 @@ class TorchPatchBuilder:
     stay on a GPU. ``points`` must already be centred (in float64) before the cast."""
 
     def __init__(self, points: np.ndarray, spec: PatchSpec, *, device: str | torch.device,
-                 seed: int = 0) -> None:
+                 seed: int = 0, far_index: np.ndarray | None = None) -> None:
         from fapc.knn_torch import GridKNN
 
         n = len(points)
         self.spec = spec
         self.points = torch.as_tensor(np.asarray(points, np.float32), device=device)
-        n_far = max(spec.k_far_all, n // max(spec.far_stride, 1))
-        rng = np.random.default_rng(seed)  # the same subsample as PatchBuilder
-        far = np.sort(rng.choice(n, size=min(n, n_far), replace=False))
+        far = _far_index(n, spec, seed, far_index)  # the same subsample as PatchBuilder
         if n < spec.k_near or len(far) < spec.k_far_all:
             raise ValueError(f"need at least {spec.k_near} points for a patch, got {n}")
         self.far_index = torch.as_tensor(far, device=device)

@@ -19,6 +19,7 @@ import numpy as np
 from fapc.errors import FapcError
 from fapc.io import READ_EXTENSIONS, WRITE_EXTENSIONS, read_cloud, writable_extension, write_cloud
 from fapc.io.e57 import point_viewpoints
+from fapc.tiles import TILE_POINTS
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class NormalsOptions:
     consensus_model: str | None = None  # the learned smoothing's weights [shipped]
     crease: bool = False  # fa: under light noise, points near a sharp edge take their face
     light_smoothing: bool = False  # fa: under light noise, refit from the nearest normals
+    tile_points: int | None = TILE_POINTS  # fa: larger clouds in tiles (fapc.tiles); None: never
     from_mesh: str | None = None
     orient: str = "none"
     fields: tuple[str, ...] = ALL_FIELDS
@@ -188,7 +190,8 @@ def process_file(job: Job, opts: NormalsOptions, *,
                                    consensus=opts.consensus,
                                    consensus_model=opts.consensus_model,
                                    crease=opts.crease,
-                                   light_smoothing=opts.light_smoothing, progress=progress)
+                                   light_smoothing=opts.light_smoothing,
+                                   tile_points=opts.tile_points, progress=progress)
         except FapcError as e:
             raise FapcError(e.reason, path=job.input) from None
         if opts.orient != "none":
