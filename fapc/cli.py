@@ -14,7 +14,7 @@ from rich.table import Table
 
 from fapc import __version__
 from fapc.errors import FapcError
-from fapc.tiles import TILE_POINTS
+from fapc.tiles import MIN_TILE_POINTS, TILE_POINTS
 
 if TYPE_CHECKING:
     from fapc.cloud import PointCloud
@@ -148,8 +148,8 @@ def normals(
         _fail(str(e), 2)
     if method not in ("fa", "pca"):
         _fail(f"--method must be fa or pca, got {method!r}", 2)
-    if tile_points < 0:
-        _fail(f"--tile-points must be 0 (never) or more, got {tile_points}", 2)
+    if tile_points < 0 or (tile_points and tile_points < MIN_TILE_POINTS):
+        _fail(f"--tile-points must be 0 (never) or at least {MIN_TILE_POINTS}, got {tile_points}", 2)
     idle = [flag for flag, on in (("--crease", crease), ("--light-smoothing", light_smoothing))
             if on and (method != "fa" or not consensus)]
     if idle:  # steps of the FA pipeline's consensus stage: say so rather than do nothing quietly

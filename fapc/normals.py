@@ -19,7 +19,7 @@ import torch
 from fapc.errors import FapcError
 from fapc.memory import trim_every
 from fapc.pca import pca_normals
-from fapc.tiles import TILE_POINTS, tiled_fa_normals
+from fapc.tiles import MIN_TILE_POINTS, TILE_POINTS, tiled_fa_normals
 
 log = logging.getLogger(__name__)
 
@@ -339,6 +339,8 @@ def estimate_normals(
         raise ValueError(f"k must be at least 3, got {k}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if tile_points is not None and tile_points < MIN_TILE_POINTS:
+        raise ValueError(f"tile_points must be at least {MIN_TILE_POINTS} (or None), got {tile_points}")
     pts = as_points(points)
     valid = np.isfinite(pts).all(axis=1)
     n_valid = int(valid.sum())

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 # TILE_POINTS from here at start-up
 
 TILE_POINTS = 5_000_000  # about 3 GB of working memory on a CPU
+MIN_TILE_POINTS = 1_000  # smaller tiles would be mostly halo
 REACH = 5.0  # far-patch radii of halo (see the module docstring)
 RADIUS_SAMPLE = 4096  # points of a tile whose far radius sets its halo
 CHUNK = 1 << 22  # points per projection chunk (keeps temporaries near 100 MB)

@@ -129,8 +129,11 @@ def test_cli_tile_points(tmp_path):
         assert r.exit_code == 0, r.output
     one, tiled = read_cloud(tmp_path / "one.ply"), read_cloud(tmp_path / "tiled.ply")
     np.testing.assert_allclose(tiled.normals, one.normals, atol=1e-6)
-    r = runner.invoke(app, ["normals", str(tmp_path / "c.ply"), "--tile-points", "-1"])
-    assert r.exit_code == 2 and "--tile-points" in r.output
+    for bad in ("-1", "10"):
+        r = runner.invoke(app, ["normals", str(tmp_path / "c.ply"), "--tile-points", bad])
+        assert r.exit_code == 2 and "--tile-points" in r.output
+    with pytest.raises(ValueError, match="tile_points"):
+        estimate_normals(pts, tile_points=10)
 
 
 def test_tiles_on_the_device_path():
