@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from conftest import angle_deg, sphere_points
 from scipy.spatial import cKDTree
 from scipy.spatial.transform import Rotation
@@ -136,10 +137,16 @@ def test_cli_tile_points(tmp_path):
         estimate_normals(pts, tile_points=10)
 
 
-def test_tiles_on_the_device_path():
-    # the torch-kNN path (the one CUDA takes), here on the CPU: each tile's share of the far
-    # subsample reaches TorchPatchBuilder too
+CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device")])
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_tiles_on_the_device_path(device: str):
+    # the torch-kNN path (the one CUDA takes; here also on the CPU): each tile's share of the
+    # far subsample reaches TorchPatchBuilder too
     pts = _bumpy(8000, seed=10)
-    whole = estimate_normals(pts, device="cpu", knn="torch", tile_points=None)
-    tiled = estimate_normals(pts, device="cpu", knn="torch", tile_points=3000)
-    np.testing.assert_allclose(tiled.normals, whole.normals, atol=1e-6)
+    whole = estimate_normals(pts, device=device, knn="torch", tile_points=None)
+    tiled = estimate_normals(pts, device=device, knn="torch", tile_points=3000)
+    err = _angle(tiled.normals, whole.normals)
+    assert np.mean(err < 1e-3) >= 0.999, np.sort(err)[-5:]
