@@ -131,8 +131,9 @@ def fa_normals(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The FA network's normals at ``query_index`` (default all) of finite ``points (N, 3)``
     float64 (centred); ``far_index``: the far scale's subsample, if not the seeded one
-    (:class:`fapc.patches.PatchBuilder`). ``knn``: ``scipy`` (patches built on the CPU), ``torch`` (exact grid
-    kNN on ``device``: the whole pipeline stays there) or ``auto`` (torch on CUDA).
+    (:class:`fapc.patches.PatchBuilder`). ``knn``: ``scipy`` (patches built on the CPU),
+    ``torch`` (exact grid kNN on ``device``: the whole pipeline stays there) or ``auto``
+    (torch on CUDA).
     ``consensus``: snap normals that straddle a crease onto one face (clean data), smooth
     them with their patch's under heavy noise (:mod:`fapc.consensus`); under light noise, with
     ``light_smoothing``, refit them from their nearest points' normals
