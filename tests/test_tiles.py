@@ -150,3 +150,16 @@ def test_tiles_on_the_device_path(device: str):
     tiled = estimate_normals(pts, device=device, knn="torch", tile_points=3000)
     err = _angle(tiled.normals, whole.normals)
     assert np.mean(err < 1e-3) >= 0.999, np.sort(err)[-5:]
+
+
+def test_tiles_with_the_optional_steps():
+    # the light smoothing adds a consensus hop and the crease step reads 48 neighbours: the
+    # halo covers both
+    pts = _bumpy(12000, seed=11)
+    pts += np.random.default_rng(12).normal(scale=0.002, size=pts.shape)
+    opts = {"device": "cpu", "light_smoothing": True, "crease": True}
+    whole = estimate_normals(pts, tile_points=None, **opts)
+    tiled = estimate_normals(pts, tile_points=4000, **opts)
+    np.testing.assert_allclose(tiled.normals, whole.normals, atol=1e-6)
+    plain = estimate_normals(pts, device="cpu", tile_points=None)
+    assert _angle(whole.normals, plain.normals).max() > 0.5  # the steps ran
