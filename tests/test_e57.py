@@ -96,6 +96,44 @@ def _write_spherical(path, rae: np.ndarray, q: np.ndarray, origin: np.ndarray) -
     e.close()
 
 
+def _write_colour16(path, xyz: np.ndarray, rgb: np.ndarray) -> None:
+    """One scan with 16-bit colours (limits 0-65535), as some scanners write them."""
+    e = pye57.E57(str(path), mode="w")
+    f = e.image_file
+    scan = libe57.StructureNode(f)
+    scan.set("guid", libe57.StringNode(f, f"{{{uuid.uuid4()}}}"))
+    proto = libe57.StructureNode(f)
+    names = ["cartesianX", "cartesianY", "cartesianZ", "colorRed", "colorGreen", "colorBlue"]
+    for name in names[:3]:
+        proto.set(name, libe57.FloatNode(f, 0.0, libe57.E57_DOUBLE, -1e9, 1e9))
+    for name in names[3:]:
+        proto.set(name, libe57.IntegerNode(f, 0, 0, 65535))
+    points = libe57.CompressedVectorNode(f, proto, libe57.VectorNode(f, True))
+    scan.set("points", points)
+    e.data3d.append(scan)
+    columns = [np.ascontiguousarray(c) for c in (*xyz.T, *rgb.T)]
+    buffers = libe57.VectorSourceDestBuffer()
+    for name, col in zip(names, columns, strict=True):
+        buffers.append(libe57.SourceDestBuffer(f, name, col, len(col), True, True))
+    writer = points.writer(buffers)
+    writer.write(len(xyz))
+    writer.close()
+    e.close()
+
+
+def test_16_bit_colours_are_kept(tmp_path):
+    rng = np.random.default_rng(3)
+    xyz = rng.normal(size=(500, 3))
+    rgb = rng.integers(0, 65536, (500, 3)).astype(np.uint16)
+    path = tmp_path / "c16.e57"
+    _write_colour16(path, xyz, rgb)
+    cloud = read_cloud(path)
+    np.testing.assert_allclose(cloud.points, xyz, atol=1e-12)
+    for j, name in enumerate(("red", "green", "blue")):
+        assert cloud.attributes[name].dtype == np.uint16
+        np.testing.assert_array_equal(cloud.attributes[name], rgb[:, j])
+
+
 def test_quaternion_matrix_is_the_rotation():
     # 90 deg about z: x -> y
     q = np.array([np.cos(np.pi / 4), 0, 0, np.sin(np.pi / 4)])

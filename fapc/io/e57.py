@@ -5,7 +5,8 @@ coordinates (cartesian or spherical) and a pose (a unit quaternion and a transla
 places it in the file's coordinates. :func:`read_e57` returns every scan's valid points in
 the file's coordinates, one cloud, with:
 
-- ``intensity`` (float32) and ``red``, ``green``, ``blue`` (uint8) where the scans carry them;
+- ``intensity`` (float32) and ``red``, ``green``, ``blue`` where every scan carries them
+  (uint8 for 8-bit colours, uint16 for 16-bit ones: values as the scanner wrote them);
 - ``scan_index`` (uint16 or uint32): which scan each point came from;
 - ``metadata["e57"]``: ``origins (S, 3)``, each scan's sensor position in the file's
   coordinates (its pose's translation), and ``names``; with one scan, ``viewpoint`` too.
@@ -67,22 +68,57 @@ def _pye57():
     return pye57
 
 
+def _field_dtype(libe57, proto, name: str) -> type:
+    """The numpy type a point field is read into: float64 for coordinates, int8 for the
+    invalid states, float32 for intensity, and for colours uint8, uint16 or uint32 by the
+    field's own maximum (scanners write 8- or 16-bit colours; both are kept as they are)."""
+    if name in CARTESIAN or name in SPHERICAL:
+        return np.float64
+    if name.endswith("InvalidState"):
+        return np.int8
+    node = proto.get(name)
+    if name.startswith("color") and node.type() == libe57.E57_INTEGER:
+        top = libe57.IntegerNode(node).maximum()
+        return np.uint8 if top <= 0xFF else np.uint16 if top <= 0xFFFF else np.uint32
+    return np.float32
+
+
+def _read_fields(e57, header) -> dict[str, np.ndarray]:
+    """The point fields this reader uses, read through our own buffers (pye57's fixed
+    8-bit colour buffers refuse 16-bit colours)."""
+    from pye57 import libe57
+
+    proto = libe57.StructureNode(header.points.prototype())
+    wanted = (*CARTESIAN, *SPHERICAL, "cartesianInvalidState", "sphericalInvalidState",
+              "intensity", *(src for src, _ in COLOURS))
+    present = set(header.point_fields)
+    count = header.point_count
+    data: dict[str, np.ndarray] = {}
+    buffers = libe57.VectorSourceDestBuffer()
+    for name in wanted:
+        if name in present:
+            data[name] = np.empty(count, _field_dtype(libe57, proto, name))
+            buffers.append(libe57.SourceDestBuffer(e57.image_file, name, data[name], count,
+                                                   True, True))
+    if count:
+        header.points.reader(buffers).read()
+    return data
+
+
 def _scan(e57, index: int) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray, str]:
     """One scan: points ``(M, 3)`` in the file's coordinates, attributes, the sensor
     position ``(3,)`` and the scan's name."""
     header = e57.get_header(index)
-    fields = set(header.point_fields)
-    data = e57.read_scan_raw(index, ignore_unsupported_fields=True)
-    if all(f in fields for f in CARTESIAN):
-        local = np.stack([np.asarray(data[f], np.float64) for f in CARTESIAN], 1)  # (M, 3)
+    data = _read_fields(e57, header)
+    if all(f in data for f in CARTESIAN):
+        local = np.stack([data[f] for f in CARTESIAN], 1)  # (M, 3)
         invalid = data.get("cartesianInvalidState")
-    elif all(f in fields for f in SPHERICAL):
-        local = spherical_to_cartesian(np.stack([np.asarray(data[f], np.float64)
-                                                 for f in SPHERICAL], 1))
+    elif all(f in data for f in SPHERICAL):
+        local = spherical_to_cartesian(np.stack([data[f] for f in SPHERICAL], 1))
         invalid = data.get("sphericalInvalidState")
     else:
         raise FormatError(f"scan {index} has neither cartesian nor spherical coordinates")
-    keep = np.ones(len(local), bool) if invalid is None else np.asarray(invalid) == 0
+    keep = np.ones(len(local), bool) if invalid is None else invalid == 0
     if header.has_pose():
         rot = quaternion_matrix(np.asarray(header.rotation))
         origin = np.asarray(header.translation, np.float64).reshape(3)
@@ -91,10 +127,10 @@ def _scan(e57, index: int) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarra
     pts = local[keep] @ rot.T + origin  # (M, 3): scanner's coordinates -> the file's
     attrs: dict[str, np.ndarray] = {}
     if "intensity" in data:
-        attrs["intensity"] = np.asarray(data["intensity"], np.float32)[keep]
+        attrs["intensity"] = data["intensity"][keep]
     if all(src in data for src, _ in COLOURS):
         for src, name in COLOURS:
-            attrs[name] = np.asarray(data[src], np.uint8)[keep]
+            attrs[name] = data[src][keep]
     try:
         name = str(header["name"].value())
     except Exception:  # the name is optional in the standard
@@ -135,6 +171,7 @@ def read_e57(path: str) -> PointCloud:
     attributes: dict[str, np.ndarray] = {}
     for name in ("intensity", "red", "green", "blue"):
         if all(name in a for _, a, _, _ in parts):  # only where every scan has it
+            # (scans with 8- and 16-bit colours together: the wider type, values unchanged)
             attributes[name] = np.concatenate([a[name] for _, a, _, _ in parts])
     attributes["scan_index"] = np.repeat(np.arange(n_scans, dtype=index_dtype), sizes)
     origins = np.stack([o for _, _, o, _ in parts])  # (S, 3)
