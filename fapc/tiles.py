@@ -68,6 +68,10 @@ class Tile:
     planes: list[Plane]
 
 
+def _index_dtype(n: int) -> type:
+    return np.int32 if n < 2**31 else np.int64
+
+
 def _offsets(points: np.ndarray, index: np.ndarray, centre: np.ndarray,
              axis: np.ndarray) -> np.ndarray:
     out = np.empty(len(index))
@@ -103,7 +107,8 @@ def plan_tiles(points: np.ndarray, *, tile_points: int) -> list[Tile]:
     if tile_points < 1:
         raise ValueError(f"tile_points must be >= 1, got {tile_points}")
     leaves: list[Tile] = []
-    todo = [Tile(np.arange(len(points)), [])]
+    # int32 indices where they fit: 100 M points' indices are 400 MB, not 800
+    todo = [Tile(np.arange(len(points), dtype=_index_dtype(len(points))), [])]
     while todo:
         tile = todo.pop()
         if len(tile.own) <= tile_points:
@@ -165,7 +170,7 @@ def tiled_fa_normals(points: np.ndarray, model: Any, *, tile_points: int, seed: 
     n = len(points)
     spec = model.config.patch
     queries = np.arange(n) if query_index is None else np.asarray(query_index, np.int64)
-    slot = np.full(n, -1, np.int64)  # each point's row among the queries (-1: not asked)
+    slot = np.full(n, -1, _index_dtype(n))  # each point's row among the queries (-1: none)
     slot[queries] = np.arange(len(queries))
     normals = np.zeros((len(queries), 3), np.float32)
     confidence = np.zeros(len(queries), np.float32)
