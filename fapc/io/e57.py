@@ -89,9 +89,11 @@ def _read_fields(e57, header) -> dict[str, np.ndarray]:
     from pye57 import libe57
 
     proto = libe57.StructureNode(header.points.prototype())
-    wanted = (*CARTESIAN, *SPHERICAL, "cartesianInvalidState", "sphericalInvalidState",
-              "intensity", *(src for src, _ in COLOURS))
     present = set(header.point_fields)
+    # one coordinate system (a scan may store both): cartesian where it is complete
+    coords = (*CARTESIAN, "cartesianInvalidState") if present.issuperset(CARTESIAN) else \
+        (*SPHERICAL, "sphericalInvalidState")
+    wanted = (*coords, "intensity", *(src for src, _ in COLOURS))
     count = header.point_count
     data: dict[str, np.ndarray] = {}
     buffers = libe57.VectorSourceDestBuffer()
