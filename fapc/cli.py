@@ -79,7 +79,9 @@ def normals(
         "-o", "--output", help="Output file, or directory (exists, ends with '/', has no "
         "extension, or several inputs). Default: INPUT.normals.EXT beside each input.")] = None,
     method: Annotated[str, typer.Option(help="Estimator: fa (the network) or pca.")] = "fa",
-    k: Annotated[int, typer.Option("--k", help="PCA neighbourhood size.")] = 30,
+    k: Annotated[int | None, typer.Option(
+        "--k", help="Neighbourhood size: pca's [30]; fa's near scale, 8-128 [the model's: 32 "
+        "for the shipped one].", show_default=False)] = None,
     model: Annotated[str | None, typer.Option(
         help="FA model: .safetensors file or run directory [the shipped model].")] = None,
     device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda.")] = "auto",
@@ -138,7 +140,7 @@ def normals(
     bad = [f for f in chosen if f not in ALL_FIELDS]
     if bad or not chosen:
         _fail(f"--fields takes {','.join(ALL_FIELDS)}, got {fields!r}", 2)
-    if k < 3:
+    if k is not None and k < 3:
         _fail(f"--k must be at least 3, got {k}", 2)
     from fapc.orient import parse_orient
 
@@ -160,15 +162,20 @@ def normals(
     if precision not in PRECISIONS:
         _fail(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}", 2)
     if method == "fa":
-        from fapc.normals import load_network, resolve_device
+        from fapc.normals import load_network, resolve_device, with_near_scale
 
         try:  # refuse a bad model or device once, before any file
-            load_network(model, resolve_device(device),
-                         consensus_model=consensus_model if consensus else None)
+            net = load_network(model, resolve_device(device),
+                               consensus_model=consensus_model if consensus else None)
         except FapcError as e:
             if debug:
                 raise
             _fail(str(e))
+        if k is not None:
+            try:
+                with_near_scale(net, k)
+            except ValueError as e:
+                _fail(f"--k: {e}", 2)
     opts = NormalsOptions(method=method, k=k, model=model, device=device, orient=orient,
                           batch_size=batch_size, precision=precision, from_mesh=from_mesh,
                           consensus=consensus, consensus_model=consensus_model, crease=crease,

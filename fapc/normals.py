@@ -24,6 +24,8 @@ from fapc.tiles import MIN_TILE_POINTS, TILE_POINTS, tiled_fa_normals
 log = logging.getLogger(__name__)
 
 METHODS = ("fa", "pca")
+PCA_K = 30  # PCA's neighbourhood size when none is given
+FA_K_RANGE = (8, 128)  # the FA network's near scale (``k``); tiles' halo reach assumes <= 128
 
 
 @dataclass
@@ -268,11 +270,30 @@ def load_network(model: str | os.PathLike | Any | None, device: torch.device, *,
     return net
 
 
+def with_near_scale(net: Any, k: int) -> Any:
+    """``net`` (a patch network, :class:`~fapc.models.normal_net.NormalNet`) with a near scale
+    of ``k`` points; a new module, so the cached shipped one stays as it is.
+
+    Raises:
+        ValueError: ``k`` outside :data:`FA_K_RANGE`, or a model without a near scale (a
+            whole-shape model).
+    """
+    from fapc.models.normal_net import NormalNet
+
+    if not isinstance(net, NormalNet):
+        raise ValueError("k sets the near scale of a patch model; this model has none "
+                         f"({type(net).__name__})")
+    lo, hi = FA_K_RANGE
+    if not lo <= k <= hi:
+        raise ValueError(f"k for the FA network (its near scale) must be {lo}..{hi}, got {k}")
+    return net.with_near_scale(k)
+
+
 def estimate_normals(
     points: Any,
     *,
     method: str = "fa",
-    k: int = 30,
+    k: int | None = None,
     model: str | os.PathLike | Any | None = None,
     device: str | torch.device | None = "auto",
     batch_size: int | None = None,
@@ -293,7 +314,11 @@ def estimate_normals(
             a torch tensor, a :class:`fapc.PointCloud` or an open3d ``PointCloud``.
         method: ``"fa"`` (the frame-averaging network) or ``"pca"`` (local PCA over ``k``
             neighbours).
-        k: PCA neighbourhood size (the FA model's patch size is part of the model).
+        k: the neighbourhood size: PCA's (default :data:`PCA_K`, 30), or for ``fa`` the
+            near scale of the network's patch (:data:`FA_K_RANGE`; default the model's own,
+            32 for the shipped model; its far scale stays as it is). The network's weights
+            do not depend on it, but they learned the size they were trained at (the README
+            gives what other sizes did on the held-out TRAIN shapes).
         model: for ``fa``: a ``.safetensors`` file, a run directory, a loaded ``NormalNet``,
             or None for the shipped default model.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
@@ -336,7 +361,7 @@ def estimate_normals(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if k < 3:
+    if k is not None and k < 3:
         raise ValueError(f"k must be at least 3, got {k}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -351,10 +376,13 @@ def estimate_normals(
     if method == "fa":
         dev = resolve_device(device)
         net = load_network(model, dev, consensus_model=consensus_model if consensus else None)
+        if k is not None:
+            net = with_near_scale(net, k)
         configure_precision(net, dev, precision)
         need = getattr(net.config, "points", None) or max(net.config.k_near,
                                                            net.config.patch.k_far_all)
     else:
+        k = PCA_K if k is None else k
         need = k
     if n_valid < need:
         raise FapcError(f"only {n_valid} finite points, fewer than k={need} (the neighbourhood "

@@ -31,7 +31,7 @@ class NormalsOptions:
     """Settings of one ``fapc normals`` run (see ``fapc normals --help``)."""
 
     method: str = "fa"
-    k: int = 30
+    k: int | None = None  # pca: [normals.PCA_K]; fa: the near scale [the model's]
     model: str | None = None
     device: str = "auto"
     batch_size: int | None = None  # per device: normals.default_batch_size

@@ -38,7 +38,7 @@ neighbours' agreement), ``curvature (B,)`` (surface variation of the weighted fi
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -177,6 +177,18 @@ class NormalNet(nn.Module):
         # dtype of the weighted fits (None: the patches'); float64 on a CPU steadies the
         # robust passes against float32 rounding (fapc.normals sets it)
         self.fit_dtype: torch.dtype | None = None
+
+    def with_near_scale(self, k_near: int) -> NormalNet:
+        """This network with a near scale of ``k_near`` points: no weight depends on the
+        patch's sizes (the backbone pools over the points), so a new module gets the same
+        weights, on the same device, in the same mode (``self`` where ``k_near`` is its own).
+        The weights learned their patch at the trained size; far from it they fit worse."""
+        if k_near == self.config.k_near:
+            return self
+        net = NormalNet(replace(self.config, k_near=k_near))
+        net.load_state_dict(self.state_dict())
+        net.use_bf16, net.fit_dtype = self.use_bf16, self.fit_dtype
+        return net.to(self.scale_flags.device).train(self.training)
 
     def logits(self, patches: torch.Tensor) -> torch.Tensor:
         """Per-frame logits ``(B, F, K)`` (``F = 1`` without FA)."""
