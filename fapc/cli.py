@@ -162,7 +162,8 @@ def normals(
     if precision not in PRECISIONS:
         _fail(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}", 2)
     if method == "fa":
-        from fapc.normals import load_network, resolve_device, with_near_scale
+        from fapc.near_scale import with_near_scale
+        from fapc.normals import load_network, resolve_device
 
         try:  # refuse a bad model or device once, before any file
             net = load_network(model, resolve_device(device),

@@ -18,6 +18,7 @@ import torch
 
 from fapc.errors import FapcError
 from fapc.memory import trim_every
+from fapc.near_scale import near_scale_for, with_near_scale
 from fapc.pca import pca_normals
 from fapc.tiles import MIN_TILE_POINTS, TILE_POINTS, tiled_fa_normals
 
@@ -25,7 +26,6 @@ log = logging.getLogger(__name__)
 
 METHODS = ("fa", "pca")
 PCA_K = 30  # PCA's neighbourhood size when none is given
-FA_K_RANGE = (8, 128)  # the FA network's near scale (``k``); tiles' halo reach assumes <= 128
 
 
 @dataclass
@@ -270,25 +270,6 @@ def load_network(model: str | os.PathLike | Any | None, device: torch.device, *,
     return net
 
 
-def with_near_scale(net: Any, k: int) -> Any:
-    """``net`` (a patch network, :class:`~fapc.models.normal_net.NormalNet`) with a near scale
-    of ``k`` points; a new module, so the cached shipped one stays as it is.
-
-    Raises:
-        ValueError: ``k`` outside :data:`FA_K_RANGE`, or a model without a near scale (a
-            whole-shape model).
-    """
-    from fapc.models.normal_net import NormalNet
-
-    if not isinstance(net, NormalNet):
-        raise ValueError("k sets the near scale of a patch model; this model has none "
-                         f"({type(net).__name__})")
-    lo, hi = FA_K_RANGE
-    if not lo <= k <= hi:
-        raise ValueError(f"k for the FA network (its near scale) must be {lo}..{hi}, got {k}")
-    return net.with_near_scale(k)
-
-
 def estimate_normals(
     points: Any,
     *,
@@ -315,10 +296,12 @@ def estimate_normals(
         method: ``"fa"`` (the frame-averaging network) or ``"pca"`` (local PCA over ``k``
             neighbours).
         k: the neighbourhood size: PCA's (default :data:`PCA_K`, 30), or for ``fa`` the
-            near scale of the network's patch (:data:`FA_K_RANGE`; default the model's own,
-            32 for the shipped model; its far scale stays as it is). The network's weights
-            do not depend on it, but they learned the size they were trained at (the README
-            gives what other sizes did on the held-out TRAIN shapes).
+            near scale of the network's patch (:data:`fapc.near_scale.FA_K_RANGE`; its far
+            scale stays as it is). Default for ``fa``: the model's own (32 for the shipped
+            model), or on a noiseless cloud its ``clean_k_near`` where it has one
+            (:func:`fapc.near_scale.near_scale_for`). The weights do not depend on it, but
+            they learned the size they were trained at (the README gives what other sizes
+            did on the held-out TRAIN shapes).
         model: for ``fa``: a ``.safetensors`` file, a run directory, a loaded ``NormalNet``,
             or None for the shipped default model.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
@@ -401,6 +384,8 @@ def estimate_normals(
     else:
         qi_f, ok = None, valid
     if method == "fa" and getattr(net.config, "kind", "patch") != "shape":
+        if k is None:  # the model's near scale, or its noiseless one on a noiseless cloud
+            net = net.with_near_scale(near_scale_for(finite, net))
         run: Callable[..., Any] = fa_normals
         if tile_points is not None and n_valid > tile_points:
             run = functools.partial(tiled_fa_normals, tile_points=tile_points)

@@ -77,6 +77,7 @@ class TrainConfig:
     head: int = 16
     fit: str = "jet2"
     near_features: bool = False
+    clean_k_near: int = 0  # near scale at inference on noiseless clouds (0: k_near)
     far_smooth: int = 0
     k_ext: int = 0
     wide_stride: int = 0

@@ -13,7 +13,8 @@ from fapc.cli import app
 from fapc.cloud import PointCloud
 from fapc.io import read_cloud, write_cloud
 from fapc.models.checkpoint import cached_model, load_model
-from fapc.normals import FA_K_RANGE, estimate_normals, with_near_scale
+from fapc.near_scale import FA_K_RANGE, near_scale_for, with_near_scale
+from fapc.normals import estimate_normals
 
 
 def _noisy_sphere(n: int, seed: int, noise: float) -> np.ndarray:
@@ -88,3 +89,67 @@ def test_cli_k_for_fa(tmp_path):
     want = estimate_normals(pts, device="cpu", k=20).normals
     assert angle_deg(got, want).max() < 1e-3
     assert angle_deg(got, estimate_normals(pts, device="cpu").normals).max() > 0.01
+
+
+def _with_clean_scale(k: int):
+    from dataclasses import replace
+
+    from fapc.models.normal_net import NormalNet
+
+    base = load_model(None)[0]
+    net = NormalNet(replace(base.config, clean_k_near=k))
+    net.load_state_dict(base.state_dict())
+    return net.eval()
+
+
+def test_a_noiseless_cloud_runs_at_the_clean_near_scale_a_noisy_one_at_the_trained_one():
+    from test_consensus import cube_surface
+
+    net = _with_clean_scale(16)
+    clean, _ = cube_surface(6000, seed=11)
+    noisy = clean + np.random.default_rng(12).normal(scale=0.004, size=clean.shape)
+    assert near_scale_for(clean, net) == 16 and near_scale_for(noisy, net) == 32
+    for pts, k in ((clean, 16), (noisy, 32)):
+        got = estimate_normals(pts, device="cpu", model=net).normals
+        np.testing.assert_array_equal(got, estimate_normals(pts, device="cpu", k=k).normals)
+    # an explicit k wins over the choice
+    np.testing.assert_array_equal(estimate_normals(clean, device="cpu", model=net, k=32).normals,
+                                  estimate_normals(clean, device="cpu",
+                                                   model=_with_clean_scale(0)).normals)
+
+
+def test_the_choice_does_not_depend_on_the_pose_and_a_large_cloud_is_judged_on_a_block(
+        monkeypatch):
+    from test_consensus import cube_surface
+
+    import fapc.near_scale as ns
+
+    net = _with_clean_scale(20)
+    clean, _ = cube_surface(20000, seed=13)
+    noisy = clean + np.random.default_rng(14).normal(scale=0.003, size=clean.shape)
+    rot = Rotation.random(random_state=15).as_matrix()
+    for pts, k in ((clean, 20), (noisy, 32)):
+        assert near_scale_for(pts @ rot.T + 100.0, net) == k
+        monkeypatch.setattr(ns, "FIGURE_POINTS", 5000)  # a block of 5,000 of the 20,000
+        assert near_scale_for(pts @ rot.T, net) == k
+        monkeypatch.undo()
+    # a model with no clean scale never looks at the noise
+    monkeypatch.setattr("fapc.noise.noise_figure", lambda *a, **k: pytest.fail("looked"))
+    assert near_scale_for(clean, _with_clean_scale(0)) == 32
+
+
+def test_a_noiseless_cloud_sampled_along_scan_lines_keeps_the_trained_scale():
+    from fapc.noise import noise_figure
+
+    # a noiseless wavy sheet scanned in 80 lines of 400 points, the lines farther apart with
+    # range (as a scanner's): where they are far apart, nearest points lie along one line
+    u, v = np.meshgrid(np.linspace(0, 1, 400), np.linspace(0, 1, 80) ** 2)
+    lines = np.column_stack([u.ravel(), v.ravel(), 0.05 * np.sin(6 * u.ravel())])
+    rng = np.random.default_rng(16)
+    uniform = rng.uniform(0, 1, (16000, 2))
+    uniform = np.column_stack([uniform, 0.05 * np.sin(6 * uniform[:, 0])])
+    net = _with_clean_scale(16)
+    assert noise_figure(lines).level == noise_figure(uniform).level == "none"
+    assert near_scale_for(uniform, net) == 16
+    assert near_scale_for(lines, net) == 32
+

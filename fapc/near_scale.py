@@ -1,0 +1,66 @@
+"""The near scale of the FA network's patch: the ``k`` a user asks for, or the one the
+cloud's noise calls for.
+
+No weight of :class:`~fapc.models.normal_net.NormalNet` depends on the patch's sizes (its
+backbone pools over the points), so the same weights run at any near scale; they fit best
+near the scale they were trained at, and a noiseless cloud's sharp edges and thin walls are
+better served by a smaller one (the shipped model's ``clean_k_near``; the model card gives the
+figures).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+FA_K_RANGE = (8, 128)  # the FA network's near scale (``k``); tiles' halo reach assumes <= 128
+FIGURE_POINTS = 2_000_000  # points a noise figure that chooses the near scale looks at
+# the clean near scale only where at most this share of the figure's neighbourhoods are lines:
+# a cloud sampled along scan lines gives a small near scale one or two lines, too thin a patch
+CLEAN_LINES_MAX = 0.05
+
+
+def with_near_scale(net: Any, k: int) -> Any:
+    """``net`` (a patch network, :class:`~fapc.models.normal_net.NormalNet`) with a near scale
+    of ``k`` points; a new module, so the cached shipped one stays as it is.
+
+    Raises:
+        ValueError: ``k`` outside :data:`FA_K_RANGE`, or a model without a near scale (a
+            whole-shape model).
+    """
+    from fapc.models.normal_net import NormalNet
+
+    if not isinstance(net, NormalNet):
+        raise ValueError("k sets the near scale of a patch model; this model has none "
+                         f"({type(net).__name__})")
+    lo, hi = FA_K_RANGE
+    if not lo <= k <= hi:
+        raise ValueError(f"k for the FA network (its near scale) must be {lo}..{hi}, got {k}")
+    return net.with_near_scale(k)
+
+
+def near_scale_for(points: np.ndarray, net: Any) -> int:
+    """The near scale a patch network runs at on ``points (N, 3)`` (finite) when no ``k`` is
+    asked for: its ``clean_k_near`` where the cloud's noise figure (:mod:`fapc.noise`) says
+    noiseless (level ``none``) and the sampling has no scan lines (at most
+    :data:`CLEAN_LINES_MAX` of the figure's neighbourhoods are lines), else its ``k_near``.
+    A cloud of more than :data:`FIGURE_POINTS` points is judged on that many nearest its
+    centroid (a compact block, so that the spacing is the cloud's own; tiles then all run at
+    one scale). Built on distances only, so the choice does not depend on the cloud's pose."""
+    c = net.config
+    if not getattr(c, "clean_k_near", 0) or c.clean_k_near == c.k_near:
+        return c.k_near
+    from fapc.noise import noise_figure
+
+    if len(points) > FIGURE_POINTS:
+        d2 = np.square(points - points.mean(axis=0)).sum(axis=1)
+        points = points[np.sort(np.argpartition(d2, FIGURE_POINTS)[:FIGURE_POINTS])]
+    fig = noise_figure(points)
+    k = c.clean_k_near if fig.level == "none" and fig.lines <= CLEAN_LINES_MAX else c.k_near
+    log.debug("noise figure %.4f (%s, lines %.3f): near scale %d", fig.ratio, fig.level,
+              fig.lines, k)
+    return k
