@@ -123,6 +123,7 @@ def _profile_fa(pts: np.ndarray, t: dict[str, float], *, dev: torch.device, mode
     from fapc.frames import compute_frames
     from fapc.memory import trim_every
     from fapc.models.checkpoint import load_model
+    from fapc.near_scale import near_scale_for
     from fapc.normals import configure_precision, default_batch_size, run_network
     from fapc.patches import PatchBuilder, TorchPatchBuilder
 
@@ -131,6 +132,7 @@ def _profile_fa(pts: np.ndarray, t: dict[str, float], *, dev: torch.device, mode
     batch_size = batch_size or default_batch_size(dev)
     n = len(pts)
     t0 = now()
+    net = net.with_near_scale(near_scale_for(pts, net))  # as fapc normals picks it (a kNN stage)
     if dev.type == "cuda":
         builder: Any = TorchPatchBuilder(pts, net.config.patch, device=dev)
     else:

@@ -166,3 +166,17 @@ def test_the_shipped_model_runs_noiseless_clouds_at_its_clean_scale():
                                   estimate_normals(pts, device="cpu", k=16).normals)
     np.testing.assert_array_equal(estimate_normals(noisy, device="cpu").normals,
                                   estimate_normals(noisy, device="cpu", k=32).normals)
+
+
+def test_fapc_bench_times_the_near_scale_fapc_normals_runs(tmp_path):
+    from test_consensus import cube_surface
+
+    from fapc.profile import profile_file
+
+    pts, _ = cube_surface(5000, seed=18)  # noiseless: the clean near scale
+    pts = pts.astype(np.float32).astype(np.float64)  # as the file holds them
+    write_cloud(tmp_path / "c.ply", PointCloud(pts.astype(np.float32)))
+    profile_file(str(tmp_path / "c.ply"), device="cpu", out_path=str(tmp_path / "o.ply"))
+    got = read_cloud(tmp_path / "o.ply").normals
+    assert angle_deg(got, estimate_normals(pts, device="cpu").normals).max() < 1e-3
+    assert angle_deg(got, estimate_normals(pts, device="cpu", k=32).normals).max() > 0.01
