@@ -167,8 +167,10 @@ def train(
 
                 start, _ = load_model(init)
                 if isinstance(start.config, NormalNetConfig):
+                    # not clean_k_near: a near scale measured for those weights, not for the
+                    # ones this run makes of them
                     arch = {k: getattr(start.config, k) for k in NormalNetConfig.__dataclass_fields__
-                            if k in TrainConfig.__dataclass_fields__}
+                            if k in TrainConfig.__dataclass_fields__ and k != "clean_k_near"}
                     d = {**arch, **d}
             cfg = TrainConfig(**d)
         with Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/"

@@ -73,7 +73,7 @@ class NormalNetConfig:
     k_ext: int = 0  # outer ring of far points joining the fits, weighted per patch (see fit)
     wide_stride: int = 0  # wide summary of raw points in the plane fits (0: off; see fit)
     k_wide: int = 32  # cells pooled into the wide summary
-    # near scale on noiseless clouds (0: k_near everywhere); fapc.normals.near_scale_for
+    # near scale on noiseless clouds (0: k_near everywhere); fapc.near_scale.near_scale_for
     # chooses it by the cloud's noise figure, where no k is asked for
     clean_k_near: int = 0
     extra: dict = field(default_factory=dict)
