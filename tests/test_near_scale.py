@@ -180,3 +180,16 @@ def test_fapc_bench_times_the_near_scale_fapc_normals_runs(tmp_path):
     got = read_cloud(tmp_path / "o.ply").normals
     assert angle_deg(got, estimate_normals(pts, device="cpu").normals).max() < 1e-3
     assert angle_deg(got, estimate_normals(pts, device="cpu", k=32).normals).max() > 0.01
+
+
+def test_the_device_path_runs_the_clean_near_scale_as_the_cpu_path_does():
+    # knn="torch" (the CUDA path's exact grid search, here on the CPU) at a near scale of 16,
+    # smaller than the 32 nearest points the confidence reads: its own search serves those
+    from test_consensus import cube_surface
+
+    pts, _ = cube_surface(6000, seed=19)
+    want = estimate_normals(pts, device="cpu", knn="scipy")
+    got = estimate_normals(pts, device="cpu", knn="torch")
+    assert angle_deg(got.normals, want.normals).max() < 1e-3
+    np.testing.assert_allclose(got.confidence, want.confidence, atol=1e-5)
+    assert angle_deg(want.normals, estimate_normals(pts, device="cpu", k=32).normals).max() > 0.01
