@@ -18,7 +18,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 FA_K_RANGE = (8, 128)  # the FA network's near scale (``k``); tiles' halo reach assumes <= 128
-FIGURE_POINTS = 2_000_000  # points a noise figure that chooses the near scale looks at
+FIGURE_POINTS = 200_000  # points a noise figure that chooses the near scale looks at
 # the clean near scale only where at most this share of the figure's neighbourhoods are lines:
 # a cloud sampled along scan lines gives a small near scale one or two lines, too thin a patch
 CLEAN_LINES_MAX = 0.05
