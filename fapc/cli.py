@@ -252,7 +252,8 @@ def info(
     from_mesh: Annotated[str | None, typer.Option(help="vertices or sample:N")] = None,
     noise: Annotated[bool, typer.Option(
         "--noise", help="Also measure the noise, in point spacings (none, light or heavy: "
-        "which fapc normals options are made for the cloud).")] = False,
+        "which fapc normals options are made for the cloud), and give the near scale the "
+        "default model runs at on it.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout, one object per "
                                           "line and file.")] = False,
     debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
@@ -264,11 +265,19 @@ def info(
     for file in files:
         try:
             cloud = read_cloud(file, from_mesh=from_mesh)
-            figure = None
+            figure, near = None, None
             if noise:  # (imports torch: only when asked)
+                import numpy as np
+
+                from fapc.models.checkpoint import cached_model
+                from fapc.near_scale import near_scale_for
                 from fapc.noise import noise_figure
 
                 figure = noise_figure(cloud.points)
+                pts = np.asarray(cloud.points, np.float64)
+                # the near scale fapc normals runs the shipped model at on this cloud
+                near = near_scale_for(pts[np.isfinite(pts).all(axis=1)],
+                                      cached_model(None, "cpu")[0])
         except FapcError as e:
             if debug:
                 raise
@@ -276,7 +285,7 @@ def info(
                       soft_wrap=True)
             failed = True
             continue
-        _info_one(file, cloud, as_json=as_json, noise=figure)
+        _info_one(file, cloud, as_json=as_json, noise=figure, near_scale=near)
     if failed:
         raise typer.Exit(1)
 
@@ -288,7 +297,7 @@ NOISE_HINTS = {"none": "noiseless", "light": "--light-smoothing, --crease are ma
 
 
 def _info_one(file: Path, cloud: PointCloud, *, as_json: bool,
-              noise: NoiseFigure | None = None) -> None:
+              noise: NoiseFigure | None = None, near_scale: int | None = None) -> None:
     import numpy as np
 
     from fapc.io import sniff_format
@@ -316,6 +325,8 @@ def _info_one(file: Path, cloud: PointCloud, *, as_json: bool,
                              for n, c, o in zip(e57["names"], counts, e57["origins"], strict=True)]
     if noise is not None:
         data["noise"] = noise.to_dict()
+    if near_scale is not None:
+        data["fa_near_scale"] = near_scale
     if as_json:
         typer.echo(json.dumps(data))
         return
@@ -346,6 +357,10 @@ def _info_one(file: Path, cloud: PointCloud, *, as_json: bool,
             t.add_row("noise", f"{noise.level}: {noise.ratio:.3f} point spacings (sigma "
                       f"{noise.sigma:.4g}, spacing {noise.spacing:.4g}{lines}; "
                       f"{NOISE_HINTS[noise.level]})")
+    if near_scale is not None:
+        t.add_row("fa near scale", f"{near_scale} nearest points (what fapc normals runs the "
+                  "shipped model at here: 16 on noiseless clouds without scan lines, else 32; "
+                  "--k overrides it)")
     out.print(t)
 
 
