@@ -270,14 +270,17 @@ def info(
                 import numpy as np
 
                 from fapc.models.checkpoint import cached_model
-                from fapc.near_scale import near_scale_for
+                from fapc.near_scale import figure_points, scale_for_figure
                 from fapc.noise import noise_figure
 
-                figure = noise_figure(cloud.points)
                 pts = np.asarray(cloud.points, np.float64)
-                # the near scale fapc normals runs the shipped model at on this cloud
-                near = near_scale_for(pts[np.isfinite(pts).all(axis=1)],
-                                      cached_model(None, "cpu")[0])
+                pts = pts[np.isfinite(pts).all(axis=1)]
+                figure = noise_figure(pts)
+                # the near scale fapc normals runs the shipped model at on this cloud (its
+                # figure is this one unless the cloud is larger than the block it looks at)
+                block = figure_points(pts)
+                near = scale_for_figure(cached_model(None, "cpu")[0].config,
+                                        figure if len(block) == len(pts) else noise_figure(block))
         except FapcError as e:
             if debug:
                 raise
@@ -359,8 +362,8 @@ def _info_one(file: Path, cloud: PointCloud, *, as_json: bool,
                       f"{NOISE_HINTS[noise.level]})")
     if near_scale is not None:
         t.add_row("fa near scale", f"{near_scale} nearest points (what fapc normals runs the "
-                  "shipped model at here: 16 on noiseless clouds without scan lines, else 32; "
-                  "--k overrides it)")
+                  "shipped model at here: smaller on noiseless clouds without scan lines; --k "
+                  "overrides it)")
     out.print(t)
 
 

@@ -43,24 +43,39 @@ def with_near_scale(net: Any, k: int) -> Any:
     return net.with_near_scale(k)
 
 
+def figure_points(points: np.ndarray) -> np.ndarray:
+    """The points of ``points (N, 3)`` (finite) whose noise figure chooses the near scale: all
+    of them, or the :data:`FIGURE_POINTS` nearest their centroid (a compact block, so that the
+    spacing is the cloud's own; tiles then all run at one scale)."""
+    if len(points) <= FIGURE_POINTS:
+        return points
+    d2 = np.square(points - points.mean(axis=0)).sum(axis=1)
+    return points[np.sort(np.argpartition(d2, FIGURE_POINTS)[:FIGURE_POINTS])]
+
+
+def scale_for_figure(config: Any, figure: Any) -> int:
+    """The near scale of a network with ``config`` on a cloud whose noise figure (of its
+    :func:`figure_points`) is ``figure``: ``clean_k_near`` where the figure says noiseless
+    (level ``none``) and the sampling has no scan lines (at most :data:`CLEAN_LINES_MAX` of
+    its neighbourhoods are lines), else ``k_near``."""
+    clean = getattr(config, "clean_k_near", 0)
+    if clean and figure.level == "none" and figure.lines <= CLEAN_LINES_MAX:
+        return clean
+    return config.k_near
+
+
 def near_scale_for(points: np.ndarray, net: Any) -> int:
     """The near scale a patch network runs at on ``points (N, 3)`` (finite) when no ``k`` is
-    asked for: its ``clean_k_near`` where the cloud's noise figure (:mod:`fapc.noise`) says
-    noiseless (level ``none``) and the sampling has no scan lines (at most
-    :data:`CLEAN_LINES_MAX` of the figure's neighbourhoods are lines), else its ``k_near``.
-    A cloud of more than :data:`FIGURE_POINTS` points is judged on that many nearest its
-    centroid (a compact block, so that the spacing is the cloud's own; tiles then all run at
-    one scale). Built on distances only, so the choice does not depend on the cloud's pose."""
+    asked for (:func:`scale_for_figure` of the noise figure of :func:`figure_points`; a model
+    without a ``clean_k_near`` takes no figure). Built on distances only, so the choice does
+    not depend on the cloud's pose."""
     c = net.config
     if not getattr(c, "clean_k_near", 0) or c.clean_k_near == c.k_near:
         return c.k_near
     from fapc.noise import noise_figure
 
-    if len(points) > FIGURE_POINTS:
-        d2 = np.square(points - points.mean(axis=0)).sum(axis=1)
-        points = points[np.sort(np.argpartition(d2, FIGURE_POINTS)[:FIGURE_POINTS])]
-    fig = noise_figure(points)
-    k = c.clean_k_near if fig.level == "none" and fig.lines <= CLEAN_LINES_MAX else c.k_near
+    fig = noise_figure(figure_points(points))
+    k = scale_for_figure(c, fig)
     log.debug("noise figure %.4f (%s, lines %.3f): near scale %d", fig.ratio, fig.level,
               fig.lines, k)
     return k
