@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fapc import __version__
@@ -48,7 +49,7 @@ def _setup_logging(verbose: bool = False, quiet: bool = False) -> None:
 
 
 def _fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -80,10 +81,11 @@ def normals(
         "extension, or several inputs). Default: INPUT.normals.EXT beside each input.")] = None,
     method: Annotated[str, typer.Option(help="Estimator: fa (the network) or pca.")] = "fa",
     k: Annotated[int | None, typer.Option(
-        "--k", help="Neighbourhood size: pca's [30]; fa's near scale, 8-128 [the model's: 32 "
-        "for the shipped one].", show_default=False)] = None,
+        "--k", help="Neighbourhood size: pca's (default 30); fa's near scale, 8-128 (default "
+        "the model's: for the shipped one 32, or 16 on noiseless clouds without scan lines).",
+        show_default=False)] = None,
     model: Annotated[str | None, typer.Option(
-        help="FA model: .safetensors file or run directory [the shipped model].")] = None,
+        help="FA model: .safetensors file or run directory (default the shipped model).")] = None,
     device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu or cuda.")] = "auto",
     batch_size: Annotated[int | None, typer.Option(
         help="Query points per network batch (default 4096 on a CPU, 262144 on CUDA).")] = None,
@@ -101,7 +103,8 @@ def normals(
         "a sharp edge (clean data) and smooths with them under heavy noise.")] = True,
     consensus_model: Annotated[str | None, typer.Option(
         help="fa: the learned smoothing's weights, a .safetensors file or a directory "
-        "holding consensus.safetensors (python -m fapc.train_consensus --out) [shipped].")] = None,
+        "holding consensus.safetensors (python -m fapc.train_consensus --out); default the "
+        "shipped one.")] = None,
     crease: Annotated[bool, typer.Option(
         help="fa: under light noise (up to about a quarter of the point spacing), points a few "
         "noise widths from a sharp edge take the face they lie on (scans of machined "
@@ -187,13 +190,13 @@ def normals(
 
     def report(r) -> None:
         if r.status == "failed":
-            err.print(f"[bold red]error:[/] {r.input}: {r.message}", highlight=False,
+            err.print(f"[bold red]error:[/] {escape(f'{r.input}: {r.message}')}", highlight=False,
                       soft_wrap=True)
         elif r.status == "skipped" and not quiet:
-            err.print(f"[yellow]skipped:[/] {r.input}: {r.message}", highlight=False,
+            err.print(f"[yellow]skipped:[/] {escape(f'{r.input}: {r.message}')}", highlight=False,
                       soft_wrap=True)
         elif not quiet:
-            err.print(f"[green]wrote[/] {r.output} ({r.points:,} points, {r.seconds:.2f} s)",
+            err.print(f"[green]wrote[/] {escape(str(r.output))} ({r.points:,} points, {r.seconds:.2f} s)",
                       highlight=False, soft_wrap=True)
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -215,7 +218,7 @@ def normals(
             prog.update(current, visible=False)
 
         def show_file(name: str, done: int, work: int) -> None:
-            prog.update(current, description=Path(name).name, completed=done, total=work,
+            prog.update(current, description=escape(Path(name).name), completed=done, total=work,
                         visible=True, what=f"{100 * done / max(work, 1):.0f} %")
 
         results = run_normals(inputs, opts, output=output, recursive=recursive,
@@ -284,7 +287,7 @@ def info(
         except FapcError as e:
             if debug:
                 raise
-            err.print(f"[bold red]error:[/] {FapcError(e.reason, path=file)}", highlight=False,
+            err.print(f"[bold red]error:[/] {escape(str(FapcError(e.reason, path=file)))}", highlight=False,
                       soft_wrap=True)
             failed = True
             continue
@@ -333,37 +336,41 @@ def _info_one(file: Path, cloud: PointCloud, *, as_json: bool,
     if as_json:
         typer.echo(json.dumps(data))
         return
-    t = Table(title=str(file), show_header=False)
+    t = Table(title=escape(str(file)), show_header=False)
     t.add_column("", style="bold")
     t.add_column("")
+
+    def row(key: str, value: str) -> None:  # values from the file: no rich markup
+        t.add_row(key, escape(value))
+
     for key in ("format", "points", "non_finite", "dtype", "normals", "faces"):
-        t.add_row(key, f"{data[key]:,}" if isinstance(data[key], int) and not
-                  isinstance(data[key], bool) else str(data[key]))
-    t.add_row("bbox min", " ".join(f"{v:.10g}" for v in lo))  # UTM metres to the mm
-    t.add_row("bbox max", " ".join(f"{v:.10g}" for v in hi))
+        row(key, f"{data[key]:,}" if isinstance(data[key], int) and not
+            isinstance(data[key], bool) else str(data[key]))
+    row("bbox min", " ".join(f"{v:.10g}" for v in lo))  # UTM metres to the mm
+    row("bbox max", " ".join(f"{v:.10g}" for v in hi))
     if "las" in data:
         las = data["las"]
-        t.add_row("las", f"point format {las['point_format']}, scale "
-                  f"{' '.join(f'{v:g}' for v in las['scale'])}, coordinate system "
-                  f"{las['crs'] or 'none recorded'}")
+        row("las", f"point format {las['point_format']}, scale "
+            f"{' '.join(f'{v:g}' for v in las['scale'])}, coordinate system "
+            f"{las['crs'] or 'none recorded'}")
     for i, scan in enumerate(data.get("e57_scans", [])):
-        t.add_row(f"scan {i}", f"{scan['name']}: {scan['points']:,} points, scanner at "
-                  + " ".join(f"{v:.10g}" for v in scan["origin"]))
-    t.add_row("attributes", ", ".join(f"{k} ({v})" for k, v in data["attributes"].items()) or "-")
+        row(f"scan {i}", f"{scan['name']}: {scan['points']:,} points, scanner at "
+            + " ".join(f"{v:.10g}" for v in scan["origin"]))
+    row("attributes", ", ".join(f"{k} ({v})" for k, v in data["attributes"].items()) or "-")
     if noise is not None:
         if noise.level == "unknown":
-            t.add_row("noise", f"unknown ({noise.lines:.0%} of neighbourhoods lines; "
-                      f"{NOISE_HINTS[noise.level]})")
+            row("noise", f"unknown ({noise.lines:.0%} of neighbourhoods lines; "
+                f"{NOISE_HINTS[noise.level]})")
         else:
             lines = (f", {noise.lines:.0%} of neighbourhoods lines, left out"
                      if noise.lines >= 0.01 else "")
-            t.add_row("noise", f"{noise.level}: {noise.ratio:.3f} point spacings (sigma "
-                      f"{noise.sigma:.4g}, spacing {noise.spacing:.4g}{lines}; "
-                      f"{NOISE_HINTS[noise.level]})")
+            row("noise", f"{noise.level}: {noise.ratio:.3f} point spacings (sigma "
+                f"{noise.sigma:.4g}, spacing {noise.spacing:.4g}{lines}; "
+                f"{NOISE_HINTS[noise.level]})")
     if near_scale is not None:
-        t.add_row("fa near scale", f"{near_scale} nearest points (what fapc normals runs the "
-                  "shipped model at here: smaller on noiseless clouds without scan lines; --k "
-                  "overrides it)")
+        row("fa near scale", f"{near_scale} nearest points (what fapc normals runs the "
+            "shipped model at here: smaller on noiseless clouds without scan lines; --k "
+            "overrides it)")
     out.print(t)
 
 

@@ -8,6 +8,7 @@ import os
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from fapc.cli import _fail, _setup_logging, app, err, out
@@ -70,7 +71,7 @@ def bench(
     for r in results:
         st = r["stages_s"]
         o3 = r.get("open3d")
-        t.add_row(os.path.basename(r["file"]), f"{r['points']:,}",
+        t.add_row(escape(os.path.basename(r["file"])), f"{r['points']:,}",
                   *(f"{st[s]:.2f}" if s in st else "-" for s in stages), f"{r['total_s']:.2f}",
                   f"{r['points_per_s'] / 1e6:.3f}", f"{o3['total_s']:.2f}" if o3 else "-",
                   f"{r['ratio_vs_open3d']:.2f}x" if o3 else "-",
@@ -124,11 +125,11 @@ def render(
             os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
             draw(c.points, dest, views=names, cmap=cmap, max_points=max_points,
                  title=os.path.basename(path), **kw)
-            err.print(f"[green]wrote[/] {dest}", highlight=False)
+            err.print(f"[green]wrote[/] {escape(dest)}", highlight=False)
         except FapcError as e:
             if debug:
                 raise
             failed += 1
-            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
     if failed:
         raise typer.Exit(1)

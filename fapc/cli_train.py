@@ -8,6 +8,7 @@ import os
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -49,10 +50,10 @@ def sample(
                                   seed=seed)
             dest = os.path.join(output, f"{shape.name}.{fmt}")
             write_cloud(dest, PointCloud(points=pts, normals=nrm.astype(np.float32)))
-            err.print(f"[green]wrote[/] {dest} ({len(pts):,} points)", highlight=False)
+            err.print(f"[green]wrote[/] {escape(dest)} ({len(pts):,} points)", highlight=False)
         except FapcError as e:
             failed += 1
-            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
     if failed:
         raise typer.Exit(1)
 
@@ -193,7 +194,7 @@ def train(
         out.print_json(json.dumps({**metrics, "model": os.path.join(cfg.out, "best.safetensors")}))
         return
     err.print(f"best validation RMSE {metrics['best_val_rmse']:.3f} deg; model: "
-              f"{os.path.join(cfg.out, 'best.safetensors')}", highlight=False)
+              + escape(os.path.join(cfg.out, "best.safetensors")), highlight=False)
 
 
 @app.command(name="eval")
@@ -286,7 +287,7 @@ def eval_cmd(
     if as_json:
         out.print_json(json.dumps(report))
         return
-    print_report(report, title=f"RMSE (deg), rotate={rotate}, model={info['path']}")
+    print_report(report, title=escape(f"RMSE (deg), rotate={rotate}, model={info['path']}"))
 
 
 def print_report(report: dict, *, title: str) -> None:

@@ -132,6 +132,25 @@ def test_each_bad_input_is_one_line_nonzero_and_no_output(tmp_path, name, conten
     assert _files(tmp_path / "out") == ["good.ply"]
 
 
+def test_file_names_that_look_like_markup_are_printed_as_they_are(tmp_path):
+    """Square brackets are common in file names; the terminal output must not read them as
+    rich markup (which dropped '[final]' from the name, or raised on '[/b]')."""
+    good = tmp_path / "good[red].ply"
+    write_cloud(good, PointCloud(points=sphere_points(100)))
+    bad = _bad(tmp_path, "scan[final].ply", b"garbage\n")
+    closing = tmp_path / "x[/b].ply"  # a closing tag with nothing to close; no such file
+    r = run("normals", str(bad), str(good), str(closing), "-o", str(tmp_path / "out"),
+            "--method", "pca")
+    assert r.exit_code == 1
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 2 and "scan[final].ply: not a PLY file" in errors[0], r.stderr
+    assert "x[/b].ply" in errors[1], r.stderr
+    assert "good[red].ply (100 points" in r.stderr
+    assert _files(tmp_path / "out") == ["good[red].ply"]
+    r = run("info", str(good))
+    assert r.exit_code == 0 and "good[red].ply" in r.stdout
+
+
 def test_directory_with_no_clouds(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.md").write_text("hi")
