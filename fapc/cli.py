@@ -153,6 +153,23 @@ def normals(
         _fail(str(e), 2)
     if method not in ("fa", "pca"):
         _fail(f"--method must be fa or pca, got {method!r}", 2)
+    if batch_size is not None and batch_size < 1:
+        _fail(f"--batch-size must be at least 1, got {batch_size}", 2)
+    if from_mesh is not None:
+        from fapc.io.mesh import parse_from_mesh
+
+        try:
+            parse_from_mesh(from_mesh)
+        except ValueError as e:
+            _fail(str(e), 2)
+    from fapc.normals import resolve_device
+
+    try:
+        dev = resolve_device(device)
+    except ValueError as e:
+        _fail(f"--device: {e}", 2)
+    except FapcError as e:
+        _fail(str(e))
     if tile_points < 0 or (tile_points and tile_points < MIN_TILE_POINTS):
         _fail(f"--tile-points must be 0 (never) or at least {MIN_TILE_POINTS}, got {tile_points}", 2)
     idle = [flag for flag, on in (("--crease", crease), ("--light-smoothing", light_smoothing))
@@ -166,10 +183,10 @@ def normals(
         _fail(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}", 2)
     if method == "fa":
         from fapc.near_scale import with_near_scale
-        from fapc.normals import load_network, resolve_device
+        from fapc.normals import load_network
 
-        try:  # refuse a bad model or device once, before any file
-            net = load_network(model, resolve_device(device),
+        try:  # refuse a bad model once, before any file
+            net = load_network(model, dev,
                                consensus_model=consensus_model if consensus else None)
         except FapcError as e:
             if debug:

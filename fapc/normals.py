@@ -61,12 +61,23 @@ def as_points(points: Any) -> np.ndarray:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``auto`` (or None) -> CUDA when available, else CPU."""
+    """``auto`` (or None) -> CUDA when available, else CPU; ``cpu``, ``cuda`` or ``cuda:N``.
+
+    Raises ``ValueError`` for any other name, and ``FapcError`` for a CUDA device this machine
+    does not have."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {str(device)!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise FapcError("--device cuda asked for, but no CUDA device is available")
+        raise FapcError(f"--device {device} asked for, but no CUDA device is available")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise FapcError(f"--device {device} asked for, but this machine has "
+                        f"{torch.cuda.device_count()} CUDA device(s)")
     return dev
 
 

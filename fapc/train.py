@@ -219,7 +219,10 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, int, dict[str, float]], N
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
         dist.init_process_group(backend=backend)
-    device = resolve_device(cfg.device)
+    try:
+        device = resolve_device(cfg.device)
+    except ValueError as e:
+        raise FapcError(str(e)) from None
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)

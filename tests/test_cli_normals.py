@@ -276,12 +276,37 @@ def test_global_quiet_silences_normals(tmp_path):
     assert r.exit_code == 0 and r.stderr.strip() == ""
 
 
-def test_bad_precision_is_a_usage_error_and_writes_nothing(tmp_path):
+@pytest.mark.parametrize("option,value", [
+    ("--precision", "fp8"), ("--device", "tpu"), ("--device", "cuda:x"), ("--device", ""),
+    ("--batch-size", "0"), ("--batch-size", "-5"), ("--from-mesh", "sample:abc"),
+    ("--from-mesh", "sample:0"), ("--from-mesh", "verts"),
+])
+def test_bad_option_values_are_usage_errors_and_write_nothing(tmp_path, option, value):
     write_cloud(tmp_path / "a.ply", PointCloud(sphere_points(500)))
     r = run("normals", str(tmp_path / "a.ply"), "-o", str(tmp_path / "out") + "/",
-            "--precision", "fp8")
-    assert r.exit_code == 2 and "--precision" in r.stderr
+            option, value)
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.exit_code == 2 and len(errors) == 1 and option in errors[0], r.stderr
+    assert repr(value) in errors[0] or value in errors[0]
     assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
+
+
+def test_resolve_device_names():
+    import torch
+
+    from fapc.errors import FapcError
+    from fapc.normals import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    for bad in ("tpu", "cuda:x", "", "meta"):
+        with pytest.raises(ValueError, match="auto, cpu, cuda or cuda:N"):
+            resolve_device(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(FapcError, match="no CUDA device"):
+            resolve_device("cuda:0")
+    with pytest.raises((FapcError, ValueError)):
+        resolve_device("cuda:64")  # no machine here has 65 GPUs
 
 
 def test_no_consensus_gives_the_networks_own_normals_and_consensus_helps_at_edges(tmp_path):

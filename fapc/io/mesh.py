@@ -164,6 +164,22 @@ def interpolated_normals(vertices: np.ndarray, faces: np.ndarray, face_index: np
     return np.divide(out, norm, out=np.zeros_like(out), where=norm > 0)
 
 
+def parse_from_mesh(from_mesh: str) -> int | None:
+    """``"vertices"`` -> None; ``"sample:N"`` -> N (> 0; ``1e5`` is read too). Any other
+    value raises ``ValueError``."""
+    if from_mesh == "vertices":
+        return None
+    if from_mesh.startswith("sample:"):
+        try:
+            n = int(float(from_mesh.split(":", 1)[1]))
+        except (ValueError, OverflowError):
+            n = 0
+        if n > 0:
+            return n
+        raise ValueError(f"--from-mesh sample:N needs a whole number N > 0, got {from_mesh!r}")
+    raise ValueError(f"--from-mesh takes vertices or sample:N, got {from_mesh!r}")
+
+
 def mesh_to_cloud(
     vertices: np.ndarray, faces: np.ndarray, *, from_mesh: str, seed: int = 0, path: str = ""
 ) -> PointCloud:
@@ -181,11 +197,9 @@ def mesh_to_cloud(
         return PointCloud(points=vertices, normals=normals, faces=faces if len(faces) else None)
     if from_mesh.startswith("sample:"):
         try:
-            n = int(float(from_mesh.split(":", 1)[1]))
-        except ValueError:
-            raise FormatError(f"bad --from-mesh value {from_mesh!r}", path=path or None) from None
-        if n <= 0:
-            raise FormatError("--from-mesh sample:N needs N > 0", path=path or None)
+            n = parse_from_mesh(from_mesh)
+        except ValueError as e:
+            raise FormatError(str(e), path=path or None) from None
         if not len(faces):
             raise FormatError("cannot sample a file with no faces", path=path or None)
         try:
