@@ -46,6 +46,9 @@ def bench(
     results = []
     try:
         sizes = parse_sizes(points)
+    except ValueError as e:
+        _fail(f"--points: {e}", 2)
+    try:
         with tempfile.TemporaryDirectory() as tmp:
             files = [synthetic_file(n, tmp) for n in sizes] + list(real or [])
             for f in files:

@@ -40,8 +40,23 @@ def sample(
     _setup_logging()
     if density not in DENSITIES:
         _fail(f"--density takes {', '.join(DENSITIES)}", 2)
+    if n < 1:
+        _fail(f"-n must be at least 1, got {n}", 2)
+    if noise < 0:
+        _fail(f"--noise must be >= 0, got {noise:g}", 2)
+    if not 0 <= outliers < 1:
+        _fail(f"--outliers must be in [0, 1), got {outliers:g}", 2)
+    if fmt not in ("ply", "pcd", "npz", "xyzn"):
+        _fail(f"--format takes ply, pcd, npz or xyzn, got {fmt!r}", 2)
     failed = 0
-    for f in discover(meshes):
+    files = []
+    for m in meshes:  # a missing input is reported, the others still sampled
+        try:
+            files += discover(m)
+        except FapcError as e:
+            failed += 1
+            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+    for f in files:
         try:
             shape = load_shape(f)
             if not shape.is_mesh:
@@ -128,7 +143,7 @@ def train(
 
     Example: fapc train meshes/ --out runs/mine --epochs 20 --device cuda
     """
-    from fapc.train import TrainConfig
+    from fapc.train import TrainConfig, check_settings
     from fapc.train import train as run_train
 
     _setup_logging()
@@ -174,6 +189,10 @@ def train(
                             if k in TrainConfig.__dataclass_fields__ and k != "clean_k_near"}
                     d = {**arch, **d}
             cfg = TrainConfig(**d)
+        try:
+            check_settings(cfg)
+        except FapcError as e:
+            _fail(str(e), 2)
         with Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/"
                       "{task.total}"), TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
                       console=err, transient=False) as prog:
@@ -203,8 +222,8 @@ def eval_cmd(
     model: Annotated[str | None, typer.Option(
         help="Model .safetensors or run directory (default the shipped model).")] = None,
     consensus_model: Annotated[str | None, typer.Option(
-        help="The learned smoothing's weights (file or train_consensus --out directory) "
-        "[shipped].")] = None,
+        help="The learned smoothing's weights (file or train_consensus --out directory; "
+        "default the shipped ones).")] = None,
     crease: Annotated[bool, typer.Option(
         help="With the optional face choice at creases (as fapc normals --crease).")] = False,
     light_smoothing: Annotated[bool, typer.Option(
@@ -227,14 +246,23 @@ def eval_cmd(
     Example: fapc eval test_meshes/ --model runs/mine --rotate so3
     """
     from fapc.datasets import load_shapes
-    from fapc.evaluate import build_clouds, evaluate, model_method, pca_method
+    from fapc.evaluate import DENSITY_COLUMNS, NOISE_COLUMNS, build_clouds, evaluate, model_method, pca_method
     from fapc.models.checkpoint import load_model
     from fapc.normals import load_network, resolve_device
 
     _setup_logging()
     try:
         cols = tuple(c.strip() for c in columns.split(",") if c.strip())
-        ks = [int(k) for k in pca_k.split(",") if k.strip()]
+        bad = [c for c in cols if c not in NOISE_COLUMNS and c not in DENSITY_COLUMNS]
+        if bad or not cols:
+            _fail(f"--columns takes {', '.join([*NOISE_COLUMNS, *DENSITY_COLUMNS])}, got "
+                  f"{columns!r}", 2)
+        try:
+            ks = [int(k) for k in pca_k.split(",") if k.strip()]
+        except ValueError:
+            ks = [0]
+        if not ks or min(ks) < 3:
+            _fail(f"--pca-k takes comma-separated whole numbers of at least 3, got {pca_k!r}", 2)
         dev = resolve_device(device)
         net, info = load_model(model, device=dev)
         load_network(net, dev, consensus_model=consensus_model)  # refuse a bad one now

@@ -24,7 +24,14 @@ def parse_sizes(text: str) -> list[int]:
     for tok in text.split(","):
         tok = tok.strip().lower()
         mult = {"k": 1_000, "m": 1_000_000}.get(tok[-1:], 1)
-        out.append(int(float(tok.rstrip("km")) * mult))
+        try:
+            n = int(float(tok[:-1] if mult > 1 else tok) * mult)
+        except (ValueError, OverflowError):
+            n = 0
+        if n < 1:
+            raise ValueError(f"cloud sizes are whole numbers with an optional k or M, such as "
+                             f"100k,1M; got {text!r}")
+        out.append(n)
     return out
 
 

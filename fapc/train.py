@@ -132,6 +132,31 @@ class TrainConfig:
         return cls(**d)
 
 
+def check_settings(cfg: TrainConfig) -> None:
+    """Refuse settings a run cannot use, with the setting's name (before any data is read)."""
+    from fapc.losses import LOSSES
+
+    for name in ("epochs", "steps_per_epoch", "batch_size", "points", "val_queries"):
+        if getattr(cfg, name) < 1:
+            raise FapcError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+    for name in ("bank", "workers", "time_limit"):
+        if getattr(cfg, name) < 0:
+            raise FapcError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise FapcError(f"max_steps must be at least 1, got {cfg.max_steps}")
+    if not cfg.lr > 0:
+        raise FapcError(f"lr must be > 0, got {cfg.lr}")
+    if not 0 <= cfg.val_fraction < 1:
+        raise FapcError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
+    if not 0 <= cfg.outliers < 1:
+        raise FapcError(f"outliers must be in [0, 1), got {cfg.outliers}")
+    if cfg.loss not in LOSSES:
+        raise FapcError(f"loss must be one of {', '.join(LOSSES)}, got {cfg.loss!r}")
+    if cfg.mode == "patch" and cfg.group not in ("SO3", "O3"):
+        raise FapcError(f"group must be SO3 or O3, got {cfg.group!r}")
+    _check_sampling(cfg)
+
+
 def _check_sampling(cfg: TrainConfig) -> None:
     """Refuse noise and size settings that cannot be drawn from, with the setting's name."""
     if not cfg.noise or min(cfg.noise) < 0:
@@ -226,7 +251,11 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, int, dict[str, float]], N
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    _check_sampling(cfg)
+    check_settings(cfg)
+    try:
+        os.makedirs(cfg.out, exist_ok=True)
+    except OSError as e:
+        raise FapcError(f"cannot create the run directory ({e.strerror})", path=cfg.out) from None
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     shapes = load_shapes(cfg.data) if cfg.data else []

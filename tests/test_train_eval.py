@@ -535,3 +535,53 @@ def test_training_with_noise_between_levels_and_varied_sizes_runs_and_bad_settin
                        (dict(points_low=9000), "points_low")):
         with pytest.raises(FapcError, match=match):
             train(replace(cfg, out=str(tmp_path / "bad"), **bad))
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(epochs=0), "epochs"), (dict(steps_per_epoch=-1), "steps_per_epoch"),
+    (dict(batch_size=0), "batch_size"), (dict(max_steps=0), "max_steps"),
+    (dict(lr=0.0), "lr"), (dict(val_fraction=1.0), "val_fraction"),
+    (dict(outliers=-0.1), "outliers"), (dict(group="SO2"), "group"),
+    (dict(workers=-1), "workers"), (dict(device="tpu"), "device"),
+])
+def test_settings_a_run_cannot_use_are_refused_before_any_output(tmp_path, bad, match):
+    cfg = TrainConfig(out=str(tmp_path / "run"), epochs=1, steps_per_epoch=2, **TINY)
+    with pytest.raises(FapcError, match=match):
+        train(replace(cfg, **bad))
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_refuses_bad_settings_with_one_line_and_exit_2(tmp_path):
+    mesh = tmp_path / "cube.ply"
+    from fapc.cloud import PointCloud
+    from fapc.io import write_cloud
+
+    v = np.array([[x, y, z] for x in (0, 1) for y in (0, 1) for z in (0, 1)], float)
+    f = np.array([[0, 1, 3], [0, 3, 2], [4, 6, 7], [4, 7, 5], [0, 4, 5], [0, 5, 1],
+                  [2, 3, 7], [2, 7, 6], [0, 2, 6], [0, 6, 4], [1, 5, 7], [1, 7, 3]])
+    write_cloud(mesh, PointCloud(points=v, faces=f))
+    cases = [
+        ("train", str(mesh), "--out", str(tmp_path / "run"), "--epochs", "-1"),
+        ("train", str(mesh), "--out", str(tmp_path / "run"), "--loss", "l3"),
+        ("sample", str(mesh), "-o", str(tmp_path / "s"), "-n", "0"),
+        ("sample", str(mesh), "-o", str(tmp_path / "s"), "--noise", "-0.01"),
+        ("sample", str(mesh), "-o", str(tmp_path / "s"), "--format", "obj"),
+        ("eval", str(mesh), "--columns", "loud"),
+        ("eval", str(mesh), "--pca-k", "abc"),
+        ("bench", "--points", "12x"),
+    ]
+    for args in cases:
+        r = runner.invoke(app, list(args), catch_exceptions=False)
+        lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+        assert r.exit_code == 2 and len(lines) == 1, (args, r.stderr)
+        assert "Traceback" not in r.output
+    assert not (tmp_path / "run").exists() and not (tmp_path / "s").exists()
+    # a missing input of a batch is one line; the other meshes are still sampled
+    r = runner.invoke(app, ["sample", str(tmp_path / "nothing.ply"), str(mesh), "-o",
+                            str(tmp_path / "s"), "-n", "500"], catch_exceptions=False)
+    assert r.exit_code == 1 and "nothing.ply: no such file" in r.stderr
+    assert os.listdir(tmp_path / "s") == ["cube.ply"]
+    # a run directory that cannot be made is one line, not a traceback
+    r = runner.invoke(app, ["train", str(mesh), "--out", str(mesh / "run"), "--epochs", "1"],
+                      catch_exceptions=False)
+    assert r.exit_code == 1 and "cannot create the run directory" in r.stderr
