@@ -101,6 +101,14 @@ def test_text_headers_pts_and_comma(tmp_path):
     c = read_cloud(tmp_path / "b.csv")
     np.testing.assert_array_equal(c.points, [[1, 2, 3], [5, 6, 7]])
     np.testing.assert_array_equal(c.attributes["intensity"], [4, 8])
+    # semicolons, as spreadsheets in comma-decimal locales write them (Windows line ends too)
+    (tmp_path / "c.csv").write_bytes(b"X;Y;Z;Intensity\r\n1,5;2;-3,25;4\r\n5;6,5;7;8\r\n\r\n")
+    c = read_cloud(tmp_path / "c.csv")
+    np.testing.assert_array_equal(c.points, [[1.5, 2, -3.25], [5, 6.5, 7]])
+    np.testing.assert_array_equal(c.attributes["intensity"], [4, 8])
+    # a semicolon in a comment does not make commas decimal marks
+    (tmp_path / "d.xyz").write_text("# exported; units m\n1.5,2,3\n4,5,6\n")
+    np.testing.assert_array_equal(read_cloud(tmp_path / "d.xyz").points, [[1.5, 2, 3], [4, 5, 6]])
 
 
 def test_npy_and_mesh_sampling(tmp_path):

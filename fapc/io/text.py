@@ -1,4 +1,4 @@
-"""Text formats: XYZ, XYZN, PTS, TXT, CSV (whitespace or comma separated).
+"""Text formats: XYZ, XYZN, PTS, TXT, CSV (whitespace, comma or semicolon separated).
 
 Header lines are tolerated: a leading line of names (``x y z nx ny nz intensity``, with or
 without ``#`` or ``//``) names the columns; a PTS count line is skipped. Without names, the
@@ -27,7 +27,8 @@ def _is_numeric_line(tokens: list[str]) -> bool:
 
 
 def read_text(path: str | os.PathLike) -> PointCloud:
-    """Read a whitespace- or comma-separated point table (positions as float64)."""
+    """Read a whitespace-, comma- or semicolon-separated point table (positions as float64;
+    with semicolons, a comma is read as the decimal mark)."""
     path = os.fspath(path)
     ext = os.path.splitext(path)[1].lower()
     with open(path, "rb") as f:
@@ -35,6 +36,9 @@ def read_text(path: str | os.PathLike) -> PointCloud:
     if b"\x00" in raw[:4096]:
         raise FormatError("binary data in a text point file", path=path)
     text = raw.decode("latin-1")
+    if any(";" in ln for ln in text[:4096].splitlines() if not ln.lstrip().startswith(("#", "/"))):
+        # semicolon-separated, as spreadsheets in comma-decimal locales write them
+        text = text.replace(",", ".").replace(";", " ")  # "1,5;2,0" -> "1.5 2.0"
     sep_comma = "," in text[:4096]
     lines = text.splitlines()
     names: list[str] | None = None
