@@ -290,7 +290,7 @@ def info(
                 import numpy as np
 
                 from fapc.models.checkpoint import cached_model
-                from fapc.near_scale import figure_points, scale_for_figure
+                from fapc.near_scale import edge_scale_for_figure, figure_points, scale_for_figure
                 from fapc.noise import noise_figure
 
                 pts = np.asarray(cloud.points, np.float64)
@@ -299,8 +299,9 @@ def info(
                 # the near scale fapc normals runs the shipped model at on this cloud (its
                 # figure is this one unless the cloud is larger than the block it looks at)
                 block = figure_points(pts)
-                near = scale_for_figure(cached_model(None, "cpu")[0].config,
-                                        figure if len(block) == len(pts) else noise_figure(block))
+                config = cached_model(None, "cpu")[0].config
+                chosen = figure if len(block) == len(pts) else noise_figure(block)
+                near = (scale_for_figure(config, chosen), edge_scale_for_figure(config, chosen))
         except FapcError as e:
             if debug:
                 raise
@@ -320,7 +321,8 @@ NOISE_HINTS = {"none": "noiseless", "light": "--light-smoothing, --crease are ma
 
 
 def _info_one(file: Path, cloud: PointCloud, *, as_json: bool,
-              noise: NoiseFigure | None = None, near_scale: int | None = None) -> None:
+              noise: NoiseFigure | None = None,
+              near_scale: tuple[int, int] | None = None) -> None:
     import numpy as np
 
     from fapc.io import sniff_format
@@ -349,7 +351,7 @@ def _info_one(file: Path, cloud: PointCloud, *, as_json: bool,
     if noise is not None:
         data["noise"] = noise.to_dict()
     if near_scale is not None:
-        data["fa_near_scale"] = near_scale
+        data["fa_near_scale"], data["fa_edge_near_scale"] = near_scale
     if as_json:
         typer.echo(json.dumps(data))
         return
@@ -385,9 +387,11 @@ def _info_one(file: Path, cloud: PointCloud, *, as_json: bool,
                 f"{noise.sigma:.4g}, spacing {noise.spacing:.4g}{lines}; "
                 f"{NOISE_HINTS[noise.level]})")
     if near_scale is not None:
-        row("fa near scale", f"{near_scale} nearest points (what fapc normals runs the "
-            "shipped model at here: smaller on noiseless clouds without scan lines; --k "
-            "overrides it)")
+        k, edge = near_scale
+        at_edges = f", and {edge} at sharp edges (curved fits)" if edge else ""
+        row("fa near scale", f"{k} nearest points{at_edges} (what fapc normals runs the "
+            "shipped model at here: smaller on noiseless clouds without scan lines, and at "
+            "edges under light noise; --k overrides it)")
     out.print(t)
 
 

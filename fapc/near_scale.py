@@ -5,7 +5,9 @@ No weight of :class:`~fapc.models.normal_net.NormalNet` depends on the patch's s
 backbone pools over the points), so the same weights run at any near scale; they fit best
 near the scale they were trained at, and a noiseless cloud's sharp edges and thin walls are
 better served by a smaller one (the shipped model's ``clean_k_near``; the model card gives the
-figures).
+figures). Under light noise the points at sharp edges are too: there the network runs a second
+time, at ``edge_k_near``, at the points whose fit is curved (``edge_curvature``), before the
+consensus step.
 """
 
 from __future__ import annotations
@@ -64,18 +66,36 @@ def scale_for_figure(config: Any, figure: Any) -> int:
     return config.k_near
 
 
-def near_scale_for(points: np.ndarray, net: Any) -> int:
-    """The near scale a patch network runs at on ``points (N, 3)`` (finite) when no ``k`` is
-    asked for (:func:`scale_for_figure` of the noise figure of :func:`figure_points`; a model
-    without a ``clean_k_near`` takes no figure). Built on distances only, so the choice does
-    not depend on the cloud's pose."""
+def edge_scale_for_figure(config: Any, figure: Any) -> int:
+    """The near scale a network with ``config`` reruns its points of high curvature at on a
+    cloud whose noise figure is ``figure``: ``edge_k_near`` where the figure says lightly
+    noisy (level ``light``) and the sampling has no scan lines (as for ``clean_k_near``),
+    else 0 (no second pass)."""
+    edge = getattr(config, "edge_k_near", 0)
+    if edge and figure.level == "light" and figure.lines <= CLEAN_LINES_MAX:
+        return edge
+    return 0
+
+
+def near_scales_for(points: np.ndarray, net: Any) -> tuple[int, int]:
+    """The near scales a patch network runs at on ``points (N, 3)`` (finite) when no ``k`` is
+    asked for: its near scale (:func:`scale_for_figure`) and the one its points of high
+    curvature are run at again (:func:`edge_scale_for_figure`; 0: none), both from the noise
+    figure of :func:`figure_points` (a model with neither setting takes no figure). Built on
+    distances only, so the choice does not depend on the cloud's pose."""
     c = net.config
-    if not getattr(c, "clean_k_near", 0) or c.clean_k_near == c.k_near:
-        return c.k_near
+    clean = getattr(c, "clean_k_near", 0) not in (0, c.k_near)
+    if not clean and not getattr(c, "edge_k_near", 0):
+        return c.k_near, 0
     from fapc.noise import noise_figure
 
     fig = noise_figure(figure_points(points))
-    k = scale_for_figure(c, fig)
-    log.debug("noise figure %.4f (%s, lines %.3f): near scale %d", fig.ratio, fig.level,
-              fig.lines, k)
-    return k
+    k, edge = scale_for_figure(c, fig), edge_scale_for_figure(c, fig)
+    log.debug("noise figure %.4f (%s, lines %.3f): near scale %d, at edges %d", fig.ratio,
+              fig.level, fig.lines, k, edge)
+    return k, edge
+
+
+def near_scale_for(points: np.ndarray, net: Any) -> int:
+    """The near scale of :func:`near_scales_for`."""
+    return near_scales_for(points, net)[0]

@@ -18,7 +18,7 @@ import torch
 
 from fapc.errors import FapcError
 from fapc.memory import trim_every
-from fapc.near_scale import near_scale_for, with_near_scale
+from fapc.near_scale import near_scales_for, with_near_scale
 from fapc.pca import pca_normals
 from fapc.tiles import MIN_TILE_POINTS, TILE_POINTS, tiled_fa_normals
 
@@ -141,6 +141,7 @@ def fa_normals(
     crease: bool = False,
     light_smoothing: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    edge_scale: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The FA network's normals at ``query_index`` (default all) of finite ``points (N, 3)``
     float64 (centred); ``far_index``: the far scale's subsample, if not the seeded one
@@ -154,12 +155,16 @@ def fa_normals(
     sharp edge the face they lie on (:mod:`fapc.crease`); with ``query_index`` this runs the
     network on the queries' patch points too (and on theirs, one hop per consensus pass);
     ``consensus_model``: the learned smoothing's weights (default: the shipped ones).
+    ``edge_scale``: where not 0, the points whose fit is curved (the network's curvature above
+    the model's ``edge_curvature``: at sharp edges) are run again at this near scale, before
+    the consensus step (:func:`fapc.near_scale.near_scales_for` sets it for lightly noisy
+    clouds); their confidence and curvature stay those of the first run.
     ``progress(done, total)``: after each batch, in points of work (the network's points,
     then each consensus pass's)."""
     from fapc.confidence import final_confidence
     from fapc.consensus import ConsensusSettings
     from fapc.consensus_batches import consensus_pass, crease_pass, neighbour_agreement_at
-    from fapc.patches import PatchBuilder, TorchPatchBuilder
+    from fapc.patches import PatchBuilder, TorchPatchBuilder, builder_for_near_scale
 
     if knn == "auto":
         knn = "torch" if device.type == "cuda" else "scipy"
@@ -191,6 +196,17 @@ def fa_normals(
     tick = _ticker(progress, len(run) + sum(len(r) for r in rows))
     out, far = _network_pass(builder, model, run, device=device, batch_size=batch_size,
                              keep_far=consensus, tick=tick)
+    if edge_scale:  # light noise: curved fits (at sharp edges) again at a smaller near scale
+        curved = np.flatnonzero(out["curvature"] > model.config.edge_curvature)  # rows of run
+        if len(curved):
+            small = model.with_near_scale(edge_scale)
+            edge_builder = builder_for_near_scale(builder, small.config.patch) or (
+                TorchPatchBuilder(points, small.config.patch, device=device, seed=seed,
+                                  far_index=far_index) if on_device else
+                PatchBuilder(points, small.config.patch, seed=seed, far_index=far_index))
+            again, _ = _network_pass(edge_builder, small, run[curved], device=device,
+                                     batch_size=batch_size)
+            out["normal"][curved] = again["normal"]  # (C, 3); confidence, curvature kept
     if consensus:
         normal, before = consensus_pass(builder, out["normal"], far, run, rows, n=n,
                                         device=device, batch_size=batch_size,
@@ -395,15 +411,18 @@ def estimate_normals(
     else:
         qi_f, ok = None, valid
     if method == "fa" and getattr(net.config, "kind", "patch") != "shape":
-        if k is None:  # the model's near scale, or its noiseless one on a noiseless cloud
-            net = net.with_near_scale(near_scale_for(finite, net))
+        edge = 0
+        if k is None:  # the model's near scales for this cloud's noise (fapc.near_scale)
+            k_near, edge = near_scales_for(finite, net)
+            net = net.with_near_scale(k_near)
         run: Callable[..., Any] = fa_normals
         if tile_points is not None and n_valid > tile_points:
             run = functools.partial(tiled_fa_normals, tile_points=tile_points)
         nrm, conf, curv = run(finite, net, device=dev, batch_size=batch_size,
                               query_index=qi_f, knn=knn, consensus=consensus,
                               consensus_model=consensus_model, crease=crease,
-                              light_smoothing=light_smoothing, progress=progress)
+                              light_smoothing=light_smoothing, progress=progress,
+                              edge_scale=edge)
     else:  # PCA, or a whole-shape model: one step
         if method == "pca":
             nrm, conf, curv = pca_normals(finite, k=k, query_index=qi_f)

@@ -17,7 +17,8 @@ same patches, rotated.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -333,3 +334,23 @@ class TorchPatchBuilder:
         scale = patch_scale(local, self.spec)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         return local / scale[:, None, None], scale, nb
+
+
+def builder_for_near_scale(builder: PatchBuilder | TorchPatchBuilder, spec: PatchSpec
+                    ) -> PatchBuilder | TorchPatchBuilder | None:
+    """``builder`` for ``spec``, a patch that differs from its own in the near scale only,
+    sharing its search structures (a shallow copy: no tree is built or query run again; with
+    far smoothing, the far points keep the positions ``builder`` smoothed, and the near
+    scale's neighbours are the first columns of its table). None where that cannot be done:
+    a larger near scale than a far-smoothing builder's table holds, or too few points."""
+    if replace(spec, k_near=builder.spec.k_near) != builder.spec:
+        raise ValueError("the patch specs differ in more than the near scale")
+    if len(builder.points) < spec.k_near or (
+            builder.near_all is not None and spec.k_near > builder.spec.k_near):
+        return None
+    out = copy.copy(builder)
+    out.spec = spec
+    if builder.near_all is not None:
+        out.near_all = builder.near_all[:, :spec.k_near]  # (N, k) nearest first
+    return out
+

@@ -130,16 +130,17 @@ def _profile_fa(pts: np.ndarray, t: dict[str, float], *, dev: torch.device, mode
     from fapc.frames import compute_frames
     from fapc.memory import trim_every
     from fapc.models.checkpoint import load_model
-    from fapc.near_scale import near_scale_for
+    from fapc.near_scale import near_scales_for
     from fapc.normals import configure_precision, default_batch_size, run_network
-    from fapc.patches import PatchBuilder, TorchPatchBuilder
+    from fapc.patches import PatchBuilder, TorchPatchBuilder, builder_for_near_scale
 
     net, _ = load_model(model, device=dev)
     configure_precision(net, dev, precision)
     batch_size = batch_size or default_batch_size(dev)
     n = len(pts)
     t0 = now()
-    net = net.with_near_scale(near_scale_for(pts, net))  # as fapc normals picks it (a kNN stage)
+    k_near, edge = near_scales_for(pts, net)  # as fapc normals picks them (a kNN stage)
+    net = net.with_near_scale(k_near)
     if dev.type == "cuda":
         builder: Any = TorchPatchBuilder(pts, net.config.patch, device=dev)
     else:
@@ -158,6 +159,7 @@ def _profile_fa(pts: np.ndarray, t: dict[str, float], *, dev: torch.device, mode
     else:
         setup = None
     normals = np.empty((n, 3), np.float32)
+    curvature = np.empty(n, np.float32)
     far = torch.empty(n, spec.k_far, dtype=torch.int32, device=dev)  # consensus candidates
     with torch.inference_mode():
         for s in range(0, n, batch_size):
@@ -174,12 +176,28 @@ def _profile_fa(pts: np.ndarray, t: dict[str, float], *, dev: torch.device, mode
                                center=torch.zeros(len(q), 3, device=dev))
                 t["frames"] += now() - t0
             t0 = now()
-            normals[q] = run_network(net, patches)["normal"].float().cpu().numpy()
+            out = run_network(net, patches)
+            normals[q] = out["normal"].float().cpu().numpy()
+            curvature[q] = out["curvature"].float().cpu().numpy()
             t["network"] += now() - t0
     if graphed:  # one graph holds frames and network: their times are not separable
         del t["frames"]
     else:
         t["network"] = max(t["network"] - t["frames"], 0.0)  # the forward pass includes frames
+    if edge:  # light noise: curved fits again at the edge scale (counted as network time)
+        t0 = now()
+        curved = np.flatnonzero(curvature > net.config.edge_curvature)
+        if len(curved):
+            small = net.with_near_scale(edge)
+            again = builder_for_near_scale(builder, small.config.patch) or (
+                TorchPatchBuilder(pts, small.config.patch, device=dev) if dev.type == "cuda"
+                else PatchBuilder(pts, small.config.patch))
+            with torch.inference_mode():
+                for s in range(0, len(curved), batch_size):
+                    q = curved[s:s + batch_size]
+                    patches = torch.as_tensor(again.patches(again.as_index(q))[0])
+                    normals[q] = run_network(small, patches.to(dev))["normal"].float().cpu().numpy()
+        t["network"] += now() - t0
     t0 = now()
     run = np.arange(n)
     passes = ConsensusSettings.snap_passes + int(light_smoothing)

@@ -193,3 +193,111 @@ def test_the_device_path_runs_the_clean_near_scale_as_the_cpu_path_does():
     assert angle_deg(got.normals, want.normals).max() < 0.1  # float32 rounding of the searches
     np.testing.assert_allclose(got.confidence, want.confidence, atol=1e-3)
     assert angle_deg(want.normals, estimate_normals(pts, device="cpu", k=32).normals).max() > 0.01
+
+
+def _with_edge_scale(k: int, curvature: float = 0.04):
+    from dataclasses import replace
+
+    from fapc.models.normal_net import NormalNet
+
+    base = load_model(None)[0]
+    net = NormalNet(replace(base.config, edge_k_near=k, edge_curvature=curvature))
+    net.load_state_dict(base.state_dict())
+    return net.eval()
+
+
+def _lightly_noisy_cube(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    from test_consensus import cube_surface
+
+    pts, gt = cube_surface(n, seed=seed)
+    return pts + np.random.default_rng(seed + 1).normal(scale=0.002, size=pts.shape), gt
+
+
+def test_edge_scale_is_chosen_for_lightly_noisy_clouds_only():
+    from test_consensus import cube_surface
+
+    from fapc.near_scale import near_scales_for
+    from fapc.noise import noise_figure
+
+    net = _with_edge_scale(20)
+    light, _ = _lightly_noisy_cube(8000, seed=21)
+    clean, _ = cube_surface(8000, seed=21)
+    heavy = clean + np.random.default_rng(22).normal(scale=0.03, size=clean.shape)
+    assert [noise_figure(p).level for p in (clean, light, heavy)] == ["none", "light", "heavy"]
+    assert near_scales_for(light, net) == (32, 20)
+    assert near_scales_for(clean, net)[1] == 0 and near_scales_for(heavy, net)[1] == 0
+    assert near_scales_for(light, _with_edge_scale(0)) == (32, 0)  # off in the model
+    rot = Rotation.random(random_state=23).as_matrix()
+    assert near_scales_for(light @ rot.T + 50.0, net) == (32, 20)  # distances only
+
+
+def test_edge_scale_reruns_the_curved_fits_only_before_the_consensus_step():
+    import torch
+
+    from fapc.normals import fa_normals, run_network
+    from fapc.patches import PatchBuilder, builder_for_near_scale
+
+    net = _with_edge_scale(20)
+    pts, _ = _lightly_noisy_cube(6000, seed=24)
+    pts = pts - pts.mean(0)
+    cpu = torch.device("cpu")
+    n32, _, curv = fa_normals(pts, net, device=cpu, consensus=False)
+    got, _, curv2 = fa_normals(pts, net, device=cpu, consensus=False, edge_scale=20)
+    curved = curv > net.config.edge_curvature
+    assert 0.02 < curved.mean() < 0.5  # the cube's edges and corners
+    np.testing.assert_array_equal(got[~curved], n32[~curved])  # flat faces untouched
+    np.testing.assert_array_equal(curv2, curv)  # curvature stays the first run's
+    # the curved points get the network's normals at near scale 20 (its near points; the far
+    # points as the first run smoothed them)
+    small = net.with_near_scale(20)
+    builder = builder_for_near_scale(PatchBuilder(pts, net.config.patch), small.config.patch)
+    idx = np.flatnonzero(curved)
+    with torch.inference_mode():
+        want = run_network(small, torch.as_tensor(builder.patches(idx)[0]))["normal"].numpy()
+    assert angle_deg(got[curved], want).max() < 0.05  # float32 arccos: ~0.03 deg floor
+    assert angle_deg(got[curved], n32[curved]).max() > 1.0
+
+
+def test_edge_scale_gains_at_the_edges_of_a_lightly_noisy_cube_and_keeps_equivariance():
+    net = _with_edge_scale(20)
+    pts, gt = _lightly_noisy_cube(12000, seed=25)
+
+    def rmse(n: np.ndarray) -> float:
+        return float(np.sqrt(np.mean(angle_deg(n, gt) ** 2)))
+
+    on = estimate_normals(pts, device="cpu", model=net).normals
+    off = estimate_normals(pts, device="cpu", model=_with_edge_scale(0)).normals
+    assert rmse(on) < rmse(off)
+    # an explicit k turns the step off
+    np.testing.assert_array_equal(estimate_normals(pts, device="cpu", model=net, k=32).normals,
+                                  off)
+    rot = Rotation.random(random_state=26).as_matrix()
+    moved = estimate_normals(pts @ rot.T + [3.0, -1.0, 7.0], device="cpu", model=net).normals
+    assert np.percentile(angle_deg(moved, on @ rot.T), 99) < 0.05
+
+
+def test_a_shared_builder_gives_the_patches_of_a_smaller_near_scale():
+    from dataclasses import replace
+
+    from fapc.patches import PatchBuilder, PatchSpec, builder_for_near_scale
+
+    pts = _noisy_sphere(3000, seed=27, noise=0.01)
+    q = np.arange(0, 3000, 7)
+    for spec in (PatchSpec(k_near=32, k_far=32, far_stride=6),
+                 PatchSpec(k_near=32, k_far=32, far_stride=8, far_smooth=2)):
+        big = PatchBuilder(pts, spec)
+        small_spec = replace(spec, k_near=20)
+        shared = builder_for_near_scale(big, small_spec)
+        fresh = PatchBuilder(pts, small_spec)
+        a, sa, na = shared.patches(q)
+        b, sb, nb = fresh.patches(q)
+        np.testing.assert_array_equal(na[:, :20], nb[:, :20])  # the same near neighbours
+        np.testing.assert_array_equal(na[:, 20:], nb[:, 20:])  # the same far ones
+        if not spec.far_smooth:
+            np.testing.assert_array_equal(a, b)
+        assert big.spec.k_near == 32 and big.patches(q)[0].shape[1] == spec.size  # untouched
+        # larger than a far-smoothing builder's table holds: not shared
+        assert (builder_for_near_scale(big, replace(spec, k_near=40)) is None) == bool(
+            spec.far_smooth)
+    with pytest.raises(ValueError, match="more than the near scale"):
+        builder_for_near_scale(big, replace(spec, k_far=16))

@@ -97,12 +97,17 @@ def test_cli_info_noise(tmp_path) -> None:
     got = json.loads(line)["noise"]
     assert got["level"] == "light" and got["sigma"] == pytest.approx(0.001, rel=0.25)
     assert json.loads(line)["fa_near_scale"] == 32  # noisy: the trained near scale
+    from fapc.models.checkpoint import load_model
+
+    edge = load_model(None)[0].config.edge_k_near  # light noise: the shipped edge scale
+    assert json.loads(line)["fa_edge_near_scale"] == edge
     assert "few.ply" in r.stderr and "finite points" in r.stderr
     assert "Traceback" not in r.stderr
     # noiseless, no scan lines: the clean near scale
     write_cloud(tmp_path / "clean.ply", PointCloud(noisy_plane(0.0, n=80)))
     r = runner.invoke(app, ["info", str(tmp_path / "clean.ply"), "--noise", "--json"])
     assert r.exit_code == 0 and json.loads(r.stdout)["fa_near_scale"] == 16
+    assert json.loads(r.stdout)["fa_edge_near_scale"] == 0  # no second run without noise
 
 
 def scan_lines(sigma: float, *, lines: int = 60, step: float = 0.002, gap: float = 0.02,

@@ -76,6 +76,10 @@ class NormalNetConfig:
     # near scale on noiseless clouds (0: k_near everywhere); fapc.near_scale.near_scale_for
     # chooses it by the cloud's noise figure, where no k is asked for
     clean_k_near: int = 0
+    # near scale at points of high curvature (above edge_curvature) on lightly noisy clouds
+    # (0: off); fapc.near_scale.near_scales_for turns it on by the cloud's noise figure
+    edge_k_near: int = 0
+    edge_curvature: float = 0.04
     extra: dict = field(default_factory=dict)
 
     @property
