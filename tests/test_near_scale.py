@@ -24,12 +24,13 @@ def _noisy_sphere(n: int, seed: int, noise: float) -> np.ndarray:
 
 def test_k_sets_the_near_scale_and_leaves_the_shipped_model_alone():
     pts = _noisy_sphere(3000, seed=0, noise=0.01)
-    default = estimate_normals(pts, device="cpu").normals
-    own = estimate_normals(pts, device="cpu", k=32).normals  # the shipped model's own k_near
+    # an explicit k, the shipped model's own k_near: the default without its choices of scale
+    default = estimate_normals(pts, device="cpu", model=_with_clean_scale(0)).normals
+    own = estimate_normals(pts, device="cpu", k=32).normals
     np.testing.assert_array_equal(own, default)
     k16 = estimate_normals(pts, device="cpu", k=16).normals
     assert angle_deg(k16, default).max() > 0.01  # a different patch, different normals
-    net16 = load_model(None)[0].with_near_scale(16)
+    net16 = _with_clean_scale(0).with_near_scale(16)  # no choice of scale left to it
     assert net16.config.k_near == 16 and net16.config.k_far == 32
     np.testing.assert_array_equal(estimate_normals(pts, device="cpu", model=net16).normals, k16)
     assert cached_model(None, "cpu")[0].config.k_near == 32  # the cached model is not changed
@@ -97,7 +98,7 @@ def _with_clean_scale(k: int):
     from fapc.models.normal_net import NormalNet
 
     base = load_model(None)[0]
-    net = NormalNet(replace(base.config, clean_k_near=k))
+    net = NormalNet(replace(base.config, clean_k_near=k, edge_k_near=0))  # no edge scale
     net.load_state_dict(base.state_dict())
     return net.eval()
 
@@ -159,13 +160,16 @@ def test_the_shipped_model_runs_noiseless_clouds_at_its_clean_scale():
     # and on TEST it does; on a plain cube or a thin slab of 20,000 points it does not)
     from test_consensus import slab_surface
 
-    assert load_model(None)[0].config.clean_k_near == 16
+    from fapc.near_scale import near_scales_for
+
+    shipped = load_model(None)[0]
+    assert shipped.config.clean_k_near == 16 and shipped.config.edge_k_near == 20
     pts, _ = slab_surface(8000, 0.05)
     noisy = pts + np.random.default_rng(17).normal(scale=0.003, size=pts.shape)
     np.testing.assert_array_equal(estimate_normals(pts, device="cpu").normals,
                                   estimate_normals(pts, device="cpu", k=16).normals)
-    np.testing.assert_array_equal(estimate_normals(noisy, device="cpu").normals,
-                                  estimate_normals(noisy, device="cpu", k=32).normals)
+    assert near_scales_for(pts, shipped) == (16, 0)
+    assert near_scales_for(noisy, shipped) == (32, 20)  # light noise: the edge scale too
 
 
 def test_fapc_bench_times_the_near_scale_fapc_normals_runs(tmp_path):

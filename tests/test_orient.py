@@ -99,7 +99,10 @@ def test_mst_stays_on_one_side_of_a_thin_noisy_plate():
 
     pts, gt = _thin_plate(20000, 0.04, seed=0)
     pts = pts + np.random.default_rng(9).normal(scale=0.003, size=pts.shape)
-    normals = estimate_normals(pts, method="fa", device="cpu").normals
+    # the network at its own near scale only: the default's second run at the rim (a smaller
+    # near scale at curved fits under light noise) gives normals good enough there that even
+    # the plain cost keeps to one side
+    normals = estimate_normals(pts, method="fa", device="cpu", k=32).normals
 
     assert _consistent(gt, orient_mst(pts, normals)) > 0.99
     plain = orient_mst(pts, normals, tangent_weight=0.0, reflect_significance=None)

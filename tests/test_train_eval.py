@@ -368,6 +368,7 @@ def test_cli_fine_tunes_the_shipped_model(tmp_path):
     assert tuned.config.refine == shipped.config.refine and tuned.config.gate == shipped.config.gate
     # the shipped near scale for noiseless clouds was measured for its own weights only
     assert shipped.config.clean_k_near == 16 and tuned.config.clean_k_near == 0
+    assert shipped.config.edge_k_near == 20 and tuned.config.edge_k_near == 0  # not copied
     for key, value in shipped.state_dict().items():
         torch.testing.assert_close(tuned.state_dict()[key], value, atol=1e-6, rtol=0)
 
