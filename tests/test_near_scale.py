@@ -184,6 +184,14 @@ def test_fapc_bench_times_the_near_scale_fapc_normals_runs(tmp_path):
     got = read_cloud(tmp_path / "o.ply").normals
     assert angle_deg(got, estimate_normals(pts, device="cpu").normals).max() < 1e-3
     assert angle_deg(got, estimate_normals(pts, device="cpu", k=32).normals).max() > 0.01
+    # lightly noisy: the shipped edge scale's second run at the cube's edges, as fapc normals
+    light, _ = _lightly_noisy_cube(6000, seed=19)
+    light = light.astype(np.float32).astype(np.float64)
+    write_cloud(tmp_path / "l.ply", PointCloud(light.astype(np.float32)))
+    profile_file(str(tmp_path / "l.ply"), device="cpu", out_path=str(tmp_path / "lo.ply"))
+    got = read_cloud(tmp_path / "lo.ply").normals
+    assert angle_deg(got, estimate_normals(light, device="cpu").normals).max() < 1e-3
+    assert angle_deg(got, estimate_normals(light, device="cpu", k=32).normals).max() > 1.0
 
 
 def test_the_device_path_runs_the_clean_near_scale_as_the_cpu_path_does():
@@ -305,3 +313,12 @@ def test_a_shared_builder_gives_the_patches_of_a_smaller_near_scale():
             spec.far_smooth)
     with pytest.raises(ValueError, match="more than the near scale"):
         builder_for_near_scale(big, replace(spec, k_far=16))
+
+
+def test_the_device_path_runs_the_edge_scale_as_the_cpu_path_does():
+    # knn="torch" (the CUDA path's grid search and its far smoothing table, here on the CPU)
+    pts, _ = _lightly_noisy_cube(6000, seed=28)
+    want = estimate_normals(pts, device="cpu", knn="scipy").normals
+    got = estimate_normals(pts, device="cpu", knn="torch").normals
+    assert angle_deg(got, want).max() < 0.1  # float32 rounding of the searches
+    assert angle_deg(want, estimate_normals(pts, device="cpu", k=32).normals).max() > 1.0
