@@ -164,7 +164,7 @@ def fa_normals(
     from fapc.confidence import final_confidence
     from fapc.consensus import ConsensusSettings
     from fapc.consensus_batches import consensus_pass, crease_pass, neighbour_agreement_at
-    from fapc.patches import PatchBuilder, TorchPatchBuilder, builder_for_near_scale
+    from fapc.patches import PatchBuilder, TorchPatchBuilder
 
     if knn == "auto":
         knn = "torch" if device.type == "cuda" else "scipy"
@@ -197,16 +197,8 @@ def fa_normals(
     out, far = _network_pass(builder, model, run, device=device, batch_size=batch_size,
                              keep_far=consensus, tick=tick)
     if edge_scale:  # light noise: curved fits (at sharp edges) again at a smaller near scale
-        curved = np.flatnonzero(out["curvature"] > model.config.edge_curvature)  # rows of run
-        if len(curved):
-            small = model.with_near_scale(edge_scale)
-            edge_builder = builder_for_near_scale(builder, small.config.patch) or (
-                TorchPatchBuilder(points, small.config.patch, device=device, seed=seed,
-                                  far_index=far_index) if on_device else
-                PatchBuilder(points, small.config.patch, seed=seed, far_index=far_index))
-            again, _ = _network_pass(edge_builder, small, run[curved], device=device,
-                                     batch_size=batch_size)
-            out["normal"][curved] = again["normal"]  # (C, 3); confidence, curvature kept
+        rerun_curved(builder, model, run, out, edge_scale=edge_scale, device=device,
+                     batch_size=batch_size, seed=seed, far_index=far_index)
     if consensus:
         normal, before = consensus_pass(builder, out["normal"], far, run, rows, n=n,
                                         device=device, batch_size=batch_size,
@@ -220,6 +212,31 @@ def fa_normals(
                                    batch_size=batch_size)  # (Q,)
     conf = final_confidence(torch.from_numpy(out["confidence"][pos]), torch.from_numpy(agree))
     return normal, conf.numpy(), out["curvature"][pos]
+
+
+def rerun_curved(builder: Any, model: Any, run: np.ndarray, out: dict[str, np.ndarray], *,
+                 edge_scale: int, device: torch.device, batch_size: int, seed: int = 0,
+                 far_index: np.ndarray | None = None) -> int:
+    """The edge scale's second run: the points ``run (M,)`` whose network fit is curved
+    (``out["curvature"] (M,)`` above the model's ``edge_curvature``) get the network's
+    normals at near scale ``edge_scale`` in ``out["normal"] (M, 3)`` (in place; their
+    confidence and curvature stay). ``builder``: the first run's patch builder, whose search
+    structures the second shares where it can. Returns how many points ran again."""
+    from fapc.patches import PatchBuilder, TorchPatchBuilder, builder_for_near_scale
+
+    curved = np.flatnonzero(out["curvature"] > model.config.edge_curvature)  # rows of run
+    if not len(curved) or edge_scale > len(builder.points):
+        return 0
+    small = model.with_near_scale(edge_scale)
+    spec = small.config.patch
+    again = builder_for_near_scale(builder, spec) or (
+        TorchPatchBuilder(np.asarray(builder.points.cpu(), np.float64), spec, device=device,
+                          seed=seed, far_index=far_index)
+        if isinstance(builder, TorchPatchBuilder) else
+        PatchBuilder(builder.points, spec, seed=seed, far_index=far_index))
+    res, _ = _network_pass(again, small, run[curved], device=device, batch_size=batch_size)
+    out["normal"][curved] = res["normal"]  # (C, 3)
+    return len(curved)
 
 
 def _with_neighbours(builder: Any, index: np.ndarray, batch_size: int,

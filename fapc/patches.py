@@ -336,8 +336,9 @@ class TorchPatchBuilder:
         return local / scale[:, None, None], scale, nb
 
 
-def builder_for_near_scale(builder: PatchBuilder | TorchPatchBuilder, spec: PatchSpec
-                    ) -> PatchBuilder | TorchPatchBuilder | None:
+def builder_for_near_scale(
+    builder: PatchBuilder | TorchPatchBuilder, spec: PatchSpec
+) -> PatchBuilder | TorchPatchBuilder | None:
     """``builder`` for ``spec``, a patch that differs from its own in the near scale only,
     sharing its search structures (a shallow copy: no tree is built or query run again; with
     far smoothing, the far points keep the positions ``builder`` smoothed, and the near
@@ -353,4 +354,3 @@ def builder_for_near_scale(builder: PatchBuilder | TorchPatchBuilder, spec: Patc
     if builder.near_all is not None:
         out.near_all = builder.near_all[:, :spec.k_near]  # (N, k) nearest first
     return out
-

@@ -131,8 +131,8 @@ def _profile_fa(pts: np.ndarray, t: dict[str, float], *, dev: torch.device, mode
     from fapc.memory import trim_every
     from fapc.models.checkpoint import load_model
     from fapc.near_scale import near_scales_for
-    from fapc.normals import configure_precision, default_batch_size, run_network
-    from fapc.patches import PatchBuilder, TorchPatchBuilder, builder_for_near_scale
+    from fapc.normals import configure_precision, default_batch_size, rerun_curved, run_network
+    from fapc.patches import PatchBuilder, TorchPatchBuilder
 
     net, _ = load_model(model, device=dev)
     configure_precision(net, dev, precision)
@@ -186,17 +186,8 @@ def _profile_fa(pts: np.ndarray, t: dict[str, float], *, dev: torch.device, mode
         t["network"] = max(t["network"] - t["frames"], 0.0)  # the forward pass includes frames
     if edge:  # light noise: curved fits again at the edge scale (counted as network time)
         t0 = now()
-        curved = np.flatnonzero(curvature > net.config.edge_curvature)
-        if len(curved):
-            small = net.with_near_scale(edge)
-            again = builder_for_near_scale(builder, small.config.patch) or (
-                TorchPatchBuilder(pts, small.config.patch, device=dev) if dev.type == "cuda"
-                else PatchBuilder(pts, small.config.patch))
-            with torch.inference_mode():
-                for s in range(0, len(curved), batch_size):
-                    q = curved[s:s + batch_size]
-                    patches = torch.as_tensor(again.patches(again.as_index(q))[0])
-                    normals[q] = run_network(small, patches.to(dev))["normal"].float().cpu().numpy()
+        rerun_curved(builder, net, np.arange(n), {"normal": normals, "curvature": curvature},
+                     edge_scale=edge, device=dev, batch_size=batch_size)
         t["network"] += now() - t0
     t0 = now()
     run = np.arange(n)

@@ -268,6 +268,13 @@ def test_edge_scale_reruns_the_curved_fits_only_before_the_consensus_step():
         want = run_network(small, torch.as_tensor(builder.patches(idx)[0]))["normal"].numpy()
     assert angle_deg(got[curved], want).max() < 0.05  # float32 arccos: ~0.03 deg floor
     assert angle_deg(got[curved], n32[curved]).max() > 1.0
+    # a larger edge scale than the far smoothing's table holds: a builder of its own
+    for knn in ("scipy", "torch"):
+        big, _, _ = fa_normals(pts, net, device=cpu, consensus=False, edge_scale=48, knn=knn)
+        ref, _, c = fa_normals(pts, net, device=cpu, consensus=False, knn=knn)
+        bent = c > net.config.edge_curvature  # this search's own curved points
+        np.testing.assert_array_equal(big[~bent], ref[~bent])
+        assert angle_deg(big[bent], ref[bent]).max() > 1.0
 
 
 def test_edge_scale_gains_at_the_edges_of_a_lightly_noisy_cube_and_keeps_equivariance():
