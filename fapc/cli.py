@@ -48,8 +48,13 @@ def _setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     logging.addLevelName(logging.ERROR, "error")
 
 
-def _fail(message: str, code: int = 1) -> None:
+def _error(message: str) -> None:
+    """One error line on stderr; ``message`` (file names, reasons) is printed as it is."""
     err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    _error(message)
     raise typer.Exit(code)
 
 
@@ -82,7 +87,8 @@ def normals(
     method: Annotated[str, typer.Option(help="Estimator: fa (the network) or pca.")] = "fa",
     k: Annotated[int | None, typer.Option(
         "--k", help="Neighbourhood size: pca's (default 30); fa's near scale, 8-128 (default "
-        "the model's: for the shipped one 32, or 16 on noiseless clouds without scan lines).",
+        "the model's: for the shipped one 32, or 16 on noiseless clouds without scan lines, "
+        "with a second run at 20 at sharp edges under light noise).",
         show_default=False)] = None,
     model: Annotated[str | None, typer.Option(
         help="FA model: .safetensors file or run directory (default the shipped model).")] = None,
@@ -207,8 +213,7 @@ def normals(
 
     def report(r) -> None:
         if r.status == "failed":
-            err.print(f"[bold red]error:[/] {escape(f'{r.input}: {r.message}')}", highlight=False,
-                      soft_wrap=True)
+            _error(f"{r.input}: {r.message}")
         elif r.status == "skipped" and not quiet:
             err.print(f"[yellow]skipped:[/] {escape(f'{r.input}: {r.message}')}", highlight=False,
                       soft_wrap=True)
@@ -305,8 +310,7 @@ def info(
         except FapcError as e:
             if debug:
                 raise
-            err.print(f"[bold red]error:[/] {escape(str(FapcError(e.reason, path=file)))}", highlight=False,
-                      soft_wrap=True)
+            _error(str(FapcError(e.reason, path=file)))
             failed = True
             continue
         _info_one(file, cloud, as_json=as_json, noise=figure, near_scale=near)

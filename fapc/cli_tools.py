@@ -11,7 +11,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from fapc.cli import _fail, _setup_logging, app, err, out
+from fapc.cli import _error, _fail, _setup_logging, app, err, out
 from fapc.errors import FapcError
 
 
@@ -133,6 +133,6 @@ def render(
             if debug:
                 raise
             failed += 1
-            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+            _error(str(e))
     if failed:
         raise typer.Exit(1)

@@ -12,7 +12,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from fapc.cli import _fail, _setup_logging, app, err, out
+from fapc.cli import _error, _fail, _setup_logging, app, err, out
 from fapc.errors import FapcError
 
 
@@ -55,7 +55,7 @@ def sample(
             files += discover(m)
         except FapcError as e:
             failed += 1
-            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+            _error(str(e))
     for f in files:
         try:
             shape = load_shape(f)
@@ -68,7 +68,7 @@ def sample(
             err.print(f"[green]wrote[/] {escape(dest)} ({len(pts):,} points)", highlight=False)
         except FapcError as e:
             failed += 1
-            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+            _error(str(e))
     if failed:
         raise typer.Exit(1)
 
