@@ -200,6 +200,9 @@ def process_file(job: Job, opts: NormalsOptions, *,
             ok = est.valid
             # a bare viewpoint: the file's own sensor position(s), or None
             vp = point_viewpoints(cloud) if opts.orient == "viewpoint" else None
+            if opts.orient == "viewpoint" and vp is None:
+                res.warnings.append("the file records no sensor position: normals face the "
+                                    "origin (give one with --orient viewpoint:x,y,z)")
             if vp is not None and vp.ndim == 2:
                 vp = vp[ok]
             est.normals[ok] = orient_spec(cloud.points[ok].astype(np.float64), est.normals[ok],

@@ -405,3 +405,14 @@ def test_orient_options_from_the_command_line(tmp_path):
         assert check(read_cloud(out).normals).all(), spec
     r = run("normals", str(tmp_path / "terrain.ply"), "--orient", "direction:0,0,0")
     assert r.exit_code == 2 and "must not be zero" in r.output
+    # a bare viewpoint on a file that records no sensor position: the origin, with a warning
+    out = tmp_path / "out.ply"
+    r = run("normals", str(tmp_path / "terrain.ply"), "--method", "pca", "--orient", "viewpoint",
+            "-o", str(out), "--overwrite")
+    assert r.exit_code == 0 and "records no sensor position" in r.stderr
+    assert ((read_cloud(out).normals * -pts).sum(1) > 0).all()
+    write_cloud(tmp_path / "scan.pcd", PointCloud(points=pts, viewpoint=np.array([0, 0, 5.0])))
+    r = run("normals", str(tmp_path / "scan.pcd"), "--method", "pca", "--orient", "viewpoint",
+            "-o", str(tmp_path / "o.pcd"))
+    assert r.exit_code == 0 and "sensor position" not in r.stderr
+    assert ((read_cloud(tmp_path / "o.pcd").normals * ([0, 0, 5] - pts)).sum(1) > 0).all()
