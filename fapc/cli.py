@@ -295,7 +295,7 @@ def info(
                 import numpy as np
 
                 from fapc.models.checkpoint import cached_model
-                from fapc.near_scale import edge_scale_for_figure, figure_points, scale_for_figure
+                from fapc.near_scale import figure_points, scales_for_figure
                 from fapc.noise import noise_figure
 
                 pts = np.asarray(cloud.points, np.float64)
@@ -306,7 +306,7 @@ def info(
                 block = figure_points(pts)
                 config = cached_model(None, "cpu")[0].config
                 chosen = figure if len(block) == len(pts) else noise_figure(block)
-                near = (scale_for_figure(config, chosen), edge_scale_for_figure(config, chosen))
+                near = scales_for_figure(config, chosen)
         except FapcError as e:
             if debug:
                 raise

@@ -77,6 +77,12 @@ def edge_scale_for_figure(config: Any, figure: Any) -> int:
     return 0
 
 
+def scales_for_figure(config: Any, figure: Any) -> tuple[int, int]:
+    """``(near scale, edge scale)`` of a network with ``config`` on a cloud whose noise figure
+    is ``figure`` (:func:`scale_for_figure`, :func:`edge_scale_for_figure`)."""
+    return scale_for_figure(config, figure), edge_scale_for_figure(config, figure)
+
+
 def near_scales_for(points: np.ndarray, net: Any) -> tuple[int, int]:
     """The near scales a patch network runs at on ``points (N, 3)`` (finite) when no ``k`` is
     asked for: its near scale (:func:`scale_for_figure`) and the one its points of high
@@ -90,7 +96,7 @@ def near_scales_for(points: np.ndarray, net: Any) -> tuple[int, int]:
     from fapc.noise import noise_figure
 
     fig = noise_figure(figure_points(points))
-    k, edge = scale_for_figure(c, fig), edge_scale_for_figure(c, fig)
+    k, edge = scales_for_figure(c, fig)
     log.debug("noise figure %.4f (%s, lines %.3f): near scale %d, at edges %d", fig.ratio,
               fig.level, fig.lines, k, edge)
     return k, edge

@@ -185,7 +185,11 @@ def mesh_to_cloud(
 ) -> PointCloud:
     """``from_mesh``: ``"vertices"`` (vertex positions, area-weighted vertex normals) or
     ``"sample:N"`` (N area-uniform samples with face normals as ground truth)."""
-    if from_mesh == "vertices":
+    try:
+        n = parse_from_mesh(from_mesh)
+    except ValueError as e:
+        raise FormatError(str(e), path=path or None) from None
+    if n is None:  # the vertices
         normals = None
         if len(faces):
             fn, area = face_normals(vertices, faces)
@@ -195,18 +199,11 @@ def mesh_to_cloud(
             nn = np.linalg.norm(acc, axis=1, keepdims=True)
             normals = np.divide(acc, nn, out=np.zeros_like(acc), where=nn > 0)
         return PointCloud(points=vertices, normals=normals, faces=faces if len(faces) else None)
-    if from_mesh.startswith("sample:"):
-        try:
-            n = parse_from_mesh(from_mesh)
-        except ValueError as e:
-            raise FormatError(str(e), path=path or None) from None
-        if not len(faces):
-            raise FormatError("cannot sample a file with no faces", path=path or None)
-        try:
-            pts, nrm, fi = sample_mesh(vertices, faces, n, seed=seed)
-        except ValueError as e:
-            raise FormatError(str(e), path=path or None) from None
-        return PointCloud(points=pts, normals=nrm.astype(np.float32),
-                          attributes={"face_index": fi.astype(np.int32)})
-    raise FormatError(f"bad --from-mesh value {from_mesh!r} (vertices or sample:N)",
-                      path=path or None)
+    if not len(faces):
+        raise FormatError("cannot sample a file with no faces", path=path or None)
+    try:
+        pts, nrm, fi = sample_mesh(vertices, faces, n, seed=seed)
+    except ValueError as e:
+        raise FormatError(str(e), path=path or None) from None
+    return PointCloud(points=pts, normals=nrm.astype(np.float32),
+                      attributes={"face_index": fi.astype(np.int32)})
