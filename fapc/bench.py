@@ -163,7 +163,7 @@ def bench_accuracy(root: str | None = None, *, model: str | None = None,
     from fapc.bench_data import find_root, test_clouds
     from fapc.evaluate import evaluate, model_method, pca_method
     from fapc.models.checkpoint import load_model
-    from fapc.normals import load_network
+    from fapc.runtime import load_network
 
     root = find_root(root)
     if root is None:

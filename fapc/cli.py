@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -16,10 +16,6 @@ from rich.table import Table
 from fapc import __version__
 from fapc.errors import FapcError
 from fapc.tiles import MIN_TILE_POINTS, TILE_POINTS
-
-if TYPE_CHECKING:
-    from fapc.cloud import PointCloud
-    from fapc.noise import NoiseFigure
 
 app = typer.Typer(
     name="fapc",
@@ -168,7 +164,7 @@ def normals(
             parse_from_mesh(from_mesh)
         except ValueError as e:
             _fail(str(e), 2)
-    from fapc.normals import resolve_device
+    from fapc.runtime import resolve_device
 
     try:
         dev = resolve_device(device)
@@ -183,13 +179,13 @@ def normals(
     if idle:  # steps of the FA pipeline's consensus stage: say so rather than do nothing quietly
         logging.getLogger("fapc").warning("%s: only with --method fa and the consensus step "
                                           "(on by default); ignored", ", ".join(idle))
-    from fapc.normals import PRECISIONS
+    from fapc.runtime import PRECISIONS
 
     if precision not in PRECISIONS:
         _fail(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}", 2)
     if method == "fa":
         from fapc.near_scale import with_near_scale
-        from fapc.normals import load_network
+        from fapc.runtime import load_network
 
         try:  # refuse a bad model once, before any file
             net = load_network(model, dev,
@@ -271,134 +267,6 @@ def _summary(results, *, as_json: bool, quiet: bool) -> None:
     err.print(t)
 
 
-@app.command()
-def info(
-    files: Annotated[list[Path], typer.Argument(help="Point-cloud or mesh files.")],
-    from_mesh: Annotated[str | None, typer.Option(help="vertices or sample:N")] = None,
-    noise: Annotated[bool, typer.Option(
-        "--noise", help="Also measure the noise, in point spacings (none, light or heavy: "
-        "which fapc normals options are made for the cloud), and give the near scale the "
-        "default model runs at on it.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="JSON on stdout, one object per "
-                                          "line and file.")] = False,
-    debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
-) -> None:
-    """Points, bounding box, attributes and normals of each FILE (exit 1 if any failed)."""
-    from fapc.io import read_cloud
-
-    failed = False
-    for file in files:
-        try:
-            cloud = read_cloud(file, from_mesh=from_mesh)
-            figure, near = None, None
-            if noise:  # (imports torch: only when asked)
-                import numpy as np
-
-                from fapc.models.checkpoint import cached_model
-                from fapc.near_scale import figure_points, scales_for_figure
-                from fapc.noise import noise_figure
-
-                pts = np.asarray(cloud.points, np.float64)
-                pts = pts[np.isfinite(pts).all(axis=1)]
-                figure = noise_figure(pts)
-                # the near scale fapc normals runs the shipped model at on this cloud (its
-                # figure is this one unless the cloud is larger than the block it looks at)
-                block = figure_points(pts)
-                config = cached_model(None, "cpu")[0].config
-                chosen = figure if len(block) == len(pts) else noise_figure(block)
-                near = scales_for_figure(config, chosen)
-        except FapcError as e:
-            if debug:
-                raise
-            _error(str(FapcError(e.reason, path=file)))
-            failed = True
-            continue
-        _info_one(file, cloud, as_json=as_json, noise=figure, near_scale=near)
-    if failed:
-        raise typer.Exit(1)
-
-
-# what each noise level is made for (fapc.noise)
-NOISE_HINTS = {"none": "noiseless", "light": "--light-smoothing, --crease are made for it",
-               "heavy": "sigma is a lower bound here",
-               "unknown": "nearly every neighbourhood is a line, as along scan lines"}
-
-
-def _info_one(file: Path, cloud: PointCloud, *, as_json: bool,
-              noise: NoiseFigure | None = None,
-              near_scale: tuple[int, int] | None = None) -> None:
-    import numpy as np
-
-    from fapc.io import sniff_format
-
-    pts = cloud.points
-    finite = np.isfinite(pts).all(axis=1)
-    lo = pts[finite].min(0).tolist() if finite.any() else [float("nan")] * 3
-    hi = pts[finite].max(0).tolist() if finite.any() else [float("nan")] * 3
-    data = {
-        "file": str(file), "format": sniff_format(str(file)).lstrip("."),
-        "points": len(cloud), "non_finite": int((~finite).sum()),
-        "dtype": str(pts.dtype), "bbox_min": lo, "bbox_max": hi,
-        "normals": cloud.normals is not None, "faces": 0 if cloud.faces is None else len(cloud.faces),
-        "attributes": {k: f"{v.dtype}{'' if v.ndim == 1 else f'x{v.shape[1]}'}"
-                       for k, v in cloud.attributes.items()},
-    }
-    if "las" in cloud.metadata:
-        from fapc.io.las import describe
-
-        data["las"] = describe(cloud.metadata["las"])
-    if "e57" in cloud.metadata:  # each scan: its name, points and scanner position
-        e57, index = cloud.metadata["e57"], cloud.attributes["scan_index"]
-        counts = np.bincount(index, minlength=len(e57["names"]))
-        data["e57_scans"] = [{"name": n, "points": int(c), "origin": o.tolist()}
-                             for n, c, o in zip(e57["names"], counts, e57["origins"], strict=True)]
-    if noise is not None:
-        data["noise"] = noise.to_dict()
-    if near_scale is not None:
-        data["fa_near_scale"], data["fa_edge_near_scale"] = near_scale
-    if as_json:
-        typer.echo(json.dumps(data))
-        return
-    t = Table(title=escape(str(file)), show_header=False)
-    t.add_column("", style="bold")
-    t.add_column("")
-
-    def row(key: str, value: str) -> None:  # values from the file: no rich markup
-        t.add_row(key, escape(value))
-
-    for key in ("format", "points", "non_finite", "dtype", "normals", "faces"):
-        row(key, f"{data[key]:,}" if isinstance(data[key], int) and not
-            isinstance(data[key], bool) else str(data[key]))
-    row("bbox min", " ".join(f"{v:.10g}" for v in lo))  # UTM metres to the mm
-    row("bbox max", " ".join(f"{v:.10g}" for v in hi))
-    if "las" in data:
-        las = data["las"]
-        row("las", f"point format {las['point_format']}, scale "
-            f"{' '.join(f'{v:g}' for v in las['scale'])}, coordinate system "
-            f"{las['crs'] or 'none recorded'}")
-    for i, scan in enumerate(data.get("e57_scans", [])):
-        row(f"scan {i}", f"{scan['name']}: {scan['points']:,} points, scanner at "
-            + " ".join(f"{v:.10g}" for v in scan["origin"]))
-    row("attributes", ", ".join(f"{k} ({v})" for k, v in data["attributes"].items()) or "-")
-    if noise is not None:
-        if noise.level == "unknown":
-            row("noise", f"unknown ({noise.lines:.0%} of neighbourhoods lines; "
-                f"{NOISE_HINTS[noise.level]})")
-        else:
-            lines = (f", {noise.lines:.0%} of neighbourhoods lines, left out"
-                     if noise.lines >= 0.01 else "")
-            row("noise", f"{noise.level}: {noise.ratio:.3f} point spacings (sigma "
-                f"{noise.sigma:.4g}, spacing {noise.spacing:.4g}{lines}; "
-                f"{NOISE_HINTS[noise.level]})")
-    if near_scale is not None:
-        k, edge = near_scale
-        at_edges = f", and {edge} at sharp edges (curved fits)" if edge else ""
-        row("fa near scale", f"{k} nearest points{at_edges} (what fapc normals runs the "
-            "shipped model at here: smaller on noiseless clouds without scan lines, and at "
-            "edges under light noise; --k overrides it)")
-    out.print(t)
-
-
 def main() -> None:
     try:
         app()
@@ -408,6 +276,7 @@ def main() -> None:
 
 
 # the other commands, in the order --help lists them
+from fapc import cli_info  # noqa: E402,F401,I001  (info)
 from fapc import cli_train  # noqa: E402,F401,I001  (sample, train, eval)
 from fapc import cli_tools  # noqa: E402,F401,I001  (bench, render)
 

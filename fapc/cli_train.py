@@ -248,7 +248,7 @@ def eval_cmd(
     from fapc.datasets import load_shapes
     from fapc.evaluate import DENSITY_COLUMNS, NOISE_COLUMNS, build_clouds, evaluate, model_method, pca_method
     from fapc.models.checkpoint import load_model
-    from fapc.normals import load_network, resolve_device
+    from fapc.runtime import load_network, resolve_device
 
     _setup_logging()
     try:

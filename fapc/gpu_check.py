@@ -72,9 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         sys.stderr.write("gpu-check: no CUDA device\n")
         return 2
-    from fapc import normals as normals_mod
+    from fapc import runtime
     from fapc.bench import bench_core, bench_knn
-    from fapc.normals import default_batch_size
     from fapc.profile import parse_sizes, profile_file, synthetic_file
 
     cuda = torch.device("cuda")
@@ -102,13 +101,13 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(("float32", False))  # without CUDA graphs, for comparison
             for precision, graphs in runs:
                 def one(f: str = f, precision: str = precision, graphs: bool = graphs) -> dict:
-                    normals_mod.CUDA_GRAPHS = graphs
+                    runtime.CUDA_GRAPHS = graphs
                     try:
                         r = profile_file(f, device="cuda", precision=precision)
                     finally:
-                        normals_mod.CUDA_GRAPHS = True
+                        runtime.CUDA_GRAPHS = True
                     r["precision"], r["cuda_graphs"] = precision, graphs
-                    r["batch_size"] = default_batch_size(cuda)
+                    r["batch_size"] = runtime.default_batch_size(cuda)
                     return r
                 res["pipeline"].append(_stage(res, "last_pipeline", one))
                 save()

@@ -34,7 +34,7 @@ class NormalsOptions:
     k: int | None = None  # pca: [normals.PCA_K]; fa: the near scale [the model's]
     model: str | None = None
     device: str = "auto"
-    batch_size: int | None = None  # per device: normals.default_batch_size
+    batch_size: int | None = None  # per device: runtime.default_batch_size
     precision: str = "auto"
     consensus: bool = True  # fa: snap at creases, smooth under heavy noise
     consensus_model: str | None = None  # the learned smoothing's weights [shipped]

@@ -57,7 +57,7 @@ def profile_file(path: str, *, method: str = "fa", device: str = "cpu", model: s
                  light_smoothing: bool = False) -> dict[str, Any]:
     """Run the pipeline on one file, timing each stage (seconds); ``crease`` and
     ``light_smoothing``: with those optional steps (timed in the consensus stage)."""
-    from fapc.normals import resolve_device
+    from fapc.runtime import resolve_device
 
     dev = resolve_device(device)
     now = _clock(dev)
@@ -124,19 +124,19 @@ def _profile_fa(pts: np.ndarray, t: dict[str, float], *, dev: torch.device, mode
     """The FA normals ``(N, 3)``, stage times added to ``t``; and the CUDA graph's capture
     time (one-time, like loading the model: not a stage), or None. The optional steps
     (``crease``, ``light_smoothing``) count in the consensus stage."""
-    from fapc import normals as normals_mod
+    from fapc import runtime
     from fapc.consensus import ConsensusSettings
     from fapc.consensus_batches import consensus_pass, crease_pass, neighbour_agreement_at
     from fapc.frames import compute_frames
     from fapc.memory import trim_every
     from fapc.models.checkpoint import load_model
     from fapc.near_scale import near_scales_for
-    from fapc.normals import configure_precision, default_batch_size, rerun_curved, run_network
+    from fapc.normals import rerun_curved
     from fapc.patches import PatchBuilder, TorchPatchBuilder
 
     net, _ = load_model(model, device=dev)
-    configure_precision(net, dev, precision)
-    batch_size = batch_size or default_batch_size(dev)
+    runtime.configure_precision(net, dev, precision)
+    batch_size = batch_size or runtime.default_batch_size(dev)
     n = len(pts)
     t0 = now()
     k_near, edge = near_scales_for(pts, net)  # as fapc normals picks them (a kNN stage)
@@ -148,7 +148,7 @@ def _profile_fa(pts: np.ndarray, t: dict[str, float], *, dev: torch.device, mode
     t["knn"] = now() - t0
     t["frames"] = t["network"] = 0.0
     spec = net.config.patch
-    graphed = dev.type == "cuda" and normals_mod.CUDA_GRAPHS
+    graphed = dev.type == "cuda" and runtime.CUDA_GRAPHS
     if graphed:  # capture once before timing, as a batch of files does (model loaded once)
         from fapc.cuda_graphs import graphed_forward
 
@@ -176,7 +176,7 @@ def _profile_fa(pts: np.ndarray, t: dict[str, float], *, dev: torch.device, mode
                                center=torch.zeros(len(q), 3, device=dev))
                 t["frames"] += now() - t0
             t0 = now()
-            out = run_network(net, patches)
+            out = runtime.run_network(net, patches)
             normals[q] = out["normal"].float().cpu().numpy()
             curvature[q] = out["curvature"].float().cpu().numpy()
             t["network"] += now() - t0

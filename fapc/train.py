@@ -29,7 +29,7 @@ from fapc.errors import FapcError
 from fapc.losses import make_loss, unoriented_loss
 from fapc.models.checkpoint import save_model
 from fapc.models.normal_net import NormalNet, NormalNetConfig
-from fapc.normals import resolve_device
+from fapc.runtime import resolve_device
 from fapc.train_data import batch_stream, split_shapes, validation_set
 
 log = logging.getLogger(__name__)

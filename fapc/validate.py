@@ -312,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from fapc.errors import FapcError
     from fapc.evaluate import model_method
-    from fapc.normals import estimate_normals, load_network, resolve_device
+    from fapc.normals import estimate_normals
+    from fapc.runtime import load_network, resolve_device
 
     p = argparse.ArgumentParser(prog="python -m fapc.validate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

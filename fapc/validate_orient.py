@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from fapc.datasets import load_shapes
     from fapc.errors import FapcError
-    from fapc.normals import estimate_normals, load_network, resolve_device
+    from fapc.normals import estimate_normals
+    from fapc.runtime import load_network, resolve_device
     from fapc.train import TrainConfig
     from fapc.validate import check_report_path, write_report
 

@@ -295,7 +295,7 @@ def test_resolve_device_names():
     import torch
 
     from fapc.errors import FapcError
-    from fapc.normals import resolve_device
+    from fapc.runtime import resolve_device
 
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -91,7 +91,7 @@ def test_precision_is_checked():
 def test_cuda_graph_replay_gives_the_eager_outputs():
     from fapc.cuda_graphs import GraphedForward
     from fapc.models.checkpoint import load_model
-    from fapc.normals import configure_precision
+    from fapc.runtime import configure_precision
 
     dev = torch.device("cuda")
     net, _ = load_model(None, device=dev)

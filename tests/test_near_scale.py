@@ -246,8 +246,9 @@ def test_edge_scale_is_chosen_for_lightly_noisy_clouds_only():
 def test_edge_scale_reruns_the_curved_fits_only_before_the_consensus_step():
     import torch
 
-    from fapc.normals import fa_normals, run_network
+    from fapc.normals import fa_normals
     from fapc.patches import PatchBuilder, builder_for_near_scale
+    from fapc.runtime import run_network
 
     net = _with_edge_scale(20)
     pts, _ = _lightly_noisy_cube(6000, seed=24)
