@@ -45,10 +45,13 @@ def info(
 
                 from fapc.models.checkpoint import cached_model
                 from fapc.near_scale import figure_points, scales_for_figure
+                from fapc.neighbors import distinct_points
                 from fapc.noise import noise_figure
 
                 pts = np.asarray(cloud.points, np.float64)
                 pts = pts[np.isfinite(pts).all(axis=1)]
+                dup = distinct_points(pts)  # as fapc normals sees the cloud
+                pts = pts if dup is None else pts[dup[0]]
                 figure = noise_figure(pts)
                 # the near scale fapc normals runs the shipped model at on this cloud (its
                 # figure is this one unless the cloud is larger than the block it looks at)

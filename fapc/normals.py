@@ -1,7 +1,9 @@
 """``estimate_normals``: the Python entry point behind ``fapc normals``.
 
 Non-finite points are handled here, once, for every method: they are left out of every
-neighbourhood and get a zero normal, zero confidence and zero curvature.
+neighbourhood and get a zero normal, zero confidence and zero curvature. Exact duplicate
+points are estimated once (:func:`fapc.neighbors.distinct_points`) and share the result, so
+copies do not crowd a neighbourhood.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from fapc.errors import FapcError
 from fapc.memory import trim_every
 from fapc.near_scale import near_scales_for, with_near_scale
+from fapc.neighbors import distinct_points
 from fapc.pca import pca_normals
 from fapc.runtime import (
     PRECISIONS,
@@ -300,7 +303,8 @@ def estimate_normals(
             answered; otherwise once, at the end).
 
     Raises:
-        FapcError: no finite point, or fewer finite points than a neighbourhood needs.
+        FapcError: no finite point, or fewer distinct finite points than a neighbourhood
+            needs.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -327,11 +331,17 @@ def estimate_normals(
     else:
         k = PCA_K if k is None else k
         need = k
-    if n_valid < need:
-        raise FapcError(f"only {n_valid} finite points, fewer than k={need} (the neighbourhood "
-                        "size)")
+    finite = np.asarray(pts[valid] if n_valid < len(pts) else pts, np.float64)  # (M, 3)
+    dup = distinct_points(finite)  # exact duplicates: estimated once, copied back
+    if dup is not None:
+        log.info("%d duplicate points: each distinct point is estimated once",
+                 len(finite) - len(dup[0]))
+        finite = finite[dup[0]]  # (U, 3)
+    if len(finite) < need:
+        what = "finite" if dup is None else "distinct finite"
+        raise FapcError(f"only {len(finite)} {what} points, fewer than k={need} (the "
+                        "neighbourhood size)")
     # centre the whole cloud in float64 first: georeferenced coordinates keep their precision
-    finite = np.asarray(pts[valid] if n_valid < len(pts) else pts, np.float64)
     finite = finite - finite.mean(axis=0)
     if query_index is not None:
         qi = np.asarray(query_index, np.int64)
@@ -343,13 +353,19 @@ def estimate_normals(
             ok, qi_f = np.ones(len(qi), bool), qi
     else:
         qi_f, ok = None, valid
+    expand = None  # rows of the distinct points' results, per finite point (or query)
+    if dup is not None:
+        if qi_f is None:
+            expand = dup[1]
+        else:
+            qi_f, expand = np.unique(dup[1][qi_f], return_inverse=True)
     if method == "fa" and getattr(net.config, "kind", "patch") != "shape":
         edge = 0
         if k is None:  # the model's near scales for this cloud's noise (fapc.near_scale)
             k_near, edge = near_scales_for(finite, net)
             net = net.with_near_scale(k_near)
         run: Callable[..., Any] = fa_normals
-        if tile_points is not None and n_valid > tile_points:
+        if tile_points is not None and len(finite) > tile_points:
             run = functools.partial(tiled_fa_normals, tile_points=tile_points)
         nrm, conf, curv = run(finite, net, device=dev, batch_size=batch_size,
                               query_index=qi_f, knn=knn, consensus=consensus,
@@ -365,6 +381,8 @@ def estimate_normals(
             nrm, conf, curv = shape_normals(finite, net, device=dev, query_index=qi_f)
         if progress is not None:
             progress(len(nrm), len(nrm))
+    if expand is not None:
+        nrm, conf, curv = nrm[expand], conf[expand], curv[expand]
     m = len(pts) if query_index is None else len(query_index)
     if ok.all():
         return NormalsResult(nrm, conf, curv, ok)

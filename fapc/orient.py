@@ -34,7 +34,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import breadth_first_order, connected_components, minimum_spanning_tree
 from scipy.spatial import cKDTree
 
-from fapc.neighbors import knn
+from fapc.neighbors import distinct_points, knn
 
 MODES = ("none", "mst", "viewpoint", "outward", "direction")
 # Chosen on TRAIN meshes (100,000 points, the FA normals, noise 0 / 0.125 / 0.6 %: 111
@@ -106,11 +106,19 @@ def orient_mst(points: np.ndarray, normals: np.ndarray, *, k: int = 8,
     cost). ``reflect_significance``: ``c`` of the mirrored agreement (module docstring);
     ``None`` compares the normals as they are (Hoppe's criterion). ``denoise_roughness``:
     the roughness from which the edges are measured between denoised points (module
-    docstring); ``None`` never.
+    docstring); ``None`` never. Exact duplicate points are oriented once (the first of each)
+    and each copy takes the side that agrees with it.
     """
-    n = len(points)
-    if n < 2:
+    if len(points) < 2:
         return normals.copy()
+    dup = distinct_points(np.asarray(points, np.float64))
+    if dup is not None:  # copies would make components of their own: orient one of each
+        first, inverse = dup
+        rep = orient_mst(points[first], normals[first], k=k, tangent_weight=tangent_weight,
+                         reflect_significance=reflect_significance,
+                         denoise_roughness=denoise_roughness)[inverse]  # (N, 3)
+        return np.where((np.einsum("ij,ij->i", normals, rep) < 0)[:, None], -normals, normals)
+    n = len(points)
     k = min(k + 1, n)
     kd = cKDTree(points)
     epts, idx = points, None

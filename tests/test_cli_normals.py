@@ -199,14 +199,21 @@ def test_nan_points_kept_dropped_or_refused(tmp_path):
     assert not (tmp_path / "strict.ply").exists()
 
 
-def test_duplicate_points_give_no_nan(tmp_path):
-    pts = np.repeat(sphere_points(50), 40, axis=0)  # each point 40 times: k=30 sees copies only
-    write_cloud(tmp_path / "d.ply", PointCloud(points=pts))
-    r = run("normals", str(tmp_path / "d.ply"), "-o", str(tmp_path / "o.ply"))
-    assert r.exit_code == 0
-    out = read_cloud(tmp_path / "o.ply")
-    assert np.isfinite(out.normals).all() and np.isfinite(out.attributes["confidence"]).all()
-    np.testing.assert_allclose(np.linalg.norm(out.normals, axis=1), 1, atol=1e-5)
+def test_duplicate_points_are_estimated_once_or_refused_when_too_few(tmp_path):
+    pts = sphere_points(400)
+    write_cloud(tmp_path / "u.ply", PointCloud(points=pts))
+    write_cloud(tmp_path / "d.ply", PointCloud(points=np.repeat(pts, 5, axis=0)))
+    for name in ("u", "d"):
+        r = run("normals", str(tmp_path / f"{name}.ply"), "-o", str(tmp_path / f"{name}.out.ply"))
+        assert r.exit_code == 0, r.stderr
+    alone, out = read_cloud(tmp_path / "u.out.ply"), read_cloud(tmp_path / "d.out.ply")
+    assert len(out) == 2000
+    np.testing.assert_array_equal(out.normals, np.repeat(alone.normals, 5, axis=0))
+    # 20 distinct points, each 100 times: too few for a neighbourhood, whatever the count
+    write_cloud(tmp_path / "few.ply", PointCloud(points=np.repeat(sphere_points(20), 100, axis=0)))
+    r = run("normals", str(tmp_path / "few.ply"), "-o", str(tmp_path / "few.out.ply"))
+    assert r.exit_code == 1 and "only 20 distinct finite points" in r.stderr
+    assert not (tmp_path / "few.out.ply").exists()
 
 
 def test_info_json(tmp_path, rich_cloud):

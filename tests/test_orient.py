@@ -29,6 +29,15 @@ def test_mst_orients_two_components_outward():
     assert 0.3 < ((scrambled * gt).sum(1) > 0).mean() < 0.7
 
 
+def test_mst_with_copies_of_every_point_still_orients_outward():
+    pts, gt, scrambled = _scrambled(2000, 2)
+    rng = np.random.default_rng(2)
+    rows = np.repeat(np.arange(2000), 12)  # each point 12 times: more than its k neighbours
+    flips = rng.choice([-1.0, 1.0], size=(len(rows), 1))  # copies disagree among themselves
+    out = orient_mst(pts[rows], scrambled[rows] * flips)
+    assert ((out * gt[rows]).sum(1) > 0).mean() > 0.999
+
+
 def test_viewpoint_and_outward():
     pts, gt, scrambled = _scrambled()
     out = orient(pts, scrambled, "viewpoint", viewpoint=np.zeros(3))

@@ -57,3 +57,37 @@ def test_georeferenced_cloud_same_normals_with_the_fa_network():
     b = estimate_normals(pts + np.array([5e5, 4e6, 100.0]), method="fa", model=model,
                          device="cpu").normals
     assert np.median(angle_deg(a, b)) < 0.01
+
+
+def test_distinct_points_first_occurrences_in_order_and_pose_independent():
+    from fapc.neighbors import distinct_points
+
+    rng = np.random.default_rng(3)
+    pts = rng.normal(size=(200, 3))
+    assert distinct_points(pts) is None
+    order = rng.integers(0, 200, 500)  # (500,) with repeats
+    first, inverse = distinct_points(pts[order])
+    assert np.all(np.diff(first) > 0)  # the input's order
+    np.testing.assert_array_equal(pts[order][first][inverse], pts[order])
+    assert len(first) == len(np.unique(order))
+    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))  # a rotation or reflection, and a shift
+    moved = distinct_points(pts[order] @ q.T + 5.0)
+    np.testing.assert_array_equal(moved[0], first)
+    np.testing.assert_array_equal(moved[1], inverse)
+
+
+def test_exact_duplicates_are_estimated_once_for_both_methods():
+    pts = sphere_points(2000, seed=4)
+    src = np.random.default_rng(4).integers(0, 2000, 6000)
+    copies = np.concatenate([pts, pts[src]])  # (8000, 3): on average 3 more of each point
+    for method in ("pca", "fa"):
+        alone = estimate_normals(pts, method=method, device="cpu")
+        res = estimate_normals(copies, method=method, device="cpu")
+        # the first 2,000 rows are the distinct points in order: the same run as without copies
+        np.testing.assert_array_equal(res.normals[:2000], alone.normals)
+        np.testing.assert_array_equal(res.confidence[:2000], alone.confidence)
+        np.testing.assert_array_equal(res.normals[2000:], alone.normals[src])
+        np.testing.assert_array_equal(res.curvature[2000:], alone.curvature[src])
+        qi = np.array([2000, 5, 7999, 5])  # a query subset, with a repeat, copies among them
+        sub = estimate_normals(copies, method=method, device="cpu", query_index=qi)
+        assert np.all(np.abs((sub.normals * res.normals[qi]).sum(1)) > 1 - 1e-6)
