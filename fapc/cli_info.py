@@ -90,6 +90,7 @@ def _info_one(file: Path, cloud: PointCloud, *, as_json: bool,
     data = {
         "file": str(file), "format": sniff_format(str(file)).lstrip("."),
         "points": len(cloud), "non_finite": int((~finite).sum()),
+        "duplicates": _duplicates(pts[finite]),
         "dtype": str(pts.dtype), "bbox_min": lo, "bbox_max": hi,
         "normals": cloud.normals is not None, "faces": 0 if cloud.faces is None else len(cloud.faces),
         "attributes": {k: f"{v.dtype}{'' if v.ndim == 1 else f'x{v.shape[1]}'}"
@@ -118,7 +119,7 @@ def _info_one(file: Path, cloud: PointCloud, *, as_json: bool,
     def row(key: str, value: str) -> None:  # values from the file: no rich markup
         t.add_row(key, escape(value))
 
-    for key in ("format", "points", "non_finite", "dtype", "normals", "faces"):
+    for key in ("format", "points", "non_finite", "duplicates", "dtype", "normals", "faces"):
         row(key, f"{data[key]:,}" if isinstance(data[key], int) and not
             isinstance(data[key], bool) else str(data[key]))
     row("bbox min", " ".join(f"{v:.10g}" for v in lo))  # UTM metres to the mm
@@ -149,3 +150,14 @@ def _info_one(file: Path, cloud: PointCloud, *, as_json: bool,
             "shipped model at here: smaller on noiseless clouds without scan lines, and at "
             "edges under light noise; --k overrides it)")
     out.print(t)
+
+
+def _duplicates(points) -> int:
+    """How many of the finite ``points (N, 3)`` repeat an earlier one exactly (fapc normals
+    estimates each distinct point once)."""
+    import numpy as np
+
+    from fapc.neighbors import distinct_points
+
+    dup = distinct_points(np.asarray(points, np.float64))
+    return 0 if dup is None else len(points) - len(dup[0])

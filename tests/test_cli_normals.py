@@ -214,6 +214,9 @@ def test_duplicate_points_are_estimated_once_or_refused_when_too_few(tmp_path):
     r = run("normals", str(tmp_path / "few.ply"), "-o", str(tmp_path / "few.out.ply"))
     assert r.exit_code == 1 and "only 20 distinct finite points" in r.stderr
     assert not (tmp_path / "few.out.ply").exists()
+    info = [json.loads(run("info", str(tmp_path / f), "--json").stdout)
+            for f in ("u.ply", "d.ply", "few.ply")]
+    assert [(d["points"], d["duplicates"]) for d in info] == [(400, 0), (2000, 1600), (2000, 1980)]
 
 
 def test_info_json(tmp_path, rich_cloud):
