@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
+import numpy as np
 import typer
 from rich.markup import escape
 from rich.table import Table
@@ -39,19 +40,13 @@ def info(
     for file in files:
         try:
             cloud = read_cloud(file, from_mesh=from_mesh)
+            pts, duplicates = _distinct_finite(cloud)  # as fapc normals sees the cloud
             figure, near = None, None
             if noise:  # (imports torch: only when asked)
-                import numpy as np
-
                 from fapc.models.checkpoint import cached_model
                 from fapc.near_scale import figure_points, scales_for_figure
-                from fapc.neighbors import distinct_points
                 from fapc.noise import noise_figure
 
-                pts = np.asarray(cloud.points, np.float64)
-                pts = pts[np.isfinite(pts).all(axis=1)]
-                dup = distinct_points(pts)  # as fapc normals sees the cloud
-                pts = pts if dup is None else pts[dup[0]]
                 figure = noise_figure(pts)
                 # the near scale fapc normals runs the shipped model at on this cloud (its
                 # figure is this one unless the cloud is larger than the block it looks at)
@@ -65,7 +60,8 @@ def info(
             _error(str(FapcError(e.reason, path=file)))
             failed = True
             continue
-        _info_one(file, cloud, as_json=as_json, noise=figure, near_scale=near)
+        _info_one(file, cloud, as_json=as_json, duplicates=duplicates, noise=figure,
+                  near_scale=near)
     if failed:
         raise typer.Exit(1)
 
@@ -76,11 +72,9 @@ NOISE_HINTS = {"none": "noiseless", "light": "--light-smoothing, --crease are ma
                "unknown": "nearly every neighbourhood is a line, as along scan lines"}
 
 
-def _info_one(file: Path, cloud: PointCloud, *, as_json: bool,
+def _info_one(file: Path, cloud: PointCloud, *, as_json: bool, duplicates: int,
               noise: NoiseFigure | None = None,
               near_scale: tuple[int, int] | None = None) -> None:
-    import numpy as np
-
     from fapc.io import sniff_format
 
     pts = cloud.points
@@ -90,7 +84,7 @@ def _info_one(file: Path, cloud: PointCloud, *, as_json: bool,
     data = {
         "file": str(file), "format": sniff_format(str(file)).lstrip("."),
         "points": len(cloud), "non_finite": int((~finite).sum()),
-        "duplicates": _duplicates(pts[finite]),
+        "duplicates": duplicates,
         "dtype": str(pts.dtype), "bbox_min": lo, "bbox_max": hi,
         "normals": cloud.normals is not None, "faces": 0 if cloud.faces is None else len(cloud.faces),
         "attributes": {k: f"{v.dtype}{'' if v.ndim == 1 else f'x{v.shape[1]}'}"
@@ -152,12 +146,12 @@ def _info_one(file: Path, cloud: PointCloud, *, as_json: bool,
     out.print(t)
 
 
-def _duplicates(points) -> int:
-    """How many of the finite ``points (N, 3)`` repeat an earlier one exactly (fapc normals
-    estimates each distinct point once)."""
-    import numpy as np
-
+def _distinct_finite(cloud: PointCloud) -> tuple[np.ndarray, int]:
+    """The cloud's distinct finite points ``(U, 3)`` float64, and how many finite points
+    repeat an earlier one exactly (fapc normals estimates each distinct point once)."""
     from fapc.neighbors import distinct_points
 
-    dup = distinct_points(np.asarray(points, np.float64))
-    return 0 if dup is None else len(points) - len(dup[0])
+    pts = np.asarray(cloud.points, np.float64)
+    pts = pts[np.isfinite(pts).all(axis=1)]
+    dup = distinct_points(pts)
+    return (pts, 0) if dup is None else (pts[dup[0]], len(pts) - len(dup[0]))

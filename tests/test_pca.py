@@ -76,6 +76,20 @@ def test_distinct_points_first_occurrences_in_order_and_pose_independent():
     np.testing.assert_array_equal(moved[1], inverse)
 
 
+def test_distinct_points_survives_hash_collisions(monkeypatch):
+    import fapc.neighbors as nb
+
+    rng = np.random.default_rng(5)
+    pts = rng.normal(size=(300, 3))
+    order = rng.integers(0, 300, 700)
+    want = nb.distinct_points(pts[order])
+    monkeypatch.setattr(nb, "_mix", lambda x: x & np.uint64(7))  # (N,) few hash values
+    assert nb.distinct_points(pts) is None  # every hash repeats, no point does
+    got = nb.distinct_points(pts[order])
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+
+
 def test_exact_duplicates_are_estimated_once_for_both_methods():
     pts = sphere_points(2000, seed=4)
     src = np.random.default_rng(4).integers(0, 2000, 6000)
