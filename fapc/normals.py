@@ -339,7 +339,8 @@ def estimate_normals(
         finite = finite[dup[0]]  # (U, 3)
     if len(finite) < need:
         what = "finite" if dup is None else "distinct finite"
-        raise FapcError(f"only {len(finite)} {what} points, fewer than k={need} (the "
+        noun = "point" if len(finite) == 1 else "points"
+        raise FapcError(f"only {len(finite)} {what} {noun}, fewer than k={need} (the "
                         "neighbourhood size)")
     # centre the whole cloud in float64 first: georeferenced coordinates keep their precision
     finite = finite - finite.mean(axis=0)
