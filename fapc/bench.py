@@ -154,7 +154,7 @@ def bench_knn(n: int = 1_000_000, *, device: str = "cpu", k: int = 32, far_k: in
 
 def bench_accuracy(root: str | None = None, *, model: str | None = None,
                    consensus_model: str | None = None, crease: bool = False,
-                   light_smoothing: bool = False,
+                   light_smoothing: bool | None = None,
                    queries: int = 5000) -> dict[str, Any] | None:
     """The accuracy table on the TEST split (``../shared/data``): the model (with the learned
     smoothing ``consensus_model``, default the shipped one, and the optional steps ``crease``
@@ -288,8 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--consensus-model", default=None,
                    help="the learned smoothing's weights (default the shipped ones)")
     p.add_argument("--crease", action="store_true", help="accuracy: with fapc normals --crease")
-    p.add_argument("--light-smoothing", action="store_true",
-                   help="accuracy: with fapc normals --light-smoothing")
+    p.add_argument("--light-smoothing", action=argparse.BooleanOptionalAction, default=None,
+                   help="accuracy: with (or without) the light smoothing, as fapc normals "
+                   "--light-smoothing (default: the model's choice per cloud)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--points", type=int, default=1_000_000)
     p.add_argument("--queries", type=int, default=5000,

@@ -111,10 +111,12 @@ def normals(
         help="fa: under light noise (up to about a quarter of the point spacing), points a few "
         "noise widths from a sharp edge take the face they lie on (scans of machined "
         "parts).")] = False,
-    light_smoothing: Annotated[bool, typer.Option(
+    light_smoothing: Annotated[bool | None, typer.Option(
+        "--light-smoothing/--no-light-smoothing",
         help="fa: under light noise (about 0.01-0.1 of the point spacing), a last pass refits "
         "each normal from its 32 nearest points' normals (lightly noisy scans of smooth "
-        "surfaces; rounds detail as fine as the spacing).")] = False,
+        "surfaces; rounds detail as fine as the spacing). Default: the model decides per "
+        "cloud, by its noise figure (fapc info --noise).")] = None,
     fields: Annotated[str, typer.Option(
         help="Comma-separated outputs: normals,confidence,curvature.")] = "normals,confidence,"
     "curvature",

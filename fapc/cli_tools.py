@@ -27,8 +27,10 @@ def bench(
     "auto",
     crease: Annotated[bool, typer.Option(
         help="fa: with the optional face choice at creases (in the consensus stage).")] = False,
-    light_smoothing: Annotated[bool, typer.Option(
-        help="fa: with the optional light smoothing (in the consensus stage).")] = False,
+    light_smoothing: Annotated[bool | None, typer.Option(
+        "--light-smoothing/--no-light-smoothing",
+        help="fa: with (or without) the light smoothing, in the consensus stage (default: "
+        "the model's choice per cloud, as fapc normals).")] = None,
     open3d: Annotated[bool, typer.Option("--open3d/--no-open3d",
                                          help="Time open3d estimate_normals too.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Results as JSON on stdout.")] = False,

@@ -226,8 +226,10 @@ def eval_cmd(
         "default the shipped ones).")] = None,
     crease: Annotated[bool, typer.Option(
         help="With the optional face choice at creases (as fapc normals --crease).")] = False,
-    light_smoothing: Annotated[bool, typer.Option(
-        help="With the optional light smoothing (as fapc normals --light-smoothing).")] = False,
+    light_smoothing: Annotated[bool | None, typer.Option(
+        "--light-smoothing/--no-light-smoothing",
+        help="With (or without) the light smoothing, as fapc normals --light-smoothing "
+        "(default: the model's choice per cloud).")] = None,
     rotate: Annotated[str, typer.Option(help="none, so3 or o3: random pose per cloud.")] = "none",
     columns: Annotated[str, typer.Option(help="Mesh columns.")] = "none,0.125%,0.6%,1.2%",
     pca_k: Annotated[str, typer.Option(help="PCA baselines' k.")] = "16,32,64,128,256",

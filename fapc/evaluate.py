@@ -199,7 +199,7 @@ def pca_method(k: int) -> Estimator:
 
 def model_method(model: Any, *, device: str = "auto", batch_size: int = 4096,
                  consensus_model: str | None = None, crease: bool = False,
-                 light_smoothing: bool = False) -> Estimator:
+                 light_smoothing: bool | None = None) -> Estimator:
     """The FA pipeline with ``model`` (and the learned smoothing ``consensus_model``,
     default the shipped one; the optional steps ``crease`` and ``light_smoothing``, as in
     :func:`fapc.normals.estimate_normals`) as an estimator."""

@@ -77,28 +77,49 @@ def edge_scale_for_figure(config: Any, figure: Any) -> int:
     return 0
 
 
+def light_for_figure(config: Any, figure: Any) -> bool:
+    """Whether the light smoothing (:mod:`fapc.light`) runs by default for a network with
+    ``config`` on a cloud whose noise figure is ``figure``: where the model sets
+    ``light_whiteness``, the figure says lightly noisy (level ``light``), the sampling has no
+    scan lines (as for ``clean_k_near``), and the scatter is noise rather than detail (its
+    ``whiteness`` at least ``light_whiteness``: fine sculpted relief also reads ``light``,
+    and the smoothing would round it)."""
+    w = getattr(config, "light_whiteness", 0.0)
+    return bool(w and figure.level == "light" and figure.lines <= CLEAN_LINES_MAX
+                and figure.whiteness >= w)
+
+
 def scales_for_figure(config: Any, figure: Any) -> tuple[int, int]:
     """``(near scale, edge scale)`` of a network with ``config`` on a cloud whose noise figure
     is ``figure`` (:func:`scale_for_figure`, :func:`edge_scale_for_figure`)."""
     return scale_for_figure(config, figure), edge_scale_for_figure(config, figure)
 
 
-def near_scales_for(points: np.ndarray, net: Any) -> tuple[int, int]:
-    """The near scales a patch network runs at on ``points (N, 3)`` (finite) when no ``k`` is
-    asked for: its near scale (:func:`scale_for_figure`) and the one its points of high
-    curvature are run at again (:func:`edge_scale_for_figure`; 0: none), both from the noise
-    figure of :func:`figure_points` (a model with neither setting takes no figure). Built on
+def choices_for(points: np.ndarray, net: Any) -> tuple[int, int, bool]:
+    """What a patch network does on ``points (N, 3)`` (finite) where the user chooses
+    nothing: its near scale (:func:`scale_for_figure`), the one its points of high curvature
+    are run at again (:func:`edge_scale_for_figure`; 0: none) and whether the light
+    smoothing runs (:func:`light_for_figure`), all from the noise figure of
+    :func:`figure_points` (a model with none of these settings takes no figure). Built on
     distances only, so the choice does not depend on the cloud's pose."""
     c = net.config
     clean = getattr(c, "clean_k_near", 0) not in (0, c.k_near)
-    if not clean and not getattr(c, "edge_k_near", 0):
-        return c.k_near, 0
+    if not clean and not getattr(c, "edge_k_near", 0) and not getattr(c, "light_whiteness", 0):
+        return c.k_near, 0, False
     from fapc.noise import noise_figure
 
     fig = noise_figure(figure_points(points))
     k, edge = scales_for_figure(c, fig)
-    log.debug("noise figure %.4f (%s, lines %.3f): near scale %d, at edges %d", fig.ratio,
-              fig.level, fig.lines, k, edge)
+    light = light_for_figure(c, fig)
+    log.debug("noise figure %.4f (%s, lines %.3f, whiteness %.3f): near scale %d, at edges "
+              "%d, light smoothing %s", fig.ratio, fig.level, fig.lines, fig.whiteness, k, edge,
+              light)
+    return k, edge, light
+
+
+def near_scales_for(points: np.ndarray, net: Any) -> tuple[int, int]:
+    """The near scale and edge scale of :func:`choices_for`."""
+    k, edge, _ = choices_for(points, net)
     return k, edge
 
 

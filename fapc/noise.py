@@ -55,7 +55,9 @@ class NoiseFigure:
     cloud's units; ``spacing``: the median distance to the 9th nearest point; ``ratio``:
     the plane residual over the spacing (what the levels are cut on); ``level``: one of
     :data:`LEVELS`; ``points``: how many points were sampled; ``lines``: the share of their
-    neighbourhoods that are lines (left out; NaN figures where nearly all are)."""
+    neighbourhoods that are lines (left out; NaN figures where nearly all are);
+    ``whiteness``: whether the residual is noise or detail (:func:`residual_whiteness`: about
+    1.2 for white noise, about 0.5 or less for detail finer than a quadric fit)."""
 
     sigma: float
     spacing: float
@@ -63,6 +65,7 @@ class NoiseFigure:
     level: str
     points: int
     lines: float
+    whiteness: float = float("nan")
 
     def to_dict(self) -> dict[str, Any]:
         """The fields, NaN as None (JSON has no NaN)."""
@@ -107,5 +110,47 @@ def noise_figure(points: Any, *, sample: int = 20_000, seed: int = 0,
     r, h = residual_scale(residual, torch.from_numpy(dist[:, s.spacing_rank])[patch], s)
     ratio = r / h if h > 0 else 0.0
     level = "none" if ratio < s.gate_lo else "light" if ratio < s.gate_hi else "heavy"
+    white = residual_whiteness(pts, near_of=at[patch.numpy()][:WHITE_SAMPLE])
     return NoiseFigure(sigma=r / s.calib, spacing=h, ratio=ratio, level=level, points=len(at),
-                       lines=lines)
+                       lines=lines, whiteness=white)
+
+
+WHITE_K = 32  # residual_whiteness: the neighbourhood of each sampled point ...
+WHITE_SAMPLE = 3000  # ... at this many of the figure's sampled points (patches, not lines)
+
+
+def residual_whiteness(points: np.ndarray, *, near_of: np.ndarray, k: int = WHITE_K) -> float:
+    """Whether what scatters ``points (N, 3)`` off a smooth surface is noise or detail.
+
+    At each point of ``near_of (S,)``, a quadric height field is fitted to its ``k`` nearest
+    points (in their PCA frame), and each of those points' residual is compared with that of
+    its nearest neighbour among them (over the tangent plane): the median over the
+    neighbourhoods of ``mean (r_i - r_nn(i))^2 / (2 mean r_i^2)``. White noise leaves
+    residuals that do not depend on their neighbours' (about 1.2: the fit makes nearby ones
+    slightly opposed); detail finer than the quadric (sculpted relief, facets, ripples at the
+    scale of the point spacing) leaves residuals that follow their neighbours' (0.4-0.6 on
+    TRAIN meshes sampled coarsely, 0.4 on a rippled sphere). Distances only: it does not
+    depend on the pose of the cloud. NaN where ``near_of`` is empty or nothing scatters.
+    """
+    from scipy.spatial import cKDTree
+
+    if not len(near_of) or len(points) < k:
+        return float("nan")
+    _, nb = cKDTree(points).query(points[near_of], k=k)  # (S, k)
+    c = points[nb] - points[nb].mean(axis=1, keepdims=True)  # (S, k, 3)
+    _, vecs = sym3_eigh(torch.from_numpy(np.einsum("ski,skj->sij", c, c)))
+    loc = np.einsum("ski,sij->skj", c, vecs.numpy())  # (S, k, 3): height first (smallest)
+    radius = np.sqrt((loc[..., 1:] ** 2).sum(-1).max(1, keepdims=True)) + 1e-300  # (S, 1)
+    z, u, v = loc[..., 0], loc[..., 1] / radius, loc[..., 2] / radius  # (S, k) each
+    a = np.stack([np.ones_like(u), u, v, u * u, u * v, v * v], axis=-1)  # (S, k, 6)
+    ata = np.einsum("ski,skj->sij", a, a) + 1e-9 * np.eye(6)
+    coef = np.linalg.solve(ata, np.einsum("ski,sk->si", a, z)[..., None])[..., 0]  # (S, 6)
+    r = z - np.einsum("ski,si->sk", a, coef)  # (S, k) residuals
+    d = (u[:, :, None] - u[:, None, :]) ** 2 + (v[:, :, None] - v[:, None, :]) ** 2
+    d[:, np.arange(k), np.arange(k)] = np.inf
+    rn = np.take_along_axis(r, d.argmin(axis=2), axis=1)  # (S, k) nearest neighbour's residual
+    den = 2.0 * (r ** 2).mean(axis=1)
+    ok = den > 0
+    if not ok.any():
+        return float("nan")
+    return float(np.median(((r - rn) ** 2).mean(axis=1)[ok] / den[ok]))

@@ -20,7 +20,7 @@ import torch
 
 from fapc.errors import FapcError
 from fapc.memory import trim_every
-from fapc.near_scale import near_scales_for, with_near_scale
+from fapc.near_scale import choices_for, with_near_scale
 from fapc.neighbors import distinct_points
 from fapc.pca import pca_normals
 from fapc.runtime import (
@@ -247,7 +247,7 @@ def estimate_normals(
     consensus: bool = True,
     consensus_model: str | os.PathLike | None = None,
     crease: bool = False,
-    light_smoothing: bool = False,
+    light_smoothing: bool | None = None,
     tile_points: int | None = TILE_POINTS,
     progress: Callable[[int, int], None] | None = None,
 ) -> NormalsResult:
@@ -292,8 +292,11 @@ def estimate_normals(
         light_smoothing: for ``fa`` with ``consensus``: under light noise (0.012-0.1 point
             spacings), a last consensus pass refits each normal from its 32 nearest points'
             normals (:mod:`fapc.light`; one hop more with ``query_index``). For lightly noisy
-            scans of smooth surfaces; off by default, as it rounds detail at the scale of the
-            point spacing.
+            scans of smooth surfaces; it rounds detail at the scale of the point spacing.
+            None (default): the model decides by the cloud's noise figure
+            (:func:`fapc.near_scale.light_for_figure`: on where the cloud reads lightly noisy
+            and its scatter is noise rather than detail, if the model sets
+            ``light_whiteness``).
         tile_points: for ``fa``: a cloud of more finite points than this is done in tiles
             of at most this many, each with a halo (:mod:`fapc.tiles`), so memory stays that
             of one tile (about 3 GB on a CPU for the default 5 M); the answers are those of
@@ -361,17 +364,20 @@ def estimate_normals(
         else:
             qi_f, expand = np.unique(dup[1][qi_f], return_inverse=True)
     if method == "fa" and getattr(net.config, "kind", "patch") != "shape":
-        edge = 0
-        if k is None:  # the model's near scales for this cloud's noise (fapc.near_scale)
-            k_near, edge = near_scales_for(finite, net)
-            net = net.with_near_scale(k_near)
+        edge, light = 0, bool(light_smoothing)
+        if k is None or light_smoothing is None:  # by this cloud's noise (fapc.near_scale)
+            k_near, edge_auto, light_auto = choices_for(finite, net)
+            if k is None:
+                net, edge = net.with_near_scale(k_near), edge_auto
+            if light_smoothing is None:
+                light = light_auto
         run: Callable[..., Any] = fa_normals
         if tile_points is not None and len(finite) > tile_points:
             run = functools.partial(tiled_fa_normals, tile_points=tile_points)
         nrm, conf, curv = run(finite, net, device=dev, batch_size=batch_size,
                               query_index=qi_f, knn=knn, consensus=consensus,
                               consensus_model=consensus_model, crease=crease,
-                              light_smoothing=light_smoothing, progress=progress,
+                              light_smoothing=light, progress=progress,
                               edge_scale=edge)
     else:  # PCA, or a whole-shape model: one step
         if method == "pca":

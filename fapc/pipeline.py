@@ -39,7 +39,7 @@ class NormalsOptions:
     consensus: bool = True  # fa: snap at creases, smooth under heavy noise
     consensus_model: str | None = None  # the learned smoothing's weights [shipped]
     crease: bool = False  # fa: under light noise, points near a sharp edge take their face
-    light_smoothing: bool = False  # fa: under light noise, refit from the nearest normals
+    light_smoothing: bool | None = None  # fa: light noise: refit from nearest normals [model's choice]
     tile_points: int | None = TILE_POINTS  # fa: larger clouds in tiles (fapc.tiles); None: never
     from_mesh: str | None = None
     orient: str = "none"

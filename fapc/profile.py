@@ -54,9 +54,10 @@ def peak_rss_mb() -> float:
 def profile_file(path: str, *, method: str = "fa", device: str = "cpu", model: str | None = None,
                  k: int = 30, orient: str = "none", batch_size: int | None = None,
                  out_path: str | None = None, precision: str = "auto", crease: bool = False,
-                 light_smoothing: bool = False) -> dict[str, Any]:
+                 light_smoothing: bool | None = None) -> dict[str, Any]:
     """Run the pipeline on one file, timing each stage (seconds); ``crease`` and
-    ``light_smoothing``: with those optional steps (timed in the consensus stage)."""
+    ``light_smoothing``: with those optional steps (timed in the consensus stage; None: the
+    light smoothing where the model's choice for the cloud runs it, as in fapc normals)."""
     from fapc.runtime import resolve_device
 
     dev = resolve_device(device)
@@ -119,7 +120,7 @@ def profile_file(path: str, *, method: str = "fa", device: str = "cpu", model: s
 
 def _profile_fa(pts: np.ndarray, t: dict[str, float], *, dev: torch.device, model: str | None,
                 batch_size: int | None, now: Callable[[], float], precision: str,
-                crease: bool = False, light_smoothing: bool = False
+                crease: bool = False, light_smoothing: bool | None = None
                 ) -> tuple[np.ndarray, float | None]:
     """The FA normals ``(N, 3)``, stage times added to ``t``; and the CUDA graph's capture
     time (one-time, like loading the model: not a stage), or None. The optional steps
@@ -130,7 +131,7 @@ def _profile_fa(pts: np.ndarray, t: dict[str, float], *, dev: torch.device, mode
     from fapc.frames import compute_frames
     from fapc.memory import trim_every
     from fapc.models.checkpoint import load_model
-    from fapc.near_scale import near_scales_for
+    from fapc.near_scale import choices_for
     from fapc.normals import rerun_curved
     from fapc.patches import PatchBuilder, TorchPatchBuilder
 
@@ -139,7 +140,8 @@ def _profile_fa(pts: np.ndarray, t: dict[str, float], *, dev: torch.device, mode
     batch_size = batch_size or runtime.default_batch_size(dev)
     n = len(pts)
     t0 = now()
-    k_near, edge = near_scales_for(pts, net)  # as fapc normals picks them (a kNN stage)
+    k_near, edge, light = choices_for(pts, net)  # as fapc normals picks them (a kNN stage)
+    light_smoothing = light if light_smoothing is None else light_smoothing
     net = net.with_near_scale(k_near)
     if dev.type == "cuda":
         builder: Any = TorchPatchBuilder(pts, net.config.patch, device=dev)

@@ -322,8 +322,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="the learned smoothing's weights (default: the shipped ones)")
     p.add_argument("--crease", action="store_true",
                    help="with the optional face choice at creases (fapc normals --crease)")
-    p.add_argument("--light-smoothing", action="store_true",
-                   help="with the optional light smoothing (fapc normals --light-smoothing)")
+    p.add_argument("--light-smoothing", action=argparse.BooleanOptionalAction, default=None,
+                   help="with (or without) the light smoothing, as fapc normals "
+                   "--light-smoothing (default: the model's choice per cloud)")
     p.add_argument("--config", default="fapc/weights/default.toml",
                    help="training config: its data and held-out split")
     p.add_argument("--suites", default="ACD",

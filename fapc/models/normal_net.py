@@ -80,6 +80,9 @@ class NormalNetConfig:
     # (0: off); fapc.near_scale.near_scales_for turns it on by the cloud's noise figure
     edge_k_near: int = 0
     edge_curvature: float = 0.04
+    # the light smoothing (fapc.light) by default on lightly noisy clouds whose scatter reads
+    # as noise, not detail (noise figure's whiteness at least this; 0: only when asked for)
+    light_whiteness: float = 0.0
     extra: dict = field(default_factory=dict)
 
     @property
