@@ -44,7 +44,7 @@ def info(
             figure, near = None, None
             if noise:  # (imports torch: only when asked)
                 from fapc.models.checkpoint import cached_model
-                from fapc.near_scale import figure_points, scales_for_figure
+                from fapc.near_scale import figure_points, light_for_figure, scales_for_figure
                 from fapc.noise import noise_figure
 
                 figure = noise_figure(pts)
@@ -53,7 +53,7 @@ def info(
                 block = figure_points(pts)
                 config = cached_model(None, "cpu")[0].config
                 chosen = figure if len(block) == len(pts) else noise_figure(block)
-                near = scales_for_figure(config, chosen)
+                near = (*scales_for_figure(config, chosen), light_for_figure(config, chosen))
         except FapcError as e:
             if debug:
                 raise
@@ -74,7 +74,7 @@ NOISE_HINTS = {"none": "noiseless", "light": "--light-smoothing, --crease are ma
 
 def _info_one(file: Path, cloud: PointCloud, *, as_json: bool, duplicates: int,
               noise: NoiseFigure | None = None,
-              near_scale: tuple[int, int] | None = None) -> None:
+              near_scale: tuple[int, int, bool] | None = None) -> None:
     from fapc.io import sniff_format
 
     pts = cloud.points
@@ -102,7 +102,8 @@ def _info_one(file: Path, cloud: PointCloud, *, as_json: bool, duplicates: int,
     if noise is not None:
         data["noise"] = noise.to_dict()
     if near_scale is not None:
-        data["fa_near_scale"], data["fa_edge_near_scale"] = near_scale
+        (data["fa_near_scale"], data["fa_edge_near_scale"],
+         data["fa_light_smoothing"]) = near_scale
     if as_json:
         typer.echo(json.dumps(data))
         return
@@ -137,12 +138,17 @@ def _info_one(file: Path, cloud: PointCloud, *, as_json: bool, duplicates: int,
             row("noise", f"{noise.level}: {noise.ratio:.3f} point spacings (sigma "
                 f"{noise.sigma:.4g}, spacing {noise.spacing:.4g}{lines}; "
                 f"{NOISE_HINTS[noise.level]})")
+            row("whiteness", f"{noise.whiteness:.2f} (about 1.2 where the scatter is noise, "
+                "0.7 or less where it is relief finer than a 32-point neighbourhood)")
     if near_scale is not None:
-        k, edge = near_scale
+        k, edge, light = near_scale
         at_edges = f", and {edge} at sharp edges (curved fits)" if edge else ""
         row("fa near scale", f"{k} nearest points{at_edges} (what fapc normals runs the "
             "shipped model at here: smaller on noiseless clouds without scan lines, and at "
             "edges under light noise; --k overrides it)")
+        row("light smoothing", ("on" if light else "off") + " by default here (on where "
+            "the model sets it, for light noise whose scatter is noise, not relief; "
+            "--light-smoothing / --no-light-smoothing override it)")
     out.print(t)
 
 

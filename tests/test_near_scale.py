@@ -330,3 +330,35 @@ def test_the_device_path_runs_the_edge_scale_as_the_cpu_path_does():
     got = estimate_normals(pts, device="cpu", knn="torch").normals
     assert angle_deg(got, want).max() < 0.1  # float32 rounding of the searches
     assert angle_deg(want, estimate_normals(pts, device="cpu", k=32).normals).max() > 1.0
+
+
+def _with_light_gate(whiteness: float):
+    from dataclasses import replace
+
+    from fapc.models.normal_net import NormalNet
+
+    base = load_model(None)[0]
+    net = NormalNet(replace(base.config, light_whiteness=whiteness))
+    net.load_state_dict(base.state_dict())
+    return net.eval()
+
+
+def test_light_smoothing_by_default_where_the_scatter_is_noise_not_relief():
+    from test_noise import SPACING, noisy_plane, rippled_plane
+
+    from fapc.near_scale import choices_for
+
+    net = _with_light_gate(0.9)
+    noisy = noisy_plane(0.05 * SPACING, n=80, seed=9)  # both read as light noise
+    relief = rippled_plane(0.2 * SPACING, 6 * SPACING, n=80)
+    assert choices_for(noisy, net)[2] and not choices_for(relief, net)[2]
+    assert not choices_for(noisy, _with_light_gate(0.0))[2]  # off in the model
+    rot = Rotation.random(random_state=24).as_matrix()
+    assert choices_for(noisy @ rot.T + 30.0, net)[2]  # distances only
+    # None (the default) follows the model's choice; True and False override it
+    for pts, chosen in ((noisy, True), (relief, False)):
+        auto = estimate_normals(pts, model=net, device="cpu").normals
+        on = estimate_normals(pts, model=net, device="cpu", light_smoothing=True).normals
+        off = estimate_normals(pts, model=net, device="cpu", light_smoothing=False).normals
+        assert angle_deg(on, off).max() > 0.01  # the step does something on both
+        np.testing.assert_array_equal(auto, on if chosen else off)

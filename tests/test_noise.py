@@ -101,6 +101,11 @@ def test_cli_info_noise(tmp_path) -> None:
 
     edge = load_model(None)[0].config.edge_k_near  # light noise: the shipped edge scale
     assert json.loads(line)["fa_edge_near_scale"] == edge
+    assert got["whiteness"] > 1.0  # white noise; the table gives it too
+    assert json.loads(line)["fa_light_smoothing"] == (
+        load_model(None)[0].config.light_whiteness > 0)
+    table = runner.invoke(app, ["info", str(tmp_path / "plane.ply"), "--noise"]).stdout
+    assert "whiteness" in table and "light smoothing" in table
     assert "few.ply" in r.stderr and "finite points" in r.stderr
     assert "Traceback" not in r.stderr
     # noiseless, no scan lines: the clean near scale
@@ -139,3 +144,28 @@ def test_scan_lines_are_left_out_not_read_as_noiseless() -> None:
     assert 0.2 < mixed.lines < 0.8
     assert mixed.level == "light"
     assert mixed.sigma == pytest.approx(0.0005, rel=0.3)
+
+
+def rippled_plane(amplitude: float, wavelength: float, *, n: int = 150) -> np.ndarray:
+    """The grid of :func:`noisy_plane`, noiseless, with relief ``amplitude sin(2 pi x / wl)
+    sin(2 pi y / wl)`` along z: detail, not noise."""
+    pts = noisy_plane(0.0, n=n, seed=6)
+    w = 2 * np.pi / wavelength
+    pts[:, 2] = amplitude * np.sin(w * pts[:, 0]) * np.sin(w * pts[:, 1])
+    return pts
+
+
+def test_whiteness_tells_noise_from_relief_that_reads_as_light_noise() -> None:
+    noisy = noise_figure(noisy_plane(0.05 * SPACING, seed=7))
+    relief = noise_figure(rippled_plane(0.2 * SPACING, 6 * SPACING))
+    assert noisy.level == relief.level == "light"  # the level alone cannot tell them apart
+    assert noisy.whiteness > 1.1 and relief.whiteness < 0.7
+    # distances only: the same under a rigid motion, a permutation and a change of scale
+    # (2,500 points: every one is sampled, as whiteness takes at most 3,000)
+    pts = noisy_plane(0.05 * SPACING, n=50, seed=8)
+    full = noise_figure(pts, sample=len(pts))
+    rot = random_rotation(torch.Generator().manual_seed(3)).numpy()
+    perm = np.random.default_rng(5).permutation(len(pts))
+    for other in (pts @ rot.T + [1e5, -3e5, 20.0], pts[perm], 5.0 * pts):
+        assert noise_figure(other, sample=len(pts)).whiteness == pytest.approx(
+            full.whiteness, rel=1e-6)
