@@ -7,7 +7,9 @@ near the scale they were trained at, and a noiseless cloud's sharp edges and thi
 better served by a smaller one (the shipped model's ``clean_k_near``; the model card gives the
 figures). Under light noise the points at sharp edges are too: there the network runs a second
 time, at ``edge_k_near``, at the points whose fit is curved (``edge_curvature``), before the
-consensus step.
+consensus step. The same noise figure also decides whether the light smoothing
+(:mod:`fapc.light`) runs: on lightly noisy clouds whose scatter is noise, not relief
+(``light_whiteness``, :func:`light_for_figure`).
 """
 
 from __future__ import annotations

@@ -23,6 +23,10 @@ are made for the cloud:
   noise nears the spacing, so ``sigma`` is then a lower bound; the default's learned smoothing
   is made for it.
 
+``whiteness`` (:func:`residual_whiteness`) tells noise from relief that reads as light noise:
+it compares each point's residual to a quadric fit with its nearest neighbour's, which white
+noise leaves unrelated and relief leaves alike.
+
 ``sigma``, the residual over a calibration factor (the residual of a ``plane_k``-point fit is
 biased low), estimates the noise's standard deviation across the surface; in the light range
 it is within about 25 % of the truth on a noisy plane (``tests/test_noise.py``). Built from
