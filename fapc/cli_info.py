@@ -44,7 +44,7 @@ def info(
             figure, near = None, None
             if noise:  # (imports torch: only when asked)
                 from fapc.models.checkpoint import cached_model
-                from fapc.near_scale import figure_points, light_for_figure, scales_for_figure
+                from fapc.near_scale import choices_for_figure, figure_points
                 from fapc.noise import noise_figure
 
                 figure = noise_figure(pts)
@@ -53,7 +53,7 @@ def info(
                 block = figure_points(pts)
                 config = cached_model(None, "cpu")[0].config
                 chosen = figure if len(block) == len(pts) else noise_figure(block)
-                near = (*scales_for_figure(config, chosen), light_for_figure(config, chosen))
+                near = choices_for_figure(config, chosen)
         except FapcError as e:
             if debug:
                 raise

@@ -130,6 +130,14 @@ def quadric_residual(pos: torch.Tensor) -> torch.Tensor:
     """``(Q,)``: the RMS residual of a least-squares quadric height field over each row of
     ``pos (Q, K, 3)``, heights along the smallest principal axis of the points (a sharp edge
     fits it badly; a smoothly curved patch fits it to the noise)."""
+    return quadric_heights(pos)[0].square().mean(1).sqrt()
+
+
+def quadric_heights(pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The least-squares quadric height field over each row of ``pos (Q, K, 3)``, heights
+    along the smallest principal axis of the points: each point's residual ``(Q, K)`` (fit
+    minus height) and its coordinates over the tangent plane ``(Q, K, 2)`` (in units of the
+    row's RMS radius)."""
     rel = pos - pos.mean(1, keepdim=True)  # (Q, K, 3)
     axes = sym3_eigh(patch_covariance(pos))[1]  # (Q, 3, 3) ascending: height first
     loc = rel @ axes  # (Q, K, 3): (w, u, v) in the principal frame
@@ -141,7 +149,7 @@ def quadric_residual(pos: torch.Tensor) -> torch.Tensor:
     ridge = 1e-9 * gram.diagonal(dim1=1, dim2=2).sum(1)  # (Q,) keeps collinear points solvable
     gram = gram + ridge[:, None, None] * torch.eye(6, dtype=gram.dtype, device=gram.device)
     coef = spd_solve(gram, (basis.transpose(1, 2) @ w.unsqueeze(2)).squeeze(2))  # (Q, 6)
-    return (basis @ coef.unsqueeze(2)).squeeze(2).sub(w).square().mean(1).sqrt()
+    return (basis @ coef.unsqueeze(2)).squeeze(2).sub(w), torch.stack([u, v], -1)
 
 
 def crease_candidates(points: torch.Tensor, centres: torch.Tensor, normals: torch.Tensor, *,

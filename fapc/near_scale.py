@@ -91,10 +91,12 @@ def light_for_figure(config: Any, figure: Any) -> bool:
                 and figure.whiteness >= w)
 
 
-def scales_for_figure(config: Any, figure: Any) -> tuple[int, int]:
-    """``(near scale, edge scale)`` of a network with ``config`` on a cloud whose noise figure
-    is ``figure`` (:func:`scale_for_figure`, :func:`edge_scale_for_figure`)."""
-    return scale_for_figure(config, figure), edge_scale_for_figure(config, figure)
+def choices_for_figure(config: Any, figure: Any) -> tuple[int, int, bool]:
+    """``(near scale, edge scale, light smoothing)`` of a network with ``config`` on a cloud
+    whose noise figure is ``figure`` (:func:`scale_for_figure`, :func:`edge_scale_for_figure`,
+    :func:`light_for_figure`)."""
+    return (scale_for_figure(config, figure), edge_scale_for_figure(config, figure),
+            light_for_figure(config, figure))
 
 
 def choices_for(points: np.ndarray, net: Any) -> tuple[int, int, bool]:
@@ -111,8 +113,7 @@ def choices_for(points: np.ndarray, net: Any) -> tuple[int, int, bool]:
     from fapc.noise import noise_figure
 
     fig = noise_figure(figure_points(points))
-    k, edge = scales_for_figure(c, fig)
-    light = light_for_figure(c, fig)
+    k, edge, light = choices_for_figure(c, fig)
     log.debug("noise figure %.4f (%s, lines %.3f, whiteness %.3f): near scale %d, at edges "
               "%d, light smoothing %s", fig.ratio, fig.level, fig.lines, fig.whiteness, k, edge,
               light)

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fapc.crease import CreaseSettings, residual_scale
+from fapc.crease import CreaseSettings, quadric_heights, residual_scale
 from fapc.eigen import sym3_eigh
 from fapc.errors import FapcError
 from fapc.pca import patch_covariance
@@ -102,7 +102,8 @@ def noise_figure(points: Any, *, sample: int = 20_000, seed: int = 0,
     rng = np.random.default_rng(seed)
     at = np.sort(rng.choice(len(pts), size=sample, replace=False)) if len(pts) > sample \
         else np.arange(len(pts))
-    dist, near = cKDTree(pts).query(pts[at], k=k)  # (M, k) each, nearest first
+    tree = cKDTree(pts)
+    dist, near = tree.query(pts[at], k=k)  # (M, k) each, nearest first
     vals, _ = sym3_eigh(patch_covariance(torch.from_numpy(pts[near[:, :s.plane_k]])))  # (M, 3)
     patch = vals[:, 1] >= LINE * vals[:, 2]  # (M,) not a line
     lines = 1.0 - patch.double().mean().item()
@@ -114,7 +115,7 @@ def noise_figure(points: Any, *, sample: int = 20_000, seed: int = 0,
     r, h = residual_scale(residual, torch.from_numpy(dist[:, s.spacing_rank])[patch], s)
     ratio = r / h if h > 0 else 0.0
     level = "none" if ratio < s.gate_lo else "light" if ratio < s.gate_hi else "heavy"
-    white = residual_whiteness(pts, near_of=at[patch.numpy()][:WHITE_SAMPLE])
+    white = residual_whiteness(pts, near_of=at[patch.numpy()][:WHITE_SAMPLE], tree=tree)
     return NoiseFigure(sigma=r / s.calib, spacing=h, ratio=ratio, level=level, points=len(at),
                        lines=lines, whiteness=white)
 
@@ -123,7 +124,8 @@ WHITE_K = 32  # residual_whiteness: the neighbourhood of each sampled point ...
 WHITE_SAMPLE = 3000  # ... at this many of the figure's sampled points (patches, not lines)
 
 
-def residual_whiteness(points: np.ndarray, *, near_of: np.ndarray, k: int = WHITE_K) -> float:
+def residual_whiteness(points: np.ndarray, *, near_of: np.ndarray, k: int = WHITE_K,
+                       tree: Any = None) -> float:
     """Whether what scatters ``points (N, 3)`` off a smooth surface is noise or detail.
 
     At each point of ``near_of (S,)``, a quadric height field is fitted to its ``k`` nearest
@@ -135,22 +137,16 @@ def residual_whiteness(points: np.ndarray, *, near_of: np.ndarray, k: int = WHIT
     scale of the point spacing) leaves residuals that follow their neighbours' (0.4-0.6 on
     TRAIN meshes sampled coarsely, 0.4 on a rippled sphere). Distances only: it does not
     depend on the pose of the cloud. NaN where ``near_of`` is empty or nothing scatters.
+    ``tree``: a ``cKDTree(points)`` already built.
     """
     from scipy.spatial import cKDTree
 
     if not len(near_of) or len(points) < k:
         return float("nan")
-    _, nb = cKDTree(points).query(points[near_of], k=k)  # (S, k)
-    c = points[nb] - points[nb].mean(axis=1, keepdims=True)  # (S, k, 3)
-    _, vecs = sym3_eigh(torch.from_numpy(np.einsum("ski,skj->sij", c, c)))
-    loc = np.einsum("ski,sij->skj", c, vecs.numpy())  # (S, k, 3): height first (smallest)
-    radius = np.sqrt((loc[..., 1:] ** 2).sum(-1).max(1, keepdims=True)) + 1e-300  # (S, 1)
-    z, u, v = loc[..., 0], loc[..., 1] / radius, loc[..., 2] / radius  # (S, k) each
-    a = np.stack([np.ones_like(u), u, v, u * u, u * v, v * v], axis=-1)  # (S, k, 6)
-    ata = np.einsum("ski,skj->sij", a, a) + 1e-9 * np.eye(6)
-    coef = np.linalg.solve(ata, np.einsum("ski,sk->si", a, z)[..., None])[..., 0]  # (S, 6)
-    r = z - np.einsum("ski,si->sk", a, coef)  # (S, k) residuals
-    d = (u[:, :, None] - u[:, None, :]) ** 2 + (v[:, :, None] - v[:, None, :]) ** 2
+    _, nb = (tree or cKDTree(points)).query(points[near_of], k=k)  # (S, k)
+    res, uv = quadric_heights(torch.from_numpy(points[nb]))  # (S, k), (S, k, 2)
+    r, uv = res.numpy(), uv.numpy()
+    d = np.square(uv[:, :, None] - uv[:, None, :]).sum(-1)  # (S, k, k) over the tangent plane
     d[:, np.arange(k), np.arange(k)] = np.inf
     rn = np.take_along_axis(r, d.argmin(axis=2), axis=1)  # (S, k) nearest neighbour's residual
     den = 2.0 * (r ** 2).mean(axis=1)
