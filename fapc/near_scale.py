@@ -9,13 +9,14 @@ figures). Under light noise the points at sharp edges are too: there the network
 time, at ``edge_k_near``, at the points whose fit is curved (``edge_curvature``), before the
 consensus step. The same noise figure also decides whether the light smoothing
 (:mod:`fapc.light`) runs: on lightly noisy clouds whose scatter is noise, not relief
-(``light_whiteness``, :func:`light_for_figure`).
+(``light_whiteness``, :func:`light_for_figure`), and how many draws of the far scale are
+averaged: on heavily noisy clouds (``heavy_draws``, :func:`draws_for_figure`).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -91,38 +92,54 @@ def light_for_figure(config: Any, figure: Any) -> bool:
                 and figure.whiteness >= w)
 
 
-def choices_for_figure(config: Any, figure: Any) -> tuple[int, int, bool]:
-    """``(near scale, edge scale, light smoothing)`` of a network with ``config`` on a cloud
-    whose noise figure is ``figure`` (:func:`scale_for_figure`, :func:`edge_scale_for_figure`,
-    :func:`light_for_figure`)."""
-    return (scale_for_figure(config, figure), edge_scale_for_figure(config, figure),
-            light_for_figure(config, figure))
+def draws_for_figure(config: Any, figure: Any) -> int:
+    """How many draws of the far scale (:func:`fapc.normals.fa_normals`'s ``draws``) a
+    network with ``config`` averages on a cloud whose noise figure is ``figure``: the model's
+    ``heavy_draws`` where the figure says heavily noisy (level ``heavy``: there the choice of
+    far points leaves a variance that averaging removes), else 1."""
+    heavy = getattr(config, "heavy_draws", 0)
+    return max(1, heavy) if figure.level == "heavy" else 1
 
 
-def choices_for(points: np.ndarray, net: Any) -> tuple[int, int, bool]:
+class Choices(NamedTuple):
+    """What a patch network does on a cloud where the user chooses nothing."""
+
+    k: int  # near scale (scale_for_figure)
+    edge: int  # near scale of the second run at curved fits (edge_scale_for_figure; 0: none)
+    light: bool  # the light smoothing (light_for_figure)
+    draws: int  # draws of the far scale averaged (draws_for_figure)
+
+
+def choices_for_figure(config: Any, figure: Any) -> Choices:
+    """The :class:`Choices` of a network with ``config`` on a cloud whose noise figure is
+    ``figure`` (:func:`scale_for_figure`, :func:`edge_scale_for_figure`,
+    :func:`light_for_figure`, :func:`draws_for_figure`)."""
+    return Choices(scale_for_figure(config, figure), edge_scale_for_figure(config, figure),
+                   light_for_figure(config, figure), draws_for_figure(config, figure))
+
+
+def choices_for(points: np.ndarray, net: Any) -> Choices:
     """What a patch network does on ``points (N, 3)`` (finite) where the user chooses
-    nothing: its near scale (:func:`scale_for_figure`), the one its points of high curvature
-    are run at again (:func:`edge_scale_for_figure`; 0: none) and whether the light
-    smoothing runs (:func:`light_for_figure`), all from the noise figure of
-    :func:`figure_points` (a model with none of these settings takes no figure). Built on
-    distances only, so the choice does not depend on the cloud's pose."""
+    nothing (:class:`Choices`), all from the noise figure of :func:`figure_points` (a model
+    with none of these settings takes no figure). Built on distances only, so the choice does
+    not depend on the cloud's pose."""
     c = net.config
     clean = getattr(c, "clean_k_near", 0) not in (0, c.k_near)
-    if not clean and not getattr(c, "edge_k_near", 0) and not getattr(c, "light_whiteness", 0):
-        return c.k_near, 0, False
+    if not (clean or getattr(c, "edge_k_near", 0) or getattr(c, "light_whiteness", 0)
+            or getattr(c, "heavy_draws", 0) > 1):
+        return Choices(c.k_near, 0, False, 1)
     from fapc.noise import noise_figure
 
     fig = noise_figure(figure_points(points))
-    k, edge, light = choices_for_figure(c, fig)
-    log.debug("noise figure %.4f (%s, lines %.3f, whiteness %.3f): near scale %d, at edges "
-              "%d, light smoothing %s", fig.ratio, fig.level, fig.lines, fig.whiteness, k, edge,
-              light)
-    return k, edge, light
+    out = choices_for_figure(c, fig)
+    log.debug("noise figure %.4f (%s, lines %.3f, whiteness %.3f): %s", fig.ratio, fig.level,
+              fig.lines, fig.whiteness, out)
+    return out
 
 
 def near_scales_for(points: np.ndarray, net: Any) -> tuple[int, int]:
     """The near scale and edge scale of :func:`choices_for`."""
-    k, edge, _ = choices_for(points, net)
+    k, edge, *_ = choices_for(points, net)
     return k, edge
 
 

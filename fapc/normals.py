@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fapc.eigen import sym3_eigh
 from fapc.errors import FapcError
 from fapc.memory import trim_every
 from fapc.near_scale import choices_for, with_near_scale
@@ -79,7 +80,7 @@ def fa_normals(
     batch_size: int | None = None,
     query_index: np.ndarray | None = None,
     seed: int = 0,
-    far_index: np.ndarray | None = None,
+    far_index: np.ndarray | list[np.ndarray] | None = None,
     knn: str = "auto",
     consensus: bool = True,
     consensus_model: str | os.PathLike | None = None,
@@ -87,10 +88,16 @@ def fa_normals(
     light_smoothing: bool = False,
     progress: Callable[[int, int], None] | None = None,
     edge_scale: int = 0,
+    draws: int = 1,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The FA network's normals at ``query_index`` (default all) of finite ``points (N, 3)``
     float64 (centred); ``far_index``: the far scale's subsample, if not the seeded one
-    (:class:`fapc.patches.PatchBuilder`). ``knn``: ``scipy`` (patches built on the CPU),
+    (:class:`fapc.patches.PatchBuilder`; with ``draws``, a list of one per draw).
+    ``draws``: the whole estimate runs this many times, each with its own seeded far-scale
+    subsample (seeds ``seed``, ``seed + 1``, ...; the near scale's search is shared), and the
+    normal is the top eigenvector of the draws' summed ``n n^T`` (unoriented normals: no
+    cancellation), the confidence and curvature their means; it averages out the variance
+    that the choice of far points leaves under heavy noise. ``knn``: ``scipy`` (patches built on the CPU),
     ``torch`` (exact grid kNN on ``device``: the whole pipeline stays there) or ``auto``
     (torch on CUDA).
     ``consensus``: snap normals that straddle a crease onto one face (clean data), smooth
@@ -106,10 +113,12 @@ def fa_normals(
     clouds); their confidence and curvature stay those of the first run.
     ``progress(done, total)``: after each batch, in points of work (the network's points,
     then each consensus pass's)."""
-    from fapc.confidence import final_confidence
-    from fapc.consensus import ConsensusSettings
-    from fapc.consensus_batches import consensus_pass, crease_pass, neighbour_agreement_at
-    from fapc.patches import PatchBuilder, TorchPatchBuilder
+    from fapc.patches import (
+        PatchBuilder,
+        TorchPatchBuilder,
+        builder_with_far_index,
+        far_subsample,
+    )
 
     if knn == "auto":
         knn = "torch" if device.type == "cuda" else "scipy"
@@ -117,14 +126,64 @@ def fa_normals(
         raise ValueError(f"knn must be auto, scipy or torch, got {knn!r}")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if draws < 1:
+        raise ValueError(f"draws must be >= 1, got {draws}")
+    if isinstance(far_index, list):
+        fars = far_index
+    elif far_index is None or draws == 1:
+        fars = [far_index] * draws
+    else:
+        fars = []
+    if len(fars) != draws:
+        raise ValueError(f"far_index: a list of one subsample per draw ({draws}) expected")
     batch_size = batch_size or default_batch_size(device)
     n = len(points)
+    spec = model.config.patch
+    builder: Any = (TorchPatchBuilder(points, spec, device=device, seed=seed, far_index=fars[0])
+                    if knn == "torch" else
+                    PatchBuilder(points, spec, seed=seed, far_index=fars[0]))
+    kwargs = dict(model=model, device=device, batch_size=batch_size, query_index=query_index,
+                  seed=seed, far_index=fars[0], consensus=consensus,
+                  consensus_model=consensus_model, crease=crease,
+                  light_smoothing=light_smoothing, edge_scale=edge_scale)
+    if draws == 1:
+        return _fa_draw(builder, progress=progress, **kwargs)
+    acc = None
+    conf = curv = None
+    for d in range(draws):
+        far = fars[d] if fars[d] is not None else far_subsample(n, spec, seed + d)
+        b = builder if d == 0 else builder_with_far_index(builder, far)
+
+        def part(done: int, total: int, d: int = d) -> None:  # draw d's share of the work
+            if progress is not None:
+                progress(d * total + done, draws * total)
+
+        kwargs.update(seed=seed + d, far_index=far)
+        nrm, c, k = _fa_draw(b, progress=part, **kwargs)
+        nn = torch.from_numpy(nrm).double()  # (Q, 3)
+        outer = nn.unsqueeze(2) * nn.unsqueeze(1)  # (Q, 3, 3)
+        acc = outer if acc is None else acc + outer
+        conf = c.astype(np.float64) if conf is None else conf + c
+        curv = k.astype(np.float64) if curv is None else curv + k
+    top = sym3_eigh(acc)[1][..., 2]  # (Q, 3) the top eigenvector of the summed n n^T
+    return (top.float().numpy(), (conf / draws).astype(np.float32),
+            (curv / draws).astype(np.float32))
+
+
+def _fa_draw(builder: Any, *, model: Any, device: torch.device, batch_size: int,
+             query_index: np.ndarray | None, seed: int, far_index: np.ndarray | None,
+             consensus: bool, consensus_model: str | os.PathLike | None, crease: bool,
+             light_smoothing: bool, edge_scale: int,
+             progress: Callable[[int, int], None] | None
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One draw of :func:`fa_normals` on ``builder`` (its far subsample): normals ``(Q, 3)``,
+    confidence and curvature ``(Q,)``."""
+    from fapc.confidence import final_confidence
+    from fapc.consensus import ConsensusSettings
+    from fapc.consensus_batches import consensus_pass, crease_pass, neighbour_agreement_at
+
+    n = len(builder.points)
     qi = np.arange(n) if query_index is None else np.asarray(query_index, np.int64)
-    on_device = knn == "torch"
-    builder: Any = (TorchPatchBuilder(points, model.config.patch, device=device, seed=seed,
-                                      far_index=far_index)
-                    if on_device else PatchBuilder(points, model.config.patch, seed=seed,
-                                                   far_index=far_index))
     passes = ConsensusSettings.snap_passes + int(light_smoothing) if consensus else 0
     # the points each consensus pass reads, from the last pass's (the queries) back to the
     # points the network sees: each pass reads its queries' candidates from the pass before
@@ -248,6 +307,7 @@ def estimate_normals(
     consensus_model: str | os.PathLike | None = None,
     crease: bool = False,
     light_smoothing: bool | None = None,
+    draws: int | None = None,
     tile_points: int | None = TILE_POINTS,
     progress: Callable[[int, int], None] | None = None,
 ) -> NormalsResult:
@@ -297,6 +357,12 @@ def estimate_normals(
             (:func:`fapc.near_scale.light_for_figure`: on where the cloud reads lightly noisy
             and its scatter is noise rather than detail, if the model sets
             ``light_whiteness``).
+        draws: for ``fa``: run the estimate this many times, each with its own seeded draw
+            of the far-scale subsample, and average (:func:`fa_normals`): under heavy noise
+            it removes the variance the choice of far points leaves, at ``draws`` times the
+            network's and the consensus step's cost. None (default): the model decides by the
+            cloud's noise figure (:func:`fapc.near_scale.draws_for_figure`: its
+            ``heavy_draws`` where the cloud reads heavily noisy, else 1).
         tile_points: for ``fa``: a cloud of more finite points than this is done in tiles
             of at most this many, each with a halo (:mod:`fapc.tiles`), so memory stays that
             of one tile (about 3 GB on a CPU for the default 5 M); the answers are those of
@@ -315,6 +381,8 @@ def estimate_normals(
         raise ValueError(f"k must be at least 3, got {k}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if draws is not None and draws < 1:
+        raise ValueError(f"draws must be at least 1, got {draws}")
     if tile_points is not None and tile_points < MIN_TILE_POINTS:
         raise ValueError(f"tile_points must be at least {MIN_TILE_POINTS} (or None), got {tile_points}")
     pts = as_points(points)
@@ -364,13 +432,15 @@ def estimate_normals(
         else:
             qi_f, expand = np.unique(dup[1][qi_f], return_inverse=True)
     if method == "fa" and getattr(net.config, "kind", "patch") != "shape":
-        edge, light = 0, bool(light_smoothing)
-        if k is None or light_smoothing is None:  # by this cloud's noise (fapc.near_scale)
-            k_near, edge_auto, light_auto = choices_for(finite, net)
+        edge, light, n_draws = 0, bool(light_smoothing), draws or 1
+        if k is None or light_smoothing is None or draws is None:  # by the cloud's noise
+            chosen = choices_for(finite, net)  # (fapc.near_scale)
             if k is None:
-                net, edge = net.with_near_scale(k_near), edge_auto
+                net, edge = net.with_near_scale(chosen.k), chosen.edge
             if light_smoothing is None:
-                light = light_auto
+                light = chosen.light
+            if draws is None:
+                n_draws = chosen.draws
         run: Callable[..., Any] = fa_normals
         if tile_points is not None and len(finite) > tile_points:
             run = functools.partial(tiled_fa_normals, tile_points=tile_points)
@@ -378,7 +448,7 @@ def estimate_normals(
                               query_index=qi_f, knn=knn, consensus=consensus,
                               consensus_model=consensus_model, crease=crease,
                               light_smoothing=light, progress=progress,
-                              edge_scale=edge)
+                              edge_scale=edge, draws=n_draws)
     else:  # PCA, or a whole-shape model: one step
         if method == "pca":
             nrm, conf, curv = pca_normals(finite, k=k, query_index=qi_f)

@@ -354,3 +354,28 @@ def builder_for_near_scale(
     if builder.near_all is not None:
         out.near_all = builder.near_all[:, :spec.k_near]  # (N, k) nearest first
     return out
+
+
+def builder_with_far_index(
+    builder: PatchBuilder | TorchPatchBuilder, far_index: np.ndarray
+) -> PatchBuilder | TorchPatchBuilder:
+    """``builder`` with another far-scale subsample ``far_index (M,)`` (sorted indices into
+    its points), sharing everything else: the kD-tree or grid, the near table and the smoothed
+    positions (a shallow copy; only the far scale's search structure is built again, over
+    ``M`` points). Another draw of the far scale for :func:`fapc.normals.fa_normals`'s
+    ``draws``; a wide summary, where there is one, keeps ``builder``'s subsample."""
+    n = len(builder.points)
+    far = _far_index(n, builder.spec, 0, far_index)
+    if len(far) < builder.spec.k_far_all:
+        raise ValueError(f"far_index needs at least {builder.spec.k_far_all} points, "
+                         f"got {len(far)}")
+    out = copy.copy(builder)
+    if isinstance(builder, TorchPatchBuilder):
+        from fapc.knn_torch import GridKNN
+
+        out.far_index = torch.as_tensor(far, device=builder.points.device)
+        out.far_grid = GridKNN(builder.points[out.far_index], builder.spec.k_far_all)
+    else:
+        out.far_index = far
+        out.far_tree = cKDTree(builder.points[far])
+    return out

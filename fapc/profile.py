@@ -128,27 +128,34 @@ def _profile_fa(pts: np.ndarray, t: dict[str, float], *, dev: torch.device, mode
     from fapc import runtime
     from fapc.consensus import ConsensusSettings
     from fapc.consensus_batches import consensus_pass, crease_pass, neighbour_agreement_at
+    from fapc.eigen import sym3_eigh
     from fapc.frames import compute_frames
     from fapc.memory import trim_every
     from fapc.models.checkpoint import load_model
     from fapc.near_scale import choices_for
     from fapc.normals import rerun_curved
-    from fapc.patches import PatchBuilder, TorchPatchBuilder
+    from fapc.patches import (
+        PatchBuilder,
+        TorchPatchBuilder,
+        builder_with_far_index,
+        far_subsample,
+    )
 
     net, _ = load_model(model, device=dev)
     runtime.configure_precision(net, dev, precision)
     batch_size = batch_size or runtime.default_batch_size(dev)
     n = len(pts)
     t0 = now()
-    k_near, edge, light = choices_for(pts, net)  # as fapc normals picks them (a kNN stage)
-    light_smoothing = light if light_smoothing is None else light_smoothing
-    net = net.with_near_scale(k_near)
+    chosen = choices_for(pts, net)  # as fapc normals picks them (a kNN stage)
+    edge = chosen.edge
+    light_smoothing = chosen.light if light_smoothing is None else light_smoothing
+    net = net.with_near_scale(chosen.k)
     if dev.type == "cuda":
         builder: Any = TorchPatchBuilder(pts, net.config.patch, device=dev)
     else:
         builder = PatchBuilder(pts, net.config.patch)
     t["knn"] = now() - t0
-    t["frames"] = t["network"] = 0.0
+    t["frames"] = t["network"] = t["consensus"] = 0.0
     spec = net.config.patch
     graphed = dev.type == "cuda" and runtime.CUDA_GRAPHS
     if graphed:  # capture once before timing, as a batch of files does (model loaded once)
@@ -160,47 +167,56 @@ def _profile_fa(pts: np.ndarray, t: dict[str, float], *, dev: torch.device, mode
         setup: float | None = now() - t0
     else:
         setup = None
-    normals = np.empty((n, 3), np.float32)
-    curvature = np.empty(n, np.float32)
-    far = torch.empty(n, spec.k_far, dtype=torch.int32, device=dev)  # consensus candidates
-    with torch.inference_mode():
-        for s in range(0, n, batch_size):
-            trim_every(s // batch_size)  # as the pipeline does (fapc.memory)
-            q = np.arange(s, min(s + batch_size, n))
-            t0 = now()
-            patches, _, nb = builder.patches(builder.as_index(q))
-            patches = torch.as_tensor(patches)
-            far[s:s + len(q)] = torch.as_tensor(nb[:, spec.far_rows], device=dev)
-            t["knn"] += now() - t0
-            if not graphed:  # eager: time the frames alone (the forward pass repeats them)
+    acc = None  # the draws' summed n n^T (heavy noise: fapc.normals.fa_normals' draws)
+    for d in range(chosen.draws):
+        b = builder if d == 0 else builder_with_far_index(builder, far_subsample(n, spec, d))
+        normals = np.empty((n, 3), np.float32)
+        curvature = np.empty(n, np.float32)
+        far = torch.empty(n, spec.k_far, dtype=torch.int32, device=dev)  # consensus candidates
+        with torch.inference_mode():
+            for s in range(0, n, batch_size):
+                trim_every(s // batch_size)  # as the pipeline does (fapc.memory)
+                q = np.arange(s, min(s + batch_size, n))
                 t0 = now()
-                compute_frames(patches, group=net.config.group,
-                               center=torch.zeros(len(q), 3, device=dev))
-                t["frames"] += now() - t0
+                patches, _, nb = b.patches(b.as_index(q))
+                patches = torch.as_tensor(patches)
+                far[s:s + len(q)] = torch.as_tensor(nb[:, spec.far_rows], device=dev)
+                t["knn"] += now() - t0
+                if not graphed:  # eager: time the frames alone (the forward pass repeats them)
+                    t0 = now()
+                    compute_frames(patches, group=net.config.group,
+                                   center=torch.zeros(len(q), 3, device=dev))
+                    t["frames"] += now() - t0
+                t0 = now()
+                out = runtime.run_network(net, patches)
+                normals[q] = out["normal"].float().cpu().numpy()
+                curvature[q] = out["curvature"].float().cpu().numpy()
+                t["network"] += now() - t0
+        if edge:  # light noise: curved fits again at the edge scale (counted as network time)
             t0 = now()
-            out = runtime.run_network(net, patches)
-            normals[q] = out["normal"].float().cpu().numpy()
-            curvature[q] = out["curvature"].float().cpu().numpy()
+            rerun_curved(b, net, np.arange(n), {"normal": normals, "curvature": curvature},
+                         edge_scale=edge, device=dev, batch_size=batch_size)
             t["network"] += now() - t0
+        t0 = now()
+        run = np.arange(n)
+        passes = ConsensusSettings.snap_passes + int(light_smoothing)
+        normals, before = consensus_pass(b, normals, far, run, [run] * passes, n=n,
+                                         device=dev, batch_size=batch_size, light=light_smoothing)
+        if crease:
+            normals = crease_pass(b, normals, run, device=dev, batch_size=batch_size)
+        neighbour_agreement_at(b, normals, before, run, run, device=dev,
+                               batch_size=batch_size)  # the confidence's part
+        t["consensus"] += now() - t0
+        if chosen.draws > 1:
+            nn = torch.from_numpy(normals).double()  # (N, 3)
+            outer = nn[:, :, None] * nn[:, None]  # (N, 3, 3)
+            acc = outer if acc is None else acc + outer
     if graphed:  # one graph holds frames and network: their times are not separable
         del t["frames"]
     else:
         t["network"] = max(t["network"] - t["frames"], 0.0)  # the forward pass includes frames
-    if edge:  # light noise: curved fits again at the edge scale (counted as network time)
-        t0 = now()
-        rerun_curved(builder, net, np.arange(n), {"normal": normals, "curvature": curvature},
-                     edge_scale=edge, device=dev, batch_size=batch_size)
-        t["network"] += now() - t0
-    t0 = now()
-    run = np.arange(n)
-    passes = ConsensusSettings.snap_passes + int(light_smoothing)
-    normals, before = consensus_pass(builder, normals, far, run, [run] * passes, n=n,
-                                     device=dev, batch_size=batch_size, light=light_smoothing)
-    if crease:
-        normals = crease_pass(builder, normals, run, device=dev, batch_size=batch_size)
-    neighbour_agreement_at(builder, normals, before, run, run, device=dev,
-                           batch_size=batch_size)  # the confidence's part
-    t["consensus"] = now() - t0
+    if acc is not None:
+        normals = sym3_eigh(acc)[1][..., 2].float().numpy()
     return normals, setup
 
 

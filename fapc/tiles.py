@@ -175,7 +175,9 @@ def tiled_fa_normals(points: np.ndarray, model: Any, *, tile_points: int, seed: 
     normals = np.zeros((len(queries), 3), np.float32)
     confidence = np.zeros(len(queries), np.float32)
     curvature = np.zeros(len(queries), np.float32)
-    far_all = far_subsample(n, spec, seed)  # the whole cloud's (what one run would use)
+    draws = int(kwargs.get("draws", 1))
+    # the whole cloud's far subsamples (what one run would use), one per draw
+    far_all = [far_subsample(n, spec, seed + d) for d in range(draws)]
     tiles = plan_tiles(points, tile_points=tile_points)
     log.info("%d points in %d tiles of at most %d", n, len(tiles), tile_points)
     done = 0
@@ -184,11 +186,13 @@ def tiled_fa_normals(points: np.ndarray, model: Any, *, tile_points: int, seed: 
         asked = tile.own[slot[tile.own] >= 0]  # the tile's queries (sorted)
         if not len(asked):
             continue
-        margin = REACH * far_radius(points[tile.own], spec, seed=seed)
+        margin = REACH * max(far_radius(points[tile.own], spec, seed=seed + d)
+                             for d in range(draws))
         ring = halo(points, tile, margin)  # (H,) sorted, own included
         inside[ring] = True
-        far = np.searchsorted(ring, far_all[inside[far_all]])  # the tile's share
+        shares = [np.searchsorted(ring, f[inside[f]]) for f in far_all]  # the tile's share
         inside[ring] = False
+        far = shares[0] if draws == 1 else shares
         log.info("tile %d/%d: %d points, %d with the halo (%.3g wide)", i + 1, len(tiles),
                  len(tile.own), len(ring), margin)
 
