@@ -117,6 +117,11 @@ def normals(
         "each normal from its 32 nearest points' normals (lightly noisy scans of smooth "
         "surfaces; rounds detail as fine as the spacing). Default: the model decides per "
         "cloud, by its noise figure (fapc info --noise).")] = None,
+    draws: Annotated[int | None, typer.Option(
+        help="fa: run the estimate this many times, each with its own draw of the network's "
+        "far points, and average: under heavy noise it removes the variance that choice "
+        "leaves, at N times the cost. Default: the model decides per cloud (its heavy_draws "
+        "where the cloud reads heavily noisy, else 1; fapc info --noise).")] = None,
     fields: Annotated[str, typer.Option(
         help="Comma-separated outputs: normals,confidence,curvature.")] = "normals,confidence,"
     "curvature",
@@ -174,6 +179,8 @@ def normals(
         _fail(f"--device: {e}", 2)
     except FapcError as e:
         _fail(str(e))
+    if draws is not None and draws < 1:
+        _fail(f"--draws must be at least 1, got {draws}", 2)
     if tile_points < 0 or (tile_points and tile_points < MIN_TILE_POINTS):
         _fail(f"--tile-points must be 0 (never) or at least {MIN_TILE_POINTS}, got {tile_points}", 2)
     idle = [flag for flag, on in (("--crease", crease), ("--light-smoothing", light_smoothing))
@@ -204,7 +211,8 @@ def normals(
     opts = NormalsOptions(method=method, k=k, model=model, device=device, orient=orient,
                           batch_size=batch_size, precision=precision, from_mesh=from_mesh,
                           consensus=consensus, consensus_model=consensus_model, crease=crease,
-                          light_smoothing=light_smoothing, tile_points=tile_points or None,
+                          light_smoothing=light_smoothing, draws=draws,
+                          tile_points=tile_points or None,
                           fields=chosen,
                           drop_invalid=drop_invalid, strict=strict, overwrite=overwrite,
                           ascii=ascii, debug=debug)

@@ -18,6 +18,7 @@ from fapc.errors import FapcError
 
 if TYPE_CHECKING:
     from fapc.cloud import PointCloud
+    from fapc.near_scale import Choices
     from fapc.noise import NoiseFigure
 
 
@@ -74,7 +75,7 @@ NOISE_HINTS = {"none": "noiseless", "light": "--light-smoothing, --crease are ma
 
 def _info_one(file: Path, cloud: PointCloud, *, as_json: bool, duplicates: int,
               noise: NoiseFigure | None = None,
-              near_scale: tuple[int, int, bool] | None = None) -> None:
+              near_scale: Choices | None = None) -> None:
     from fapc.io import sniff_format
 
     pts = cloud.points
@@ -102,8 +103,8 @@ def _info_one(file: Path, cloud: PointCloud, *, as_json: bool, duplicates: int,
     if noise is not None:
         data["noise"] = noise.to_dict()
     if near_scale is not None:
-        (data["fa_near_scale"], data["fa_edge_near_scale"],
-         data["fa_light_smoothing"]) = near_scale
+        (data["fa_near_scale"], data["fa_edge_near_scale"], data["fa_light_smoothing"],
+         data["fa_draws"]) = near_scale
     if as_json:
         typer.echo(json.dumps(data))
         return
@@ -141,7 +142,7 @@ def _info_one(file: Path, cloud: PointCloud, *, as_json: bool, duplicates: int,
             row("whiteness", f"{noise.whiteness:.2f} (about 1.2 where the scatter is noise, "
                 "0.7 or less where it is relief finer than a 32-point neighbourhood)")
     if near_scale is not None:
-        k, edge, light = near_scale
+        k, edge, light, draws = near_scale
         at_edges = f", and {edge} at sharp edges (curved fits)" if edge else ""
         row("fa near scale", f"{k} nearest points{at_edges} (what fapc normals runs the "
             "shipped model at here: smaller on noiseless clouds without scan lines, and at "
@@ -149,6 +150,9 @@ def _info_one(file: Path, cloud: PointCloud, *, as_json: bool, duplicates: int,
         row("light smoothing", ("on" if light else "off") + " by default here (on where "
             "the model sets it, for light noise whose scatter is noise, not relief; "
             "--light-smoothing / --no-light-smoothing override it)")
+        row("draws", f"{draws} by default here (draws of the network's far points averaged: "
+            "more than 1 where the model sets it, on heavily noisy clouds; --draws overrides "
+            "it)")
     out.print(t)
 
 

@@ -93,7 +93,7 @@ def light_for_figure(config: Any, figure: Any) -> bool:
 
 
 def draws_for_figure(config: Any, figure: Any) -> int:
-    """How many draws of the far scale (:func:`fapc.normals.fa_normals`'s ``draws``) a
+    """How many draws of the far scale (:func:`fapc.fa_run.fa_normals`'s ``draws``) a
     network with ``config`` averages on a cloud whose noise figure is ``figure``: the model's
     ``heavy_draws`` where the figure says heavily noisy (level ``heavy``: there the choice of
     far points leaves a variance that averaging removes), else 1."""

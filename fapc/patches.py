@@ -362,7 +362,7 @@ def builder_with_far_index(
     """``builder`` with another far-scale subsample ``far_index (M,)`` (sorted indices into
     its points), sharing everything else: the kD-tree or grid, the near table and the smoothed
     positions (a shallow copy; only the far scale's search structure is built again, over
-    ``M`` points). Another draw of the far scale for :func:`fapc.normals.fa_normals`'s
+    ``M`` points). Another draw of the far scale for :func:`fapc.fa_run.fa_normals`'s
     ``draws``; a wide summary, where there is one, keeps ``builder``'s subsample."""
     n = len(builder.points)
     far = _far_index(n, builder.spec, 0, far_index)

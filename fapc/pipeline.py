@@ -40,6 +40,7 @@ class NormalsOptions:
     consensus_model: str | None = None  # the learned smoothing's weights [shipped]
     crease: bool = False  # fa: under light noise, points near a sharp edge take their face
     light_smoothing: bool | None = None  # fa: light noise: refit from nearest normals [model's choice]
+    draws: int | None = None  # fa: far-scale draws averaged [model's choice: heavy noise 4]
     tile_points: int | None = TILE_POINTS  # fa: larger clouds in tiles (fapc.tiles); None: never
     from_mesh: str | None = None
     orient: str = "none"
@@ -191,7 +192,7 @@ def process_file(job: Job, opts: NormalsOptions, *,
                                    consensus_model=opts.consensus_model,
                                    crease=opts.crease,
                                    light_smoothing=opts.light_smoothing,
-                                   tile_points=opts.tile_points, progress=progress)
+                                   draws=opts.draws, tile_points=opts.tile_points, progress=progress)
         except FapcError as e:
             raise FapcError(e.reason, path=job.input) from None
         if opts.orient != "none":

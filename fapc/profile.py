@@ -129,11 +129,11 @@ def _profile_fa(pts: np.ndarray, t: dict[str, float], *, dev: torch.device, mode
     from fapc.consensus import ConsensusSettings
     from fapc.consensus_batches import consensus_pass, crease_pass, neighbour_agreement_at
     from fapc.eigen import sym3_eigh
+    from fapc.fa_run import rerun_curved
     from fapc.frames import compute_frames
     from fapc.memory import trim_every
     from fapc.models.checkpoint import load_model
     from fapc.near_scale import choices_for
-    from fapc.normals import rerun_curved
     from fapc.patches import (
         PatchBuilder,
         TorchPatchBuilder,
@@ -167,7 +167,7 @@ def _profile_fa(pts: np.ndarray, t: dict[str, float], *, dev: torch.device, mode
         setup: float | None = now() - t0
     else:
         setup = None
-    acc = None  # the draws' summed n n^T (heavy noise: fapc.normals.fa_normals' draws)
+    acc = None  # the draws' summed n n^T (heavy noise: fapc.fa_run.fa_normals' draws)
     for d in range(chosen.draws):
         b = builder if d == 0 else builder_with_far_index(builder, far_subsample(n, spec, d))
         normals = np.empty((n, 3), np.float32)

@@ -37,7 +37,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 PRECISIONS = ("auto", "float32", "bf16")
-CPU_MICRO_BATCH = 512  # queries per network call on a CPU (see fa_normals)
+CPU_MICRO_BATCH = 512  # queries per network call on a CPU (see fapc.fa_run)
 CUDA_GRAPHS = True  # replay the network from CUDA graphs (fapc.cuda_graphs)
 CUDA_BATCH = 1 << 18  # query points per batch on CUDA (patches, consensus)
 

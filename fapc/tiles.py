@@ -2,7 +2,7 @@
 
 The FA pipeline holds about 0.6 GB per million points while it works (neighbour tables, kD
 trees, patches). Above ``tile_points`` points, :func:`tiled_fa_normals` splits the cloud into
-tiles of at most that many points, runs :func:`fapc.normals.fa_normals` on each tile plus a
+tiles of at most that many points, runs :func:`fapc.fa_run.fa_normals` on each tile plus a
 halo around it, and keeps each tile's own answers, so the working memory is that of one tile.
 
 - **Tiles** (:func:`plan_tiles`): the cloud is split at the median of its points' offsets
@@ -160,11 +160,11 @@ def tiled_fa_normals(points: np.ndarray, model: Any, *, tile_points: int, seed: 
                      query_index: np.ndarray | None = None,
                      progress: Callable[[int, int], None] | None = None,
                      **kwargs: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`fapc.normals.fa_normals` over ``points (N, 3)`` (finite, centred, float64) one
+    """:func:`fapc.fa_run.fa_normals` over ``points (N, 3)`` (finite, centred, float64) one
     tile at a time: the same ``(Q, 3)``, ``(Q,)``, ``(Q,)`` outputs (``Q`` = the queries,
     default every point). ``kwargs`` go to ``fa_normals``; ``progress(done, total)`` counts
     the queries answered (within a tile, its share of that tile's work)."""
-    from fapc.normals import fa_normals
+    from fapc.fa_run import fa_normals
     from fapc.patches import far_subsample
 
     n = len(points)

@@ -69,6 +69,19 @@ def test_device_pipeline_matches_cpu_pipeline(device, options):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_device_pipeline_matches_cpu_pipeline_with_draws(device):
+    torch.manual_seed(0)
+    model = NormalNet(NormalNetConfig(k_near=16, k_far=16, far_stride=4, far_smooth=1)).eval()
+    pts = synthetic_surface(4000, seed=3, noise=5e-3)
+    ref = estimate_normals(pts, method="fa", model=model, device="cpu", knn="scipy", draws=2)
+    got = estimate_normals(pts, method="fa", model=model, device=device, knn="torch", draws=2)
+    one = estimate_normals(pts, method="fa", model=model, device=device, knn="torch", draws=1)
+    err = angle_deg(ref.normals, got.normals)
+    assert np.mean(err < 0.1) >= 0.999, np.sort(err)[-10:]
+    assert angle_deg(one.normals, got.normals).max() > 0.01  # the second draw counts
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_bf16_network_moves_few_normals_and_little(device):
     # the shipped model; bf16 autocast covers the widest layer only, frames and fits are float32+
     pts = synthetic_surface(30_000, seed=3, noise=2e-3)

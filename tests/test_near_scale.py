@@ -249,7 +249,7 @@ def test_edge_scale_is_chosen_for_lightly_noisy_clouds_only():
 def test_edge_scale_reruns_the_curved_fits_only_before_the_consensus_step():
     import torch
 
-    from fapc.normals import fa_normals
+    from fapc.fa_run import fa_normals
     from fapc.patches import PatchBuilder, builder_for_near_scale
     from fapc.runtime import run_network
 
