@@ -10,7 +10,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import sphere_points
+from conftest import plane_points, sphere_points
 from scipy.spatial.transform import Rotation
 from typer.testing import CliRunner
 
@@ -112,9 +112,10 @@ def test_the_model_chooses_its_draws_on_heavily_noisy_clouds_only():
     from fapc.noise import noise_figure
 
     net = _with_draws(2)
-    heavy, _ = _noisy_sphere(4000, 0.04, seed=8)
-    light, _ = _noisy_sphere(4000, 0.003, seed=8)
-    clean, _ = _noisy_sphere(4000, 0.0, seed=8)
+    clean = plane_points(4000, seed=8)
+    rng = np.random.default_rng(9)
+    light = clean + np.column_stack([np.zeros((4000, 2)), rng.normal(scale=0.003, size=4000)])
+    heavy = clean + np.column_stack([np.zeros((4000, 2)), rng.normal(scale=0.04, size=4000)])
     assert [noise_figure(p).level for p in (clean, light, heavy)] == ["none", "light", "heavy"]
     assert [choices_for(p, net).draws for p in (clean, light, heavy)] == [1, 1, 2]
     assert choices_for(heavy, _with_draws(0)).draws == 1  # off in the model
