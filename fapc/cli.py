@@ -188,6 +188,8 @@ def normals(
     if idle:  # steps of the FA pipeline's consensus stage: say so rather than do nothing quietly
         logging.getLogger("fapc").warning("%s: only with --method fa and the consensus step "
                                           "(on by default); ignored", ", ".join(idle))
+    if draws is not None and method != "fa":
+        logging.getLogger("fapc").warning("--draws: only with --method fa; ignored")
     from fapc.runtime import PRECISIONS
 
     if precision not in PRECISIONS:

@@ -230,6 +230,9 @@ def eval_cmd(
         "--light-smoothing/--no-light-smoothing",
         help="With (or without) the light smoothing, as fapc normals --light-smoothing "
         "(default: the model's choice per cloud).")] = None,
+    draws: Annotated[int | None, typer.Option(
+        help="Draws of the far points averaged, as fapc normals --draws (default: the "
+        "model's choice per cloud).")] = None,
     rotate: Annotated[str, typer.Option(help="none, so3 or o3: random pose per cloud.")] = "none",
     columns: Annotated[str, typer.Option(help="Mesh columns.")] = "none,0.125%,0.6%,1.2%",
     pca_k: Annotated[str, typer.Option(help="PCA baselines' k.")] = "16,32,64,128,256",
@@ -265,6 +268,8 @@ def eval_cmd(
             ks = [0]
         if not ks or min(ks) < 3:
             _fail(f"--pca-k takes comma-separated whole numbers of at least 3, got {pca_k!r}", 2)
+        if draws is not None and draws < 1:
+            _fail(f"--draws must be at least 1, got {draws}", 2)
         dev = resolve_device(device)
         net, info = load_model(model, device=dev)
         load_network(net, dev, consensus_model=consensus_model)  # refuse a bad one now
@@ -276,7 +281,8 @@ def eval_cmd(
         if getattr(net.config, "kind", "patch") == "shape":
             label += f"-{net.config.backbone}"
         methods = {label: model_method(net, device=str(dev), consensus_model=consensus_model,
-                                       crease=crease, light_smoothing=light_smoothing)}
+                                       crease=crease, light_smoothing=light_smoothing,
+                                       draws=draws)}
         methods.update({f"pca-{k}": pca_method(k) for k in ks})
         with Progress(TextColumn("[bold]eval"), BarColumn(), TextColumn("{task.completed}/"
                       "{task.total} clouds"), TimeRemainingColumn(), console=err) as prog:

@@ -199,13 +199,14 @@ def pca_method(k: int) -> Estimator:
 
 def model_method(model: Any, *, device: str = "auto", batch_size: int = 4096,
                  consensus_model: str | None = None, crease: bool = False,
-                 light_smoothing: bool | None = None) -> Estimator:
+                 light_smoothing: bool | None = None, draws: int | None = None) -> Estimator:
     """The FA pipeline with ``model`` (and the learned smoothing ``consensus_model``,
-    default the shipped one; the optional steps ``crease`` and ``light_smoothing``, as in
-    :func:`fapc.normals.estimate_normals`) as an estimator."""
+    default the shipped one; the optional steps ``crease`` and ``light_smoothing`` and the
+    ``draws``, as in :func:`fapc.normals.estimate_normals`) as an estimator."""
     from fapc.normals import estimate_normals
 
     return lambda pts, q: estimate_normals(pts, method="fa", model=model, device=device,
                                            batch_size=batch_size, query_index=q,
                                            consensus_model=consensus_model, crease=crease,
-                                           light_smoothing=light_smoothing).normals
+                                           light_smoothing=light_smoothing,
+                                           draws=draws).normals

@@ -145,3 +145,6 @@ def test_cli_draws(tmp_path):
     r = CliRunner().invoke(app, ["normals", str(src), "--draws", "0", "-o", str(tmp_path / "x.ply")])
     assert r.exit_code == 2 and "--draws" in r.output
     assert not (tmp_path / "x.ply").exists()
+    r = CliRunner().invoke(app, ["normals", str(src), "--method", "pca", "--draws", "2",
+                                 "-o", str(tmp_path / "p.ply")])
+    assert r.exit_code == 0 and "--draws: only with --method fa" in r.stderr

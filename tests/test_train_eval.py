@@ -569,6 +569,7 @@ def test_cli_refuses_bad_settings_with_one_line_and_exit_2(tmp_path):
         ("sample", str(mesh), "-o", str(tmp_path / "s"), "--format", "obj"),
         ("eval", str(mesh), "--columns", "loud"),
         ("eval", str(mesh), "--pca-k", "abc"),
+        ("eval", str(mesh), "--draws", "0"),
         ("bench", "--points", "12x"),
     ]
     for args in cases:
