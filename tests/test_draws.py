@@ -148,3 +148,17 @@ def test_cli_draws(tmp_path):
     r = CliRunner().invoke(app, ["normals", str(src), "--method", "pca", "--draws", "2",
                                  "-o", str(tmp_path / "p.ply")])
     assert r.exit_code == 0 and "--draws: only with --method fa" in r.stderr
+
+
+def test_fapc_bench_times_the_draws_fapc_normals_runs(tmp_path):
+    from fapc.cloud import PointCloud
+    from fapc.io import read_cloud, write_cloud
+    from fapc.profile import profile_file
+
+    pts, _ = _noisy_sphere(3000, 0.04, seed=11)  # reads heavy: the shipped model's draws
+    write_cloud(tmp_path / "h.ply", PointCloud(points=pts.astype(np.float32)))
+    profile_file(str(tmp_path / "h.ply"), out_path=str(tmp_path / "p.ply"))
+    want = estimate_normals(read_cloud(tmp_path / "h.ply").points, device="cpu").normals
+    one = estimate_normals(read_cloud(tmp_path / "h.ply").points, device="cpu", draws=1).normals
+    got = read_cloud(tmp_path / "p.ply").normals
+    assert _angle(got, want).max() < 1e-3 and _angle(got, one).max() > 0.01
