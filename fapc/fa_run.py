@@ -96,26 +96,50 @@ def fa_normals(
                   light_smoothing=light_smoothing, edge_scale=edge_scale)
     if draws == 1:
         return _fa_draw(builder, progress=progress, **kwargs)
-    acc = None
-    conf = curv = None
+    total = DrawSum()
     for d in range(draws):
-        far = fars[d] if fars[d] is not None else far_subsample(n, spec, seed + d)
-        b = builder if d == 0 else builder_with_far_index(builder, far)
+        b = builder
+        if d:  # another far subsample, everything else shared
+            far = fars[d] if fars[d] is not None else far_subsample(n, spec, seed + d)
+            b = builder_with_far_index(builder, far)
+            kwargs.update(seed=seed + d, far_index=far)
 
-        def part(done: int, total: int, d: int = d) -> None:  # draw d's share of the work
+        def part(done: int, of: int, d: int = d) -> None:  # draw d's share of the work
             if progress is not None:
-                progress(d * total + done, draws * total)
+                progress(d * of + done, draws * of)
 
-        kwargs.update(seed=seed + d, far_index=far)
-        nrm, c, k = _fa_draw(b, progress=part, **kwargs)
-        nn = torch.from_numpy(nrm).double()  # (Q, 3)
+        total.add(*_fa_draw(b, progress=part, **kwargs))
+    return total.result()
+
+
+class DrawSum:
+    """The draws of :func:`fa_normals`, combined as they come: each normal the top
+    eigenvector of the draws' summed ``n n^T`` (unoriented: no sign to cancel), confidence and
+    curvature their means. Keeps running sums only (float64: 9 + 2 values per point)."""
+
+    def __init__(self) -> None:
+        self.outer: torch.Tensor | None = None  # (Q, 3, 3)
+        self.sums: list[np.ndarray] = []  # confidence, curvature (Q,) each
+        self.count = 0
+
+    def add(self, normals: np.ndarray, *rest: np.ndarray) -> None:
+        """One draw: ``normals (Q, 3)`` and optionally ``confidence, curvature (Q,)``."""
+        nn = torch.from_numpy(np.asarray(normals)).double()  # (Q, 3)
         outer = nn.unsqueeze(2) * nn.unsqueeze(1)  # (Q, 3, 3)
-        acc = outer if acc is None else acc + outer
-        conf = c.astype(np.float64) if conf is None else conf + c
-        curv = k.astype(np.float64) if curv is None else curv + k
-    top = sym3_eigh(acc)[1][..., 2]  # (Q, 3) the top eigenvector of the summed n n^T
-    return (top.float().numpy(), (conf / draws).astype(np.float32),
-            (curv / draws).astype(np.float32))
+        self.outer = outer if self.outer is None else self.outer + outer
+        vals = [np.asarray(v, np.float64) for v in rest]
+        self.sums = vals if not self.sums else [a + v for a, v in zip(self.sums, vals, strict=True)]
+        self.count += 1
+
+    def normals(self) -> np.ndarray:
+        """``(Q, 3)`` float32: the top eigenvector of the summed ``n n^T``."""
+        if self.outer is None:
+            raise ValueError("no draw added")
+        return sym3_eigh(self.outer)[1][..., 2].float().numpy()
+
+    def result(self) -> tuple[np.ndarray, ...]:
+        """The combined normals, then the mean of each other output added."""
+        return (self.normals(), *[(a / self.count).astype(np.float32) for a in self.sums])
 
 
 def _fa_draw(builder: Any, *, model: Any, device: torch.device, batch_size: int,

@@ -128,8 +128,7 @@ def _profile_fa(pts: np.ndarray, t: dict[str, float], *, dev: torch.device, mode
     from fapc import runtime
     from fapc.consensus import ConsensusSettings
     from fapc.consensus_batches import consensus_pass, crease_pass, neighbour_agreement_at
-    from fapc.eigen import sym3_eigh
-    from fapc.fa_run import rerun_curved
+    from fapc.fa_run import DrawSum, rerun_curved
     from fapc.frames import compute_frames
     from fapc.memory import trim_every
     from fapc.models.checkpoint import load_model
@@ -167,7 +166,7 @@ def _profile_fa(pts: np.ndarray, t: dict[str, float], *, dev: torch.device, mode
         setup: float | None = now() - t0
     else:
         setup = None
-    acc = None  # the draws' summed n n^T (heavy noise: fapc.fa_run.fa_normals' draws)
+    total = DrawSum()  # the draws combined (heavy noise: fapc.fa_run.fa_normals' draws)
     for d in range(chosen.draws):
         b = builder if d == 0 else builder_with_far_index(builder, far_subsample(n, spec, d))
         normals = np.empty((n, 3), np.float32)
@@ -208,15 +207,13 @@ def _profile_fa(pts: np.ndarray, t: dict[str, float], *, dev: torch.device, mode
                                batch_size=batch_size)  # the confidence's part
         t["consensus"] += now() - t0
         if chosen.draws > 1:
-            nn = torch.from_numpy(normals).double()  # (N, 3)
-            outer = nn[:, :, None] * nn[:, None]  # (N, 3, 3)
-            acc = outer if acc is None else acc + outer
+            total.add(normals)
     if graphed:  # one graph holds frames and network: their times are not separable
         del t["frames"]
     else:
         t["network"] = max(t["network"] - t["frames"], 0.0)  # the forward pass includes frames
-    if acc is not None:
-        normals = sym3_eigh(acc)[1][..., 2].float().numpy()
+    if chosen.draws > 1:
+        normals = total.normals()
     return normals, setup
 
 
