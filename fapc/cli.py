@@ -119,9 +119,10 @@ def normals(
         "cloud, by its noise figure (fapc info --noise).")] = None,
     draws: Annotated[int | None, typer.Option(
         help="fa: run the estimate this many times, each with its own draw of the network's "
-        "far points, and average: under heavy noise it removes the variance that choice "
-        "leaves, at N times the cost. Default: the model decides per cloud (its heavy_draws "
-        "where the cloud reads heavily noisy, else 1; fapc info --noise).")] = None,
+        "far points, and average: it removes the variance that choice leaves (under heavy "
+        "noise, and at the sharp edges of noiseless clouds), at N times the cost. Default: "
+        "the model decides per cloud (its heavy_draws where the cloud reads heavily noisy, "
+        "its clean_draws where it reads noiseless, else 1; fapc info --noise).")] = None,
     fields: Annotated[str, typer.Option(
         help="Comma-separated outputs: normals,confidence,curvature.")] = "normals,confidence,"
     "curvature",

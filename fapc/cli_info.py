@@ -151,8 +151,8 @@ def _info_one(file: Path, cloud: PointCloud, *, as_json: bool, duplicates: int,
             "the model sets it, for light noise whose scatter is noise, not relief; "
             "--light-smoothing / --no-light-smoothing override it)")
         row("draws", f"{draws} by default here (draws of the network's far points averaged: "
-            "more than 1 where the model sets it, on heavily noisy clouds; --draws overrides "
-            "it)")
+            "more than 1 where the model sets it, on heavily noisy and on noiseless clouds; "
+            "--draws overrides it)")
     out.print(t)
 
 

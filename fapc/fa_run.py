@@ -45,7 +45,8 @@ def fa_normals(
     subsample (seeds ``seed``, ``seed + 1``, ...; the near scale's search is shared), and the
     normal is the top eigenvector of the draws' summed ``n n^T`` (unoriented normals: no
     cancellation), the confidence and curvature their means; it averages out the variance
-    that the choice of far points leaves under heavy noise. ``knn``: ``scipy`` (patches built on the CPU),
+    that the choice of far points leaves (under heavy noise; at a noiseless cloud's sharp
+    edges). ``knn``: ``scipy`` (patches built on the CPU),
     ``torch`` (exact grid kNN on ``device``: the whole pipeline stays there) or ``auto``
     (torch on CUDA).
     ``consensus``: snap normals that straddle a crease onto one face (clean data), smooth

@@ -10,7 +10,8 @@ time, at ``edge_k_near``, at the points whose fit is curved (``edge_curvature``)
 consensus step. The same noise figure also decides whether the light smoothing
 (:mod:`fapc.light`) runs: on lightly noisy clouds whose scatter is noise, not relief
 (``light_whiteness``, :func:`light_for_figure`), and how many draws of the far scale are
-averaged: on heavily noisy clouds (``heavy_draws``, :func:`draws_for_figure`).
+averaged: on heavily noisy clouds and on noiseless ones (``heavy_draws``, ``clean_draws``,
+:func:`draws_for_figure`).
 """
 
 from __future__ import annotations
@@ -95,10 +96,14 @@ def light_for_figure(config: Any, figure: Any) -> bool:
 def draws_for_figure(config: Any, figure: Any) -> int:
     """How many draws of the far scale (:func:`fapc.fa_run.fa_normals`'s ``draws``) a
     network with ``config`` averages on a cloud whose noise figure is ``figure``: the model's
-    ``heavy_draws`` where the figure says heavily noisy (level ``heavy``: there the choice of
-    far points leaves a variance that averaging removes), else 1."""
-    heavy = getattr(config, "heavy_draws", 0)
-    return max(1, heavy) if figure.level == "heavy" else 1
+    ``heavy_draws`` where the figure says heavily noisy (level ``heavy``), its
+    ``clean_draws`` where it says noiseless (level ``none``), else 1. At both ends the
+    choice of far points leaves a variance that averaging removes (at sharp edges, on
+    noiseless clouds); on lightly noisy clouds, the scans most users have, one run keeps the
+    speed."""
+    draws = {"heavy": getattr(config, "heavy_draws", 0),
+             "none": getattr(config, "clean_draws", 0)}.get(figure.level, 1)
+    return max(1, draws)
 
 
 class Choices(NamedTuple):
@@ -126,7 +131,7 @@ def choices_for(points: np.ndarray, net: Any) -> Choices:
     c = net.config
     clean = getattr(c, "clean_k_near", 0) not in (0, c.k_near)
     if not (clean or getattr(c, "edge_k_near", 0) or getattr(c, "light_whiteness", 0)
-            or getattr(c, "heavy_draws", 0) > 1):
+            or max(getattr(c, "heavy_draws", 0), getattr(c, "clean_draws", 0)) > 1):
         return Choices(c.k_near, 0, False, 1)
     from fapc.noise import noise_figure
 

@@ -135,11 +135,12 @@ def estimate_normals(
             and its scatter is noise rather than detail, if the model sets
             ``light_whiteness``).
         draws: for ``fa``: run the estimate this many times, each with its own seeded draw
-            of the far-scale subsample, and average (:func:`fa_normals`): under heavy noise
-            it removes the variance the choice of far points leaves, at ``draws`` times the
-            network's and the consensus step's cost. None (default): the model decides by the
-            cloud's noise figure (:func:`fapc.near_scale.draws_for_figure`: its
-            ``heavy_draws`` where the cloud reads heavily noisy, else 1).
+            of the far-scale subsample, and average (:func:`fa_normals`): it removes the
+            variance the choice of far points leaves (under heavy noise, and at the sharp
+            edges of noiseless clouds), at ``draws`` times the network's and the consensus
+            step's cost. None (default): the model decides by the cloud's noise figure
+            (:func:`fapc.near_scale.draws_for_figure`: its ``heavy_draws`` where the cloud
+            reads heavily noisy, its ``clean_draws`` where it reads noiseless, else 1).
         tile_points: for ``fa``: a cloud of more finite points than this is done in tiles
             of at most this many, each with a halo (:mod:`fapc.tiles`), so memory stays that
             of one tile (about 3 GB on a CPU for the default 5 M); the answers are those of

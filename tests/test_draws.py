@@ -30,9 +30,11 @@ def _angle(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.degrees(np.arctan2(np.linalg.norm(np.cross(a, b), axis=1), np.abs((a * b).sum(1))))
 
 
-def _with_draws(draws: int) -> NormalNet:
+def _with_draws(draws: int, clean: int = 0) -> NormalNet:
+    """The shipped weights, averaging ``draws`` draws on heavily noisy clouds and ``clean``
+    on noiseless ones."""
     base = load_model(None)[0]
-    net = NormalNet(replace(base.config, heavy_draws=draws))
+    net = NormalNet(replace(base.config, heavy_draws=draws, clean_draws=clean))
     net.load_state_dict(base.state_dict())
     return net.eval()
 
@@ -107,7 +109,7 @@ def test_draws_do_not_depend_on_the_pose_and_agree_in_tiles():
     assert np.mean(_angle(tiled, base) < 1e-3) > 0.999
 
 
-def test_the_model_chooses_its_draws_on_heavily_noisy_clouds_only():
+def test_the_model_chooses_its_draws_on_heavily_noisy_and_noiseless_clouds_not_light_ones():
     from fapc.near_scale import choices_for
     from fapc.noise import noise_figure
 
@@ -119,8 +121,14 @@ def test_the_model_chooses_its_draws_on_heavily_noisy_clouds_only():
     assert [noise_figure(p).level for p in (clean, light, heavy)] == ["none", "light", "heavy"]
     assert [choices_for(p, net).draws for p in (clean, light, heavy)] == [1, 1, 2]
     assert choices_for(heavy, _with_draws(0)).draws == 1  # off in the model
+    both = _with_draws(2, clean=3)
+    assert [choices_for(p, both).draws for p in (clean, light, heavy)] == [3, 1, 2]
+    only = NormalNet(replace(both.config, clean_k_near=0, edge_k_near=0, light_whiteness=0.0,
+                             heavy_draws=0))  # the clean draws alone still take the figure
+    assert [choices_for(p, only).draws for p in (clean, heavy)] == [3, 1]
     rot = Rotation.random(random_state=9).as_matrix()
     assert choices_for(heavy @ rot.T - 20.0, net).draws == 2  # distances only
+    assert choices_for(clean @ rot.T + 5.0, both).draws == 3
     # None (the default) follows the model; a number overrides it
     auto = estimate_normals(heavy, model=net, device="cpu").normals
     forced = estimate_normals(heavy, model=net, device="cpu", draws=2).normals

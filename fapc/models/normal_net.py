@@ -83,9 +83,11 @@ class NormalNetConfig:
     # the light smoothing (fapc.light) by default on lightly noisy clouds whose scatter reads
     # as noise, not detail (noise figure's whiteness at least this; 0: only when asked for)
     light_whiteness: float = 0.0
-    # draws of the far-scale subsample averaged on heavily noisy clouds (fapc.fa_run's
-    # draws; 0 or 1: one); fapc.near_scale.draws_for_figure chooses it by the noise figure
+    # draws of the far-scale subsample averaged on heavily noisy clouds and on noiseless
+    # ones (fapc.fa_run's draws; 0 or 1: one); fapc.near_scale.draws_for_figure chooses
+    # between them by the noise figure
     heavy_draws: int = 0
+    clean_draws: int = 0
     extra: dict = field(default_factory=dict)
 
     @property
