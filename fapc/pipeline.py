@@ -40,7 +40,7 @@ class NormalsOptions:
     consensus_model: str | None = None  # the learned smoothing's weights [shipped]
     crease: bool = False  # fa: under light noise, points near a sharp edge take their face
     light_smoothing: bool | None = None  # fa: light noise: refit from nearest normals [model's choice]
-    draws: int | None = None  # fa: far-scale draws averaged [model's choice: heavy noise 4]
+    draws: int | None = None  # fa: far-scale draws averaged [the model's choice per cloud]
     tile_points: int | None = TILE_POINTS  # fa: larger clouds in tiles (fapc.tiles); None: never
     from_mesh: str | None = None
     orient: str = "none"

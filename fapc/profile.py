@@ -166,7 +166,7 @@ def _profile_fa(pts: np.ndarray, t: dict[str, float], *, dev: torch.device, mode
         setup: float | None = now() - t0
     else:
         setup = None
-    total = DrawSum()  # the draws combined (heavy noise: fapc.fa_run.fa_normals' draws)
+    total = DrawSum()  # the draws combined (as fapc.fa_run.fa_normals does)
     for d in range(chosen.draws):
         b = builder if d == 0 else builder_with_far_index(builder, far_subsample(n, spec, d))
         normals = np.empty((n, 3), np.float32)
