@@ -43,10 +43,11 @@ VAL_LEVELS = ((0.0, "uniform"), (0.00125, "uniform"), (0.006, "uniform"), (0.012
 
 
 def cloud_inputs(points: np.ndarray, normals: np.ndarray, gt: np.ndarray, query: np.ndarray,
-                 *, spec: Any, seed: int = 0) -> dict[str, Any]:
+                 *, spec: Any, seed: int = 0, face_sin2: float | None = None) -> dict[str, Any]:
     """Everything the learned step sees at ``query (Q,)`` of one cloud (``points``, network
     ``normals`` and true normals ``gt``, each ``(N, 3)``), built as the pipeline builds it;
-    also the fixed step's result (``fixed (Q, 3)``) and the gate (``gate (Q,)`` bool)."""
+    also the fixed step's result (``fixed (Q, 3)``) and the gate (``gate (Q,)`` bool).
+    ``face_sin2``: with the face features, for a config that sets ``face``."""
     from fapc.patches import PatchBuilder
 
     pts = points - points.mean(0)
@@ -64,15 +65,18 @@ def cloud_inputs(points: np.ndarray, normals: np.ndarray, gt: np.ndarray, query:
     eps, spacing = noise_level(p, spreads, query=q, candidates=cand, support=support)
     gate = learned_gate(eps, spacing)
     inputs = net_inputs(p, n, spreads, own=own[gate], eps=eps[gate], spacing=spacing[gate],
-                        query=q[gate], candidates=cand[gate], n_near=spec.k_near)
+                        query=q[gate], candidates=cand[gate], n_near=spec.k_near,
+                        face_sin2=face_sin2)
     return {"inputs": tuple(x.float() for x in inputs), "gate": gate, "fixed": fixed.float(),
             "own": own.float(), "gt": torch.from_numpy(gt[query]).float()}
 
 
 def make_clouds(shapes: list, levels: tuple, *, model: Any, queries: int | None,
-                seed: int) -> list[dict[str, Any]]:
-    """Clouds of ``shapes`` at ``levels`` ((noise, density) pairs) with the network's normals;
-    ``queries``: random points per cloud (None: 5,000, the PCPNet protocol's count)."""
+                seed: int, face_sin2: float | None = None) -> list[dict[str, Any]]:
+    """Clouds of ``shapes`` at ``levels`` ((noise, density) pairs) with the network's normals
+    (one draw: the draws each run the consensus step on their own normals); ``queries``:
+    random points per cloud (None: 5,000, the PCPNet protocol's count); ``face_sin2`` as in
+    :func:`cloud_inputs`."""
     from fapc.datasets import make_cloud
     from fapc.normals import estimate_normals
 
@@ -83,8 +87,9 @@ def make_clouds(shapes: list, levels: tuple, *, model: Any, queries: int | None,
             pts, gt = make_cloud(shape, n=100_000, noise=noise, density=density, seed=s)
             rng = np.random.default_rng(s)
             q = np.sort(rng.choice(len(pts), min(queries or 5000, len(pts)), replace=False))
-            nrm = estimate_normals(pts, method="fa", model=model, consensus=False).normals
-            c = cloud_inputs(pts, nrm, gt, q, spec=model.config.patch)
+            nrm = estimate_normals(pts, method="fa", model=model, consensus=False,
+                                   draws=1).normals
+            c = cloud_inputs(pts, nrm, gt, q, spec=model.config.patch, face_sin2=face_sin2)
             c["name"], c["level"] = shape.name, f"{noise * 100:g}% {density}"
             out.append(c)
             log.info("%s at %s: %d of %d queries gated", shape.name, c["level"],
@@ -164,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--loss", choices=LOSSES, default="sq")
     p.add_argument("--output", choices=OUTPUTS, default="mean")
+    p.add_argument("--face", action="store_true", help="face offsets among the features")
+    p.add_argument("--context", action="store_true",
+                   help="each weight also reads the patch's pooled features")
+    p.add_argument("--queries", type=int, default=12_000, help="queries per training cloud")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.makedirs(args.out, exist_ok=True)
@@ -171,9 +180,14 @@ def main(argv: list[str] | None = None) -> int:
     train_shapes, val_shapes = split_shapes(load_shapes(cfg.data), cfg.val_fraction, cfg.seed,
                                             names=cfg.val_shapes)
     model, _ = load_model(args.model)
+    config = ConsensusNetConfig(hidden=args.hidden, layers=args.layers, output=args.output,
+                                face=args.face, context=args.context)
+    face = config.face_sin2 if config.face else None
     t0 = time.perf_counter()
-    train = make_clouds(train_shapes, TRAIN_LEVELS, model=model, queries=12_000, seed=args.seed)
-    val = make_clouds(val_shapes, VAL_LEVELS, model=model, queries=None, seed=args.seed + 7)
+    train = make_clouds(train_shapes, TRAIN_LEVELS, model=model, queries=args.queries,
+                        seed=args.seed, face_sin2=face)
+    val = make_clouds(val_shapes, VAL_LEVELS, model=model, queries=None, seed=args.seed + 7,
+                      face_sin2=face)
     log.info("clouds built in %.0f s", time.perf_counter() - t0)
     lines: list[str] = []
 
@@ -184,7 +198,6 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(line)
         log.info(line)
 
-    config = ConsensusNetConfig(hidden=args.hidden, layers=args.layers, output=args.output)
     net = train_net(train, config=config, epochs=args.epochs, lr=args.lr, batch=args.batch,
                     seed=args.seed, loss=args.loss, on_epoch=on_epoch)
     res = evaluate(net, val)

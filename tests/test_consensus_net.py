@@ -42,10 +42,13 @@ def _consensus(points: np.ndarray, normals: np.ndarray, query: np.ndarray, net: 
     return out.numpy()
 
 
-@pytest.mark.parametrize("output", ["eig", "mean"])
-def test_learned_consensus_is_equivariant_and_permutation_invariant(output: str):
+@pytest.mark.parametrize("output,face,context", [("eig", False, False), ("mean", False, False),
+                                                 ("mean", True, True), ("mean", True, False)])
+def test_learned_consensus_is_equivariant_and_permutation_invariant(output: str, face: bool,
+                                                                    context: bool):
     torch.manual_seed(0)
-    net = ConsensusNet(ConsensusNetConfig(hidden=8, output=output)).double().eval()
+    net = ConsensusNet(ConsensusNetConfig(hidden=8, output=output, face=face,
+                                          context=context)).double().eval()
     pts, _ = _noisy_sphere(1500, 0.03, seed=1)
     nrm = pca_normals(pts, k=12)[0].astype(np.float64)
     q = np.arange(0, 1500, 7)
@@ -96,9 +99,48 @@ def test_output_rules_on_two_directions_with_mixed_signs():
     assert abs(want_mean - want_eig) > 4.0
 
 
+def test_face_offsets_tell_which_face_of_a_crease_the_query_is_on():
+    """Two faces meet at a right angle along the y axis; the query lies on face A (z = 0),
+    0.6 spacings from the crease, with light noise. The offset of a face-B candidate's face
+    is the query's distance to plane B (0.6 spacings), an A candidate's only the noise;
+    a distance to one noisy candidate's own plane scatters with that point's noise."""
+    from fapc.models.consensus_net import face_features
+
+    rng = np.random.default_rng(0)
+    g = np.stack(np.meshgrid(np.arange(-4.0, 4.5), np.arange(-4.0, 4.5)), -1).reshape(-1, 2)
+    on_a = np.c_[-np.abs(g[:, 0]), g[:, 1], np.zeros(len(g))]  # x <= 0, z = 0
+    on_b = np.c_[np.zeros(len(g)), g[:, 1], -np.abs(g[:, 0])]  # x = 0, z <= 0
+    pts = np.concatenate([on_a, on_b])
+    pts = pts + rng.normal(scale=0.1, size=pts.shape)
+    normals = np.concatenate([np.tile([0.0, 0, 1], (len(g), 1)), np.tile([1.0, 0, 0], (len(g), 1))])
+    query = np.array([-0.6, 0.0, 0.0])
+    take = np.argsort(np.linalg.norm(pts - query, axis=1))[:64]
+    rel = torch.from_numpy(pts[take] - query)[None]  # (1, 64, 3)
+    nj = torch.from_numpy(normals[take])[None]
+    own = torch.tensor([[0.0, 0.0, 1.0]], dtype=torch.float64)
+    pair, mine = face_features(rel, nj, own, torch.ones(1, dtype=torch.float64), sin2=0.02)
+    off = np.exp(pair[0, :, 0].numpy())  # back from the log (+1e-3)
+    is_b = normals[take, 0] > 0.5
+    assert 10 < is_b.sum() < 54
+    assert off[is_b].min() > 0.45 and off[~is_b].max() < 0.1, (off[is_b], off[~is_b])
+    assert np.exp(mine[0, 0].item()) < 0.1  # the query's own normal: face A
+    share = pair[0, :, 1].numpy()  # each face's share of the patch
+    np.testing.assert_allclose(share[~is_b], (~is_b).sum() / 65 + 1 / 65, atol=1e-6)
+    single = np.abs((rel[0] * nj[0]).sum(-1).numpy())  # through the candidate's own point
+    assert single[~is_b].max() > 2 * off[~is_b].max()  # one noisy point's plane: its noise
+    none = face_features(rel[:0], nj[:0], own[:0], torch.ones(0, dtype=torch.float64), sin2=0.02)
+    assert none[0].shape == (0, 64, 2) and none[1].shape == (0, 2)  # no query: nothing to do
+
+
 def test_output_rule_and_loss_are_checked():
     with pytest.raises(ValueError, match="output"):
         ConsensusNetConfig(output="median")
+    with pytest.raises(ValueError, match="face_sin2"):
+        ConsensusNetConfig(face_sin2=0.0)
+    net = ConsensusNet(ConsensusNetConfig(hidden=8, face=True))
+    with pytest.raises(ValueError, match="pair"):  # features without the face offsets
+        net(torch.zeros(2, 3), torch.zeros(2, 5, 3), torch.zeros(2, 5, PAIR_FEATURES),
+            torch.zeros(2, QUERY_FEATURES))
     with pytest.raises(ValueError, match="loss"):
         train_net([], config=ConsensusNetConfig(), epochs=1, lr=1e-3, batch=8, seed=0,
                   loss="l1")
@@ -126,22 +168,24 @@ def test_a_plain_weighting_of_raw_coordinates_is_not_equivariant():
     assert np.median(err) > 0.01
 
 
-def test_training_learns_to_beat_its_input():
+@pytest.mark.parametrize("face_and_context", [False, True])
+def test_training_learns_to_beat_its_input(face_and_context: bool):
     spec = PatchSpec(k_near=16, k_far=16, far_stride=4, far_smooth=1)
+    config = ConsensusNetConfig(hidden=8, face=face_and_context, context=face_and_context)
 
     def cloud(seed: int) -> dict:
         pts, gt = _noisy_sphere(6000, 0.02, seed=seed)
         nrm = pca_normals(pts, k=10)[0].astype(np.float64)  # noisy "network" normals
         q = np.arange(0, 6000, 3)
-        c = cloud_inputs(pts, nrm, gt, q, spec=spec)
+        c = cloud_inputs(pts, nrm, gt, q, spec=spec,
+                         face_sin2=config.face_sin2 if config.face else None)
         c["level"] = "sphere"
         return c
 
     train, val = [cloud(10), cloud(11)], [cloud(12)]
     assert float(val[0]["gate"].float().mean()) > 0.9
     own = float(np.sqrt(np.mean(angle_deg(val[0]["own"].numpy(), val[0]["gt"].numpy()) ** 2)))
-    net = train_net(train, config=ConsensusNetConfig(hidden=8), epochs=3, lr=1e-2, batch=512,
-                    seed=0)
+    net = train_net(train, config=config, epochs=3, lr=1e-2, batch=512, seed=0)
     learned = evaluate(net, val)["sphere"][1]
     assert learned < 0.8 * own, (learned, own)
 

@@ -20,6 +20,16 @@ eigenvector by about its weight times its cosine to ``v``, so it leans further t
 heaviest direction (two directions 60 degrees apart, weighted 3 : 1: 9.6 degrees from the
 heavier, against the mean's 13.9). Trained with the squared angle as the loss (the benchmark's
 RMSE), the mean scored better on TRAIN data.
+
+Two options widen what a weight can read. ``face``: each candidate's *face offset*, the
+query's distance to the plane of that candidate's face, where the face is every patch point
+whose normal agrees with the candidate's (a Gaussian of ``sin^2`` of their angle, width
+``face_sin2``) and the plane has the candidate's normal through their mean; and that face's
+share of the patch. Averaged over a face's points the offset is far less noisy than a
+distance to one noisy point's plane: near a crease under light noise it tells which face the
+query lies on. ``context``: the per-candidate hidden features are pooled over the patch (mean
+and max), and each weight reads its own features beside the pool (a set network), so a weight
+can depend on what the other candidates are.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ from fapc.gather import rows
 
 PAIR_FEATURES = 6  # per candidate: see pair_features
 QUERY_FEATURES = 2  # per query: noise level and own spread, over the spacing
+FACE_FEATURES = 2  # with ``face``, per candidate and for the query's own normal: see face_features
 OUTPUTS = ("eig", "mean")
 
 
@@ -42,11 +53,24 @@ class ConsensusNetConfig:
     layers: int = 2  # hidden layers of the per-candidate weight network
     iterations: int = 16  # power iterations
     output: str = "eig"  # "eig": the top eigenvector; "mean": the sign-aligned weighted mean
+    face: bool = False  # face offsets and shares among the features (face_features)
+    face_sin2: float = 0.02  # width of a face: a Gaussian of sin^2 of the angle between normals
+    context: bool = False  # each weight also reads the mean and max of the patch's features
     kind: str = "consensus"
 
     def __post_init__(self) -> None:
         if self.output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {self.output!r}")
+        if not self.face_sin2 > 0:
+            raise ValueError(f"face_sin2 must be > 0, got {self.face_sin2}")
+
+    @property
+    def pair_features(self) -> int:
+        return PAIR_FEATURES + (FACE_FEATURES if self.face else 0)
+
+    @property
+    def query_features(self) -> int:
+        return QUERY_FEATURES + (FACE_FEATURES if self.face else 0)
 
     @classmethod
     def from_json(cls, text: str) -> ConsensusNetConfig:
@@ -86,15 +110,47 @@ def pair_features(rel: torch.Tensor, own: torch.Tensor, nj: torch.Tensor, spread
                         far.to(rel.dtype).expand_as(cos)], -1)
 
 
+def face_features(rel: torch.Tensor, nj: torch.Tensor, own: torch.Tensor, spacing: torch.Tensor,
+                  *, sin2: float, chunk: int = 4096
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Face offsets and shares: ``(Q, C, FACE_FEATURES)`` for the candidates at ``rel (Q, C,
+    3)`` (relative to the query) with normals ``nj (Q, C, 3)``, and ``(Q, FACE_FEATURES)``
+    for the query's own normal ``own (Q, 3)``; ``spacing (Q,)``.
+
+    The face of a normal ``n_j`` is every point of the patch (the query at 0 included) that
+    weighs ``a_ij = exp(-sin^2(n_i, n_j) / sin2)``; its offset is ``|sum_i a_ij n_j . rel_i| /
+    sum_i a_ij`` (the query's distance to the plane with normal ``n_j`` through the face's
+    weighted mean) over the spacing, given as a log, and its share ``mean_i a_ij``. Sign-free,
+    so invariant to the normals' signs, rotations, reflections, translations and the order of
+    the candidates. ``O(C^2)`` per query, in chunks of ``chunk`` queries."""
+    if rel.ndim != 3 or rel.shape[2] != 3 or nj.shape != rel.shape or own.shape != (len(rel), 3):
+        raise ValueError(f"rel and nj (Q, C, 3), own (Q, 3) expected, got {tuple(rel.shape)}, "
+                         f"{tuple(nj.shape)}, {tuple(own.shape)}")
+    pair = [rel.new_zeros(0, rel.shape[1], FACE_FEATURES)]  # Q may be 0
+    mine = [rel.new_zeros(0, FACE_FEATURES)]
+    for s in range(0, len(rel), chunk):
+        r = torch.cat([torch.zeros_like(rel[s:s + chunk, :1]), rel[s:s + chunk]], 1)  # (q, 1+C, 3)
+        n = torch.cat([own[s:s + chunk, None], nj[s:s + chunk]], 1)  # (q, 1+C, 3), own first
+        a = torch.exp(-(1 - (n @ n.transpose(1, 2)).square()).clamp_min(0) / sin2)  # [j, i]
+        off = (a * (n @ r.transpose(1, 2))).sum(-1) / a.sum(-1)  # (q, 1+C); a_jj = 1
+        f = torch.stack([_log(off.abs() / spacing[s:s + chunk, None]), a.mean(-1)], -1)
+        mine.append(f[:, 0])
+        pair.append(f[:, 1:])
+    return torch.cat(pair), torch.cat(mine)
+
+
 def net_inputs(points: torch.Tensor, normals: torch.Tensor, spreads: torch.Tensor, *,
                own: torch.Tensor, eps: torch.Tensor, spacing: torch.Tensor, query: torch.Tensor,
-               candidates: torch.Tensor, n_near: int, dtype: torch.dtype | None = None
+               candidates: torch.Tensor, n_near: int, dtype: torch.dtype | None = None,
+               face_sin2: float | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The inputs of :meth:`ConsensusNet.forward` (in ``dtype``, default the points') for the
     queries ``query (Q,)``
     with normals ``own (Q, 3)``, noise level and spacing ``(Q,)`` each, and ``candidates (Q,
     C)`` (the near scale's ``n_near`` first, then the far scale's) in a cloud of ``points (N,
-    3)`` with ``normals`` and ``spreads`` (:func:`fapc.consensus.spread`) at every point."""
+    3)`` with ``normals`` and ``spreads`` (:func:`fapc.consensus.spread`) at every point;
+    ``face_sin2``: also the face features (:func:`face_features`) at that width, for a net
+    whose config sets ``face``."""
     dtype = dtype or points.dtype
     # differences in the points' precision (georeferenced clouds), then the features in dtype
     rel = (rows(points, candidates) - points[query].unsqueeze(1)).to(dtype)  # (Q, C, 3)
@@ -103,6 +159,9 @@ def net_inputs(points: torch.Tensor, normals: torch.Tensor, spreads: torch.Tenso
     far = (torch.arange(candidates.shape[1], device=candidates.device) >= n_near)  # (C,)
     pair = pair_features(rel, own, nj, rows(spreads, candidates).to(dtype), spacing, far)
     qf = query_features(eps.to(dtype), spreads[query].to(dtype), spacing)
+    if face_sin2 is not None:
+        fp, fq = face_features(rel, nj, own, spacing, sin2=face_sin2)
+        pair, qf = torch.cat([pair, fp], -1), torch.cat([qf, fq], -1)
     return own, nj, pair, qf
 
 
@@ -112,26 +171,44 @@ class ConsensusNet(nn.Module):
     def __init__(self, config: ConsensusNetConfig | None = None) -> None:
         super().__init__()
         self.config = c = config or ConsensusNetConfig()
-        layers: list[nn.Module] = [nn.Linear(PAIR_FEATURES + QUERY_FEATURES, c.hidden), nn.ReLU()]
+        p, q, h = c.pair_features, c.query_features, c.hidden
+        layers: list[nn.Module] = [nn.Linear(p + q, h), nn.ReLU()]
         for _ in range(c.layers - 1):
-            layers += [nn.Linear(c.hidden, c.hidden), nn.ReLU()]
-        self.pair = nn.Sequential(*layers, nn.Linear(c.hidden, 1))
-        self.own = nn.Sequential(nn.Linear(QUERY_FEATURES, c.hidden), nn.ReLU(),
-                                 nn.Linear(c.hidden, 1))
+            layers += [nn.Linear(h, h), nn.ReLU()]
+        pool = 2 * h if c.context else 0  # the patch's mean and max hidden features
+        if c.context:  # the per-candidate features, then a head on [own features, pool]
+            self.pair = nn.Sequential(*layers)
+            self.mix = nn.Sequential(nn.Linear(h + pool, h), nn.ReLU(), nn.Linear(h, 1))
+        else:
+            self.pair = nn.Sequential(*layers, nn.Linear(h, 1))
+        self.own = nn.Sequential(nn.Linear(q + pool, h), nn.ReLU(), nn.Linear(h, 1))
 
     def forward(self, own: torch.Tensor, nj: torch.Tensor, pair: torch.Tensor,
                 query: torch.Tensor) -> torch.Tensor:
-        """``own (Q, 3)``, ``nj (Q, C, 3)``, ``pair (Q, C, PAIR_FEATURES)``, ``query (Q,
-        QUERY_FEATURES)`` -> unit normals ``(Q, 3)``."""
+        """``own (Q, 3)``, ``nj (Q, C, 3)``, ``pair (Q, C, P)``, ``query (Q, F)`` -> unit
+        normals ``(Q, 3)``; ``P`` and ``F`` the config's ``pair_features`` and
+        ``query_features``."""
+        p = self.config.pair_features
         if own.ndim != 2 or own.shape[1] != 3 or nj.shape[:1] != own.shape[:1] \
-                or pair.shape[:2] != nj.shape[:2] or pair.shape[2] != PAIR_FEATURES:
-            raise ValueError(f"own (Q, 3), nj (Q, C, 3), pair (Q, C, {PAIR_FEATURES}) expected, "
-                             f"got {tuple(own.shape)}, {tuple(nj.shape)}, {tuple(pair.shape)}")
+                or pair.shape[:2] != nj.shape[:2] or pair.shape[2] != p \
+                or query.shape != (len(own), self.config.query_features):
+            raise ValueError(f"own (Q, 3), nj (Q, C, 3), pair (Q, C, {p}), query (Q, "
+                             f"{self.config.query_features}) expected, got {tuple(own.shape)}, "
+                             f"{tuple(nj.shape)}, {tuple(pair.shape)}, {tuple(query.shape)}")
         # the first layer on [pair, query] split in two: the query's part once per query
         first = self.pair[0]
-        h = pair @ first.weight[:, :PAIR_FEATURES].T  # (Q, C, hidden)
-        h = h + (query @ first.weight[:, PAIR_FEATURES:].T + first.bias).unsqueeze(1)
-        logits = torch.cat([self.own(query), self.pair[1:](h).squeeze(-1)], 1)  # (Q, 1 + C)
+        h = pair @ first.weight[:, :p].T  # (Q, C, hidden)
+        h = h + (query @ first.weight[:, p:].T + first.bias).unsqueeze(1)
+        if self.config.context:
+            h = self.pair[1:](h)  # (Q, C, hidden)
+            pool = torch.cat([h.mean(1), h.amax(1)], -1)  # (Q, 2 hidden)
+            mix, hidden = self.mix[0], h.shape[2]  # split likewise: the pool's part per query
+            m = h @ mix.weight[:, :hidden].T + (pool @ mix.weight[:, hidden:].T
+                                                 + mix.bias).unsqueeze(1)  # (Q, C, hidden)
+            logits = torch.cat([self.own(torch.cat([query, pool], -1)),
+                                self.mix[1:](m).squeeze(-1)], 1)  # (Q, 1 + C)
+        else:
+            logits = torch.cat([self.own(query), self.pair[1:](h).squeeze(-1)], 1)  # (Q, 1 + C)
         w = torch.softmax(logits, 1)
         vecs = torch.cat([own[:, None], nj], 1)  # (Q, 1 + C, 3)
         m = (vecs * w[..., None]).transpose(1, 2) @ vecs  # (Q, 3, 3)
