@@ -111,7 +111,7 @@ def pair_features(rel: torch.Tensor, own: torch.Tensor, nj: torch.Tensor, spread
 
 
 def face_features(rel: torch.Tensor, nj: torch.Tensor, own: torch.Tensor, spacing: torch.Tensor,
-                  *, sin2: float, chunk: int = 4096
+                  *, sin2: float, chunk: int = 256
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Face offsets and shares: ``(Q, C, FACE_FEATURES)`` for the candidates at ``rel (Q, C,
     3)`` (relative to the query) with normals ``nj (Q, C, 3)``, and ``(Q, FACE_FEATURES)``
@@ -122,7 +122,8 @@ def face_features(rel: torch.Tensor, nj: torch.Tensor, own: torch.Tensor, spacin
     sum_i a_ij`` (the query's distance to the plane with normal ``n_j`` through the face's
     weighted mean) over the spacing, given as a log, and its share ``mean_i a_ij``. Sign-free,
     so invariant to the normals' signs, rotations, reflections, translations and the order of
-    the candidates. ``O(C^2)`` per query, in chunks of ``chunk`` queries."""
+    the candidates. ``O(C^2)`` per query, in chunks of ``chunk`` queries (small: the ``(chunk,
+1 + C, 1 + C)`` weights then stay in the cache)."""
     if rel.ndim != 3 or rel.shape[2] != 3 or nj.shape != rel.shape or own.shape != (len(rel), 3):
         raise ValueError(f"rel and nj (Q, C, 3), own (Q, 3) expected, got {tuple(rel.shape)}, "
                          f"{tuple(nj.shape)}, {tuple(own.shape)}")
@@ -131,8 +132,8 @@ def face_features(rel: torch.Tensor, nj: torch.Tensor, own: torch.Tensor, spacin
     for s in range(0, len(rel), chunk):
         r = torch.cat([torch.zeros_like(rel[s:s + chunk, :1]), rel[s:s + chunk]], 1)  # (q, 1+C, 3)
         n = torch.cat([own[s:s + chunk, None], nj[s:s + chunk]], 1)  # (q, 1+C, 3), own first
-        a = torch.exp(-(1 - (n @ n.transpose(1, 2)).square()).clamp_min(0) / sin2)  # [j, i]
-        off = (a * (n @ r.transpose(1, 2))).sum(-1) / a.sum(-1)  # (q, 1+C); a_jj = 1
+        a = (n @ n.transpose(1, 2)).square_().clamp_(max=1).sub_(1).div_(sin2).exp_()  # [j, i]
+        off = (n * (a @ r)).sum(-1) / a.sum(-1)  # (q, 1+C): n_j . sum_i a_ji r_i; a_jj = 1
         f = torch.stack([_log(off.abs() / spacing[s:s + chunk, None]), a.mean(-1)], -1)
         mine.append(f[:, 0])
         pair.append(f[:, 1:])
