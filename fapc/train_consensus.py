@@ -5,9 +5,11 @@
 - **Data.** The shapes of the network's own training split (``--config``: its data and its
   seeded validation split; procedural shapes left out), each at 0.125 %, 0.6 % and 1.2 %
   noise (uniform density) and at 0.4 % noise with a density gradient: 100,000 points per
-  cloud, the shipped network's normals (no consensus), features at 12,000 random points per
-  cloud where the noise gate opens (``eps >= gamma x spacing``). ``--model`` trains the
-  step for another network's normals.
+  cloud, the shipped network's normals (no consensus, one draw), features at 12,000 random
+  points per cloud (``--queries``) where the noise gate opens (``eps >= gamma x spacing``).
+  ``--model`` trains the step for another network's normals. ``--face`` and ``--context``
+  train the design with face offsets and pooled patch features
+  (:mod:`fapc.models.consensus_net`; not the shipped one).
 - **Validation.** The network's held-out shapes at the four PCPNet noise levels (0, 0.125 %,
   0.6 %, 1.2 %), 5,000 queries each: the learned step against the fixed smoothing, per level.
 - **Training.** The mean squared unoriented angle (``--loss sq``, the benchmark's RMSE
@@ -174,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="each weight also reads the patch's pooled features")
     p.add_argument("--queries", type=int, default=12_000, help="queries per training cloud")
     args = p.parse_args(argv)
+    if args.queries < 1:
+        p.error("--queries must be at least 1")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.makedirs(args.out, exist_ok=True)
     cfg = TrainConfig.from_toml(args.config)
