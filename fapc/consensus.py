@@ -187,8 +187,7 @@ def consensus_normals(
                                 spacing=spacing[at], query=query[at], candidates=candidates[at],
                                 n_near=candidates.shape[1] // 2 if n_near is None else n_near,
                                 dtype=next(smoother.parameters()).dtype,  # the weights' dtype
-                                face_sin2=(smoother.config.face_sin2 if smoother.config.face
-                                           else None))
+                                face_sin2=smoother.config.face_width)
             out[at] = smoother(*inputs).to(out.dtype)
         return out, snapped, t
     t = ((eps / spacing - s.smooth_from) / (s.smooth_full - s.smooth_from)).clamp(0, 1)

@@ -186,12 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     model, _ = load_model(args.model)
     config = ConsensusNetConfig(hidden=args.hidden, layers=args.layers, output=args.output,
                                 face=args.face, context=args.context)
-    face = config.face_sin2 if config.face else None
     t0 = time.perf_counter()
     train = make_clouds(train_shapes, TRAIN_LEVELS, model=model, queries=args.queries,
-                        seed=args.seed, face_sin2=face)
+                        seed=args.seed, face_sin2=config.face_width)
     val = make_clouds(val_shapes, VAL_LEVELS, model=model, queries=None, seed=args.seed + 7,
-                      face_sin2=face)
+                      face_sin2=config.face_width)
     log.info("clouds built in %.0f s", time.perf_counter() - t0)
     lines: list[str] = []
 

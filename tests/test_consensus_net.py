@@ -177,8 +177,7 @@ def test_training_learns_to_beat_its_input(face_and_context: bool):
         pts, gt = _noisy_sphere(6000, 0.02, seed=seed)
         nrm = pca_normals(pts, k=10)[0].astype(np.float64)  # noisy "network" normals
         q = np.arange(0, 6000, 3)
-        c = cloud_inputs(pts, nrm, gt, q, spec=spec,
-                         face_sin2=config.face_sin2 if config.face else None)
+        c = cloud_inputs(pts, nrm, gt, q, spec=spec, face_sin2=config.face_width)
         c["level"] = "sphere"
         return c
 

@@ -72,6 +72,12 @@ class ConsensusNetConfig:
     def query_features(self) -> int:
         return QUERY_FEATURES + (FACE_FEATURES if self.face else 0)
 
+    @property
+    def face_width(self) -> float | None:
+        """``face_sin2`` where the net reads face features, else None: what
+        :func:`net_inputs` takes as its ``face_sin2``."""
+        return self.face_sin2 if self.face else None
+
     @classmethod
     def from_json(cls, text: str) -> ConsensusNetConfig:
         import json
