@@ -104,7 +104,8 @@ def _info_one(file: Path, cloud: PointCloud, *, as_json: bool, duplicates: int,
         data["noise"] = noise.to_dict()
     if near_scale is not None:
         (data["fa_near_scale"], data["fa_edge_near_scale"], data["fa_light_smoothing"],
-         data["fa_draws"]) = near_scale
+         data["fa_draws"]) = near_scale[:4]
+        data["fa_smoothing_weights"] = "heavy-noise" if near_scale.smoother else "default"
     if as_json:
         typer.echo(json.dumps(data))
         return
@@ -142,7 +143,7 @@ def _info_one(file: Path, cloud: PointCloud, *, as_json: bool, duplicates: int,
             row("whiteness", f"{noise.whiteness:.2f} (about 1.2 where the scatter is noise, "
                 "0.7 or less where it is relief finer than a 32-point neighbourhood)")
     if near_scale is not None:
-        k, edge, light, draws = near_scale
+        k, edge, light, draws, smoother = near_scale
         at_edges = f", and {edge} at sharp edges (curved fits)" if edge else ""
         row("fa near scale", f"{k} nearest points{at_edges} (what fapc normals runs the "
             "shipped model at here: smaller on noiseless clouds without scan lines, and at "
@@ -153,6 +154,10 @@ def _info_one(file: Path, cloud: PointCloud, *, as_json: bool, duplicates: int,
         row("draws", f"{draws} by default here (draws of the network's far points averaged: "
             "more than 1 where the model sets it, on heavily noisy and on noiseless clouds; "
             "--draws overrides it)")
+        row("smoothing weights", ("heavy-noise (consensus_heavy.safetensors)" if smoother else
+                                  "default (consensus.safetensors)") + " by default here (the "
+            "learned smoothing's heavy-noise weights where the package holds them and the "
+            "cloud reads heavily noisy; --consensus-model overrides it)")
     out.print(t)
 
 

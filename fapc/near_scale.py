@@ -11,7 +11,8 @@ consensus step. The same noise figure also decides whether the light smoothing
 (:mod:`fapc.light`) runs: on lightly noisy clouds whose scatter is noise, not relief
 (``light_whiteness``, :func:`light_for_figure`), and how many draws of the far scale are
 averaged: on heavily noisy clouds and on noiseless ones (``heavy_draws``, ``clean_draws``,
-:func:`draws_for_figure`).
+:func:`draws_for_figure`), and which weights the learned smoothing takes
+(:func:`smoother_for_figure`).
 """
 
 from __future__ import annotations
@@ -106,6 +107,19 @@ def draws_for_figure(config: Any, figure: Any) -> int:
     return max(1, draws)
 
 
+def smoother_for_figure(figure: Any) -> str | None:
+    """The learned smoothing's weights (:mod:`fapc.models.consensus_net`) on a cloud whose
+    noise figure is ``figure``: the package's heavy-noise ones
+    (:data:`fapc.models.checkpoint.HEAVY_CONSENSUS_MODEL`) where the figure says heavily noisy
+    (level ``heavy``) and the package holds them, else None (the shipped
+    ``consensus.safetensors``)."""
+    from fapc.models.checkpoint import HEAVY_CONSENSUS_MODEL
+
+    if figure.level == "heavy" and HEAVY_CONSENSUS_MODEL.exists():
+        return str(HEAVY_CONSENSUS_MODEL)
+    return None
+
+
 class Choices(NamedTuple):
     """What a patch network does on a cloud where the user chooses nothing."""
 
@@ -113,14 +127,16 @@ class Choices(NamedTuple):
     edge: int  # near scale of the second run at curved fits (edge_scale_for_figure; 0: none)
     light: bool  # the light smoothing (light_for_figure)
     draws: int  # draws of the far scale averaged (draws_for_figure)
+    smoother: str | None = None  # the learned smoothing's weights (smoother_for_figure)
 
 
 def choices_for_figure(config: Any, figure: Any) -> Choices:
     """The :class:`Choices` of a network with ``config`` on a cloud whose noise figure is
     ``figure`` (:func:`scale_for_figure`, :func:`edge_scale_for_figure`,
-    :func:`light_for_figure`, :func:`draws_for_figure`)."""
+    :func:`light_for_figure`, :func:`draws_for_figure`, :func:`smoother_for_figure`)."""
     return Choices(scale_for_figure(config, figure), edge_scale_for_figure(config, figure),
-                   light_for_figure(config, figure), draws_for_figure(config, figure))
+                   light_for_figure(config, figure), draws_for_figure(config, figure),
+                   smoother_for_figure(figure))
 
 
 def choices_for(points: np.ndarray, net: Any) -> Choices:

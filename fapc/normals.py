@@ -121,7 +121,9 @@ def estimate_normals(
         consensus_model: for ``fa`` with ``consensus``: the learned smoothing's weights, a
             ``.safetensors`` file or a directory holding ``consensus.safetensors`` (what
             ``python -m fapc.train_consensus --out DIR`` writes; train it on your own
-            network's normals with ``--model``); None for the shipped weights.
+            network's normals with ``--model``); None for the shipped weights (on a cloud
+            whose noise figure reads heavily noisy, the package's heavy-noise ones where it
+            holds them: :func:`fapc.near_scale.smoother_for_figure`).
         crease: for ``fa`` with ``consensus``: under light noise (up to about a quarter of
             the point spacing), a last step gives points a few noise widths from a sharp edge
             the face they lie on (:mod:`fapc.crease`; off by default: on TRAIN shapes it
@@ -211,7 +213,9 @@ def estimate_normals(
             qi_f, expand = np.unique(dup[1][qi_f], return_inverse=True)
     if method == "fa" and getattr(net.config, "kind", "patch") != "shape":
         edge, light, n_draws = 0, bool(light_smoothing), draws or 1
-        if k is None or light_smoothing is None or draws is None:  # by the cloud's noise
+        smoother = consensus_model
+        if (k is None or light_smoothing is None or draws is None
+                or (consensus and consensus_model is None)):  # by the cloud's noise
             chosen = choices_for(finite, net)  # (fapc.near_scale)
             if k is None:
                 net, edge = net.with_near_scale(chosen.k), chosen.edge
@@ -219,12 +223,14 @@ def estimate_normals(
                 light = chosen.light
             if draws is None:
                 n_draws = chosen.draws
+            if consensus_model is None:
+                smoother = chosen.smoother
         run: Callable[..., Any] = fa_normals
         if tile_points is not None and len(finite) > tile_points:
             run = functools.partial(tiled_fa_normals, tile_points=tile_points)
         nrm, conf, curv = run(finite, net, device=dev, batch_size=batch_size,
                               query_index=qi_f, knn=knn, consensus=consensus,
-                              consensus_model=consensus_model, crease=crease,
+                              consensus_model=smoother, crease=crease,
                               light_smoothing=light, progress=progress,
                               edge_scale=edge, draws=n_draws)
     else:  # PCA, or a whole-shape model: one step

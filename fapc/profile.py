@@ -200,7 +200,8 @@ def _profile_fa(pts: np.ndarray, t: dict[str, float], *, dev: torch.device, mode
         run = np.arange(n)
         passes = ConsensusSettings.snap_passes + int(light_smoothing)
         normals, before = consensus_pass(b, normals, far, run, [run] * passes, n=n,
-                                         device=dev, batch_size=batch_size, light=light_smoothing)
+                                         device=dev, batch_size=batch_size, light=light_smoothing,
+                                         smoother_path=chosen.smoother)
         if crease:
             normals = crease_pass(b, normals, run, device=dev, batch_size=batch_size)
         neighbour_agreement_at(b, normals, before, run, run, device=dev,

@@ -22,6 +22,9 @@ FORMAT = "fapc-normalnet-1"
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "default.safetensors"
 # the learned consensus step (fapc.models.consensus_net), used by default after the network
 CONSENSUS_MODEL = DEFAULT_MODEL.with_name("consensus.safetensors")
+# its weights for clouds whose noise figure reads heavy (fapc.near_scale.smoother_for_figure),
+# used there instead where the package holds them
+HEAVY_CONSENSUS_MODEL = DEFAULT_MODEL.with_name("consensus_heavy.safetensors")
 
 
 def save_model(path: str | os.PathLike, model: torch.nn.Module, *,
