@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import angle_deg
+from conftest import angle_deg, plane_points
 from scipy.spatial import cKDTree
 from scipy.stats import special_ortho_group
 
@@ -207,16 +207,62 @@ def test_shipped_consensus_model_loads_and_runs_only_on_noisy_data(monkeypatch):
     np.testing.assert_array_equal(learned[1], fixed[1])  # clean data: its gate stays shut
 
 
-def test_own_consensus_model_is_used_and_bad_ones_are_refused(tmp_path):
+def test_heavy_noise_weights_are_taken_on_heavily_noisy_clouds_only(tmp_path, monkeypatch):
+    """Where the package holds heavy-noise smoothing weights, a cloud whose noise figure
+    reads heavy takes them instead of the default ones (the same as giving them), a lightly
+    noisy or noiseless cloud does not, and a ``consensus_model`` given applies everywhere."""
+    import fapc.models.checkpoint as checkpoint
+    from fapc.models.checkpoint import CONSENSUS_MODEL, load_model, save_model
+    from fapc.near_scale import choices_for
+    from fapc.noise import noise_figure
+    from fapc.normals import estimate_normals
+
+    if not CONSENSUS_MODEL.exists():
+        pytest.skip("no shipped consensus model")
+    torch.manual_seed(1)
+    other = ConsensusNet(load_model(CONSENSUS_MODEL)[0].config)  # untrained weights
+    heavy_file = tmp_path / "consensus_heavy.safetensors"
+    save_model(heavy_file, other)
+    clean = plane_points(4000, seed=8)
+    bump = np.random.default_rng(9).normal(size=4000)
+    light = clean + np.column_stack([np.zeros((4000, 2)), 0.003 * bump])
+    heavy = clean + np.column_stack([np.zeros((4000, 2)), 0.04 * bump])
+    assert [noise_figure(p).level for p in (heavy, light, clean)] == ["heavy", "light", "none"]
+    q = np.arange(300)
+
+    def normals(points: np.ndarray, **kw) -> np.ndarray:
+        return estimate_normals(points, device="cpu", query_index=q, **kw).normals
+
+    monkeypatch.setattr(checkpoint, "HEAVY_CONSENSUS_MODEL", tmp_path / "missing.safetensors")
+    before = {name: normals(p) for name, p in (("heavy", heavy), ("light", light))}
+    net = load_model(None)[0]
+    assert choices_for(heavy, net).smoother is None  # the package holds none: as before
+    monkeypatch.setattr(checkpoint, "HEAVY_CONSENSUS_MODEL", heavy_file)
+    assert choices_for(heavy, net).smoother == str(heavy_file)
+    assert choices_for(light, net).smoother is None and choices_for(clean, net).smoother is None
+    after = normals(heavy)
+    assert angle_deg(after, before["heavy"]).max() > 0.1  # other weights ran
+    np.testing.assert_array_equal(after, normals(heavy, consensus_model=heavy_file))
+    np.testing.assert_array_equal(normals(light), before["light"])  # light: untouched
+    given = normals(heavy, consensus_model=CONSENSUS_MODEL)  # a file given wins
+    np.testing.assert_array_equal(given, before["heavy"])
+    rot = special_ortho_group.rvs(3, random_state=3)
+    assert choices_for(heavy @ rot.T + 9.0, net).smoother == str(heavy_file)  # pose-free
+
+
+def test_own_consensus_model_is_used_and_bad_ones_are_refused(tmp_path, monkeypatch):
     """``consensus_model=`` swaps the learned smoothing's weights (a file or the directory
     ``train_consensus --out`` writes); a normal network given there, or a consensus model
     given as the network, is refused with a one-line error before any work."""
+    import fapc.models.checkpoint as checkpoint
     from fapc.errors import FapcError
     from fapc.models.checkpoint import CONSENSUS_MODEL, DEFAULT_MODEL, load_model, save_model
     from fapc.normals import estimate_normals
 
     if not CONSENSUS_MODEL.exists():
         pytest.skip("no shipped consensus model")
+    # the default weights on every cloud (not the heavy-noise ones, tested above)
+    monkeypatch.setattr(checkpoint, "HEAVY_CONSENSUS_MODEL", tmp_path / "missing.safetensors")
     shipped, _ = load_model(CONSENSUS_MODEL)
     torch.manual_seed(0)
     other = ConsensusNet(shipped.config)  # same design, untrained weights

@@ -120,6 +120,11 @@ def test_cli_info_noise(tmp_path) -> None:
     heavy = json.loads(r.stdout)
     assert heavy["noise"]["level"] == "heavy"
     assert heavy["fa_draws"] == max(1, load_model(None)[0].config.heavy_draws)
+    from fapc.models.checkpoint import HEAVY_CONSENSUS_MODEL
+
+    assert heavy["fa_smoothing_weights"] == (
+        "heavy-noise" if HEAVY_CONSENSUS_MODEL.exists() else "default")
+    assert json.loads(line)["fa_smoothing_weights"] == "default"  # light: as before
     assert "draws" in runner.invoke(app, ["info", str(tmp_path / "heavy.ply"), "--noise"]).stdout
 
 
