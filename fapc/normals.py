@@ -20,6 +20,7 @@ import torch
 
 from fapc.errors import FapcError
 from fapc.fa_run import fa_normals
+from fapc.models import checkpoint
 from fapc.near_scale import choices_for, with_near_scale
 from fapc.neighbors import distinct_points
 from fapc.pca import pca_normals
@@ -214,8 +215,9 @@ def estimate_normals(
     if method == "fa" and getattr(net.config, "kind", "patch") != "shape":
         edge, light, n_draws = 0, bool(light_smoothing), draws or 1
         smoother = consensus_model
-        if (k is None or light_smoothing is None or draws is None
-                or (consensus and consensus_model is None)):  # by the cloud's noise
+        own_smoother = (consensus and consensus_model is None
+                        and checkpoint.HEAVY_CONSENSUS_MODEL.exists())
+        if k is None or light_smoothing is None or draws is None or own_smoother:  # by noise
             chosen = choices_for(finite, net)  # (fapc.near_scale)
             if k is None:
                 net, edge = net.with_near_scale(chosen.k), chosen.edge
