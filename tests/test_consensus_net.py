@@ -205,6 +205,12 @@ def test_shipped_consensus_model_loads_and_runs_only_on_noisy_data(monkeypatch):
     fixed = [estimate_normals(c, device="cpu").normals for c in (noisy, clean)]
     assert angle_deg(learned[0], fixed[0]).max() > 0.1  # the learned step ran on noisy data
     np.testing.assert_array_equal(learned[1], fixed[1])  # clean data: its gate stays shut
+    from fapc.models.checkpoint import HEAVY_CONSENSUS_MODEL
+
+    if HEAVY_CONSENSUS_MODEL.exists():  # the heavy-noise set: the face and context design
+        heavy, info = load_model(HEAVY_CONSENSUS_MODEL)
+        assert isinstance(heavy, ConsensusNet) and info["fapc_version"]
+        assert heavy.config.face and heavy.config.context
 
 
 def test_heavy_noise_weights_are_taken_on_heavily_noisy_clouds_only(tmp_path, monkeypatch):
