@@ -105,8 +105,9 @@ def normals(
         "a sharp edge (clean data) and smooths with them under heavy noise.")] = True,
     consensus_model: Annotated[str | None, typer.Option(
         help="fa: the learned smoothing's weights, a .safetensors file or a directory "
-        "holding consensus.safetensors (python -m fapc.train_consensus --out); default the "
-        "shipped one.")] = None,
+        "holding consensus.safetensors (python -m fapc.train_consensus --out), for every "
+        "cloud; default the shipped ones (a heavy-noise set where the cloud reads heavily "
+        "noisy).")] = None,
     crease: Annotated[bool, typer.Option(
         help="fa: under light noise (up to about a quarter of the point spacing), points a few "
         "noise widths from a sharp edge take the face they lie on (scans of machined "
