@@ -104,8 +104,8 @@ def _info_one(file: Path, cloud: PointCloud, *, as_json: bool, duplicates: int,
         data["noise"] = noise.to_dict()
     if near_scale is not None:
         (data["fa_near_scale"], data["fa_edge_near_scale"], data["fa_light_smoothing"],
-         data["fa_draws"]) = near_scale[:4]
-        data["fa_smoothing_weights"] = "heavy-noise" if near_scale.smoother else "default"
+         data["fa_draws"], smoother) = near_scale
+        data["fa_smoothing_weights"] = "heavy-noise" if smoother else "default"
     if as_json:
         typer.echo(json.dumps(data))
         return

@@ -9,7 +9,8 @@
   points per cloud (``--queries``) where the noise gate opens (``eps >= gamma x spacing``).
   ``--model`` trains the step for another network's normals. ``--face`` and ``--context``
   train the design with face offsets and pooled patch features
-  (:mod:`fapc.models.consensus_net`; not the shipped one).
+  (:mod:`fapc.models.consensus_net`; the shipped heavy-noise weights,
+  ``consensus_heavy.safetensors``, are this design, the default ones are not).
 - **Validation.** The network's held-out shapes at the four PCPNet noise levels (0, 0.125 %,
   0.6 %, 1.2 %), 5,000 queries each: the learned step against the fixed smoothing, per level.
 - **Training.** The mean squared unoriented angle (``--loss sq``, the benchmark's RMSE

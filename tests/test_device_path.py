@@ -144,7 +144,7 @@ def test_device_pipeline_matches_cpu_pipeline_on_a_heavily_noisy_cloud(device):
     """The shipped pipeline where the cloud reads heavy: several draws, and the learned
     smoothing with the package's heavy-noise weights (face features and context, where it
     holds them), through the device path as through the scipy one."""
-    from fapc.models.checkpoint import HEAVY_CONSENSUS_MODEL
+    from fapc.models.checkpoint import CONSENSUS_MODEL, HEAVY_CONSENSUS_MODEL
     from fapc.noise import noise_figure
 
     pts = synthetic_surface(6000, seed=4, noise=5e-2)
@@ -156,6 +156,5 @@ def test_device_pipeline_matches_cpu_pipeline_on_a_heavily_noisy_cloud(device):
     assert np.mean(err < 0.1) >= 0.999, np.sort(err)[-10:]
     if HEAVY_CONSENSUS_MODEL.exists():  # those weights ran: the default ones give otherwise
         plain = estimate_normals(pts, device=device, knn="torch", query_index=q,
-                                 consensus_model=HEAVY_CONSENSUS_MODEL.with_name(
-                                     "consensus.safetensors"))
+                                 consensus_model=CONSENSUS_MODEL)
         assert angle_deg(plain.normals, got.normals).max() > 0.1

@@ -128,8 +128,8 @@ def face_features(rel: torch.Tensor, nj: torch.Tensor, own: torch.Tensor, spacin
     sum_i a_ij`` (the query's distance to the plane with normal ``n_j`` through the face's
     weighted mean) over the spacing, given as a log, and its share ``mean_i a_ij``. Sign-free,
     so invariant to the normals' signs, rotations, reflections, translations and the order of
-    the candidates. ``O(C^2)`` per query, in chunks of ``chunk`` queries (small: the ``(chunk,
-1 + C, 1 + C)`` weights then stay in the cache)."""
+    the candidates. ``O(C^2)`` per query, in chunks of ``chunk`` queries (small: the
+    ``(chunk, 1 + C, 1 + C)`` weights then stay in the cache)."""
     if rel.ndim != 3 or rel.shape[2] != 3 or nj.shape != rel.shape or own.shape != (len(rel), 3):
         raise ValueError(f"rel and nj (Q, C, 3), own (Q, 3) expected, got {tuple(rel.shape)}, "
                          f"{tuple(nj.shape)}, {tuple(own.shape)}")
