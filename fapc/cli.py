@@ -124,6 +124,12 @@ def normals(
         "noise, and at the sharp edges of noiseless clouds), at N times the cost. Default: "
         "the model decides per cloud (its heavy_draws where the cloud reads heavily noisy, "
         "its clean_draws where it reads noiseless, else 1; fapc info --noise).")] = None,
+    plane_vote: Annotated[bool | None, typer.Option(
+        "--plane-vote/--no-plane-vote",
+        help="fa: on noiseless data, a last pass lets the patch normals whose planes hold each "
+        "point vote on its normal (sharp CAD parts, meshes sampled exactly; not with "
+        "--light-smoothing). Default: the model decides per cloud (on where the cloud reads "
+        "noiseless and has no scan lines; fapc info --noise).")] = None,
     fields: Annotated[str, typer.Option(
         help="Comma-separated outputs: normals,confidence,curvature.")] = "normals,confidence,"
     "curvature",
@@ -185,7 +191,11 @@ def normals(
         _fail(f"--draws must be at least 1, got {draws}", 2)
     if tile_points < 0 or (tile_points and tile_points < MIN_TILE_POINTS):
         _fail(f"--tile-points must be 0 (never) or at least {MIN_TILE_POINTS}, got {tile_points}", 2)
-    idle = [flag for flag, on in (("--crease", crease), ("--light-smoothing", light_smoothing))
+    if light_smoothing and plane_vote:
+        _fail("--light-smoothing and --plane-vote are both a last consensus pass (one for "
+              "lightly noisy clouds, one for noiseless ones): choose one", 2)
+    idle = [flag for flag, on in (("--crease", crease), ("--light-smoothing", light_smoothing),
+                                  ("--plane-vote", plane_vote))
             if on and (method != "fa" or not consensus)]
     if idle:  # steps of the FA pipeline's consensus stage: say so rather than do nothing quietly
         logging.getLogger("fapc").warning("%s: only with --method fa and the consensus step "
@@ -216,7 +226,7 @@ def normals(
                           batch_size=batch_size, precision=precision, from_mesh=from_mesh,
                           consensus=consensus, consensus_model=consensus_model, crease=crease,
                           light_smoothing=light_smoothing, draws=draws,
-                          tile_points=tile_points or None,
+                          plane_vote=plane_vote, tile_points=tile_points or None,
                           fields=chosen,
                           drop_invalid=drop_invalid, strict=strict, overwrite=overwrite,
                           ascii=ascii, debug=debug)

@@ -1,10 +1,10 @@
 """The steps after the network, run over a whole cloud in batches: the neighbour consensus
-(:mod:`fapc.consensus`, with the optional light smoothing of :mod:`fapc.light` as its last
-pass), its candidates and support found through the patch builder, its spreads kept up to
-date between the passes, and the shipped learned smoothing loaded where the package holds
-it; the optional face choice at creases (:mod:`fapc.crease`); and the neighbours' agreement
-that the confidence multiplies in. :func:`fapc.normals.estimate_normals` calls them after
-the network."""
+(:mod:`fapc.consensus`, with the light smoothing of :mod:`fapc.light` or the plane vote of
+:mod:`fapc.vote` as its last pass where they run), its candidates and support found through
+the patch builder, its spreads kept up to date between the passes, and the shipped learned
+smoothing loaded where the package holds it; the optional face choice at creases
+(:mod:`fapc.crease`); and the neighbours' agreement that the confidence multiplies in.
+:func:`fapc.normals.estimate_normals` calls them after the network."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ import torch
 from fapc.errors import FapcError
 from fapc.gather import rows as rows_of
 from fapc.memory import trim_every
+
+LAST_PASSES = (None, "light", "vote")  # consensus_pass's ``last``: what its last pass is
 
 
 def consensus_model(device: torch.device, path: str | os.PathLike | None = None) -> Any:
@@ -49,7 +51,7 @@ def consensus_model(device: torch.device, path: str | os.PathLike | None = None)
 def consensus_pass(builder: Any, normals: np.ndarray, far: torch.Tensor, run: np.ndarray,
                    rows: list[np.ndarray], *, n: int, device: torch.device,
                    batch_size: int, tick: Callable[[int], None] | None = None,
-                   smoother_path: str | os.PathLike | None = None, light: bool = False
+                   smoother_path: str | os.PathLike | None = None, last: str | None = None
                    ) -> tuple[np.ndarray, np.ndarray]:
     """Neighbour consensus (:func:`fapc.consensus.consensus_normals`), given the network's
     ``normals (M, 3)`` and far neighbours ``far (M, k_far)`` at the points ``run (M,)`` of a
@@ -59,17 +61,22 @@ def consensus_pass(builder: Any, normals: np.ndarray, far: torch.Tensor, run: np
     the rows of the pass before, the first's among all of ``run``). A query's candidates are
     its patch's points (near, then far), its support the near scale; on noisy data the
     learned smoothing (:func:`consensus_model`: ``smoother_path``, or the shipped one) runs
-    where it is present. ``light``: the last pass is the light smoothing
-    (:func:`fapc.light.light_smoothing`) instead of a snapping pass. Returns the normals
+    where it is present. ``last``: the last pass is the light smoothing (``"light"``,
+    :func:`fapc.light.light_smoothing`) or the plane vote (``"vote"``,
+    :func:`fapc.vote.plane_vote`) instead of a snapping pass. Returns the normals
     ``(Q, 3)`` float32 at the last pass's rows, and the normals ``(M, 3)`` float32 at ``run``
     as the last pass found them (what the confidence's neighbour agreement compares with: the
     same in a run over the whole cloud and over ``rows[-1]`` alone); ``tick(k)`` after each
     batch of ``k`` rows."""
     from fapc.consensus import ConsensusSettings, consensus_normals, spread
     from fapc.light import light_smoothing
+    from fapc.vote import plane_vote
 
-    if len(rows) < 1 + int(light):
-        raise ValueError("consensus_pass needs at least one pass (two with light)")
+    if last not in LAST_PASSES:
+        raise ValueError(f"last must be one of {LAST_PASSES}, got {last!r}")
+    if len(rows) < 1 + int(last is not None):
+        raise ValueError("consensus_pass needs at least one pass (two with a last pass)")
+    last_step = {"light": light_smoothing, "vote": plane_vote}.get(last or "")
 
     dtype = torch.float64 if device.type == "cpu" else torch.float32
     pts = torch.as_tensor(builder.points, device=device).to(dtype)  # (N, 3)
@@ -98,7 +105,7 @@ def consensus_pass(builder: Any, normals: np.ndarray, far: torch.Tensor, run: np
             arrays = None  # the learned step's features come from float32 copies (half the cost)
             if p == 0 and smoother is not None:
                 arrays = (pts.float(), full.float(), spreads.float())
-            light_pass = light and p == len(rows) - 1
+            last_pass = last_step is not None and p == len(rows) - 1
             q_all = run_t[pos_t]
             new = full[q_all]  # (R, 3) a copy: rows a later pass skips keep their normal
             for s in range(0, len(pos_t), batch_size):
@@ -108,9 +115,9 @@ def consensus_pass(builder: Any, normals: np.ndarray, far: torch.Tensor, run: np
                 near = near_of(run[r.cpu().numpy()])
                 cand = torch.cat([near, far[r].long()], 1)  # (B, k_near + k_far)
                 at = slice(s, s + len(q))
-                if light_pass:
-                    new[at], _ = light_smoothing(pts, full, spreads, query=q, candidates=cand,
-                                                 support=near)
+                if last_pass:
+                    new[at], _ = last_step(pts, full, spreads, query=q, candidates=cand,
+                                           support=near)
                 else:
                     if p > 0:  # a later snapping pass repeats the one before where nothing
                         # it reads moved: the query's normal, its candidates' normals and

@@ -37,6 +37,7 @@ def fa_normals(
     progress: Callable[[int, int], None] | None = None,
     edge_scale: int = 0,
     draws: int = 1,
+    plane_vote: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The FA network's normals at ``query_index`` (default all) of finite ``points (N, 3)``
     float64 (centred); ``far_index``: the far scale's subsample, if not the seeded one
@@ -52,7 +53,9 @@ def fa_normals(
     ``consensus``: snap normals that straddle a crease onto one face (clean data), smooth
     them with their patch's under heavy noise (:mod:`fapc.consensus`); under light noise, with
     ``light_smoothing``, refit them from their nearest points' normals
-    (:mod:`fapc.light`, a last consensus pass), then, with ``crease``, give points near a
+    (:mod:`fapc.light`, a last consensus pass), on noiseless data, with ``plane_vote``, let the
+    patch normals whose planes hold each point vote on its normal (:mod:`fapc.vote`, a last
+    consensus pass instead; not with ``light_smoothing``), then, with ``crease``, give points near a
     sharp edge the face they lie on (:mod:`fapc.crease`); with ``query_index`` this runs the
     network on the queries' patch points too (and on theirs, one hop per consensus pass);
     ``consensus_model``: the learned smoothing's weights (default: the shipped ones).
@@ -77,6 +80,9 @@ def fa_normals(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if draws < 1:
         raise ValueError(f"draws must be >= 1, got {draws}")
+    if light_smoothing and plane_vote:
+        raise ValueError("light_smoothing and plane_vote are both a last consensus pass (one "
+                         "for lightly noisy clouds, one for noiseless ones): choose one")
     if isinstance(far_index, list):
         fars = far_index
     elif far_index is None or draws == 1:
@@ -94,7 +100,7 @@ def fa_normals(
     kwargs = dict(model=model, device=device, batch_size=batch_size, query_index=query_index,
                   seed=seed, far_index=fars[0], consensus=consensus,
                   consensus_model=consensus_model, crease=crease,
-                  light_smoothing=light_smoothing, edge_scale=edge_scale)
+                  last=last_pass(light_smoothing, plane_vote), edge_scale=edge_scale)
     if draws == 1:
         return _fa_draw(builder, progress=progress, **kwargs)
     total = DrawSum()
@@ -146,18 +152,19 @@ class DrawSum:
 def _fa_draw(builder: Any, *, model: Any, device: torch.device, batch_size: int,
              query_index: np.ndarray | None, seed: int, far_index: np.ndarray | None,
              consensus: bool, consensus_model: str | os.PathLike | None, crease: bool,
-             light_smoothing: bool, edge_scale: int,
+             last: str | None, edge_scale: int,
              progress: Callable[[int, int], None] | None
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One draw of :func:`fa_normals` on ``builder`` (its far subsample): normals ``(Q, 3)``,
-    confidence and curvature ``(Q,)``."""
+    confidence and curvature ``(Q,)``. ``last``: the consensus step's last pass
+    (:func:`last_pass`)."""
     from fapc.confidence import final_confidence
     from fapc.consensus import ConsensusSettings
     from fapc.consensus_batches import consensus_pass, crease_pass, neighbour_agreement_at
 
     n = len(builder.points)
     qi = np.arange(n) if query_index is None else np.asarray(query_index, np.int64)
-    passes = ConsensusSettings.snap_passes + int(light_smoothing) if consensus else 0
+    passes = ConsensusSettings.snap_passes + int(last is not None) if consensus else 0
     # the points each consensus pass reads, from the last pass's (the queries) back to the
     # points the network sees: each pass reads its queries' candidates from the pass before
     sets = [qi] * (passes + 1)
@@ -180,7 +187,7 @@ def _fa_draw(builder: Any, *, model: Any, device: torch.device, batch_size: int,
         normal, before = consensus_pass(builder, out["normal"], far, run, rows, n=n,
                                         device=device, batch_size=batch_size,
                                         tick=tick, smoother_path=consensus_model,
-                                        light=light_smoothing)  # (Q, 3)
+                                        last=last)  # (Q, 3)
         if crease:  # light noise: the face each point near a sharp edge lies on
             normal = crease_pass(builder, normal, qi, device=device, batch_size=batch_size)
     else:
@@ -189,6 +196,12 @@ def _fa_draw(builder: Any, *, model: Any, device: torch.device, batch_size: int,
                                    batch_size=batch_size)  # (Q,)
     conf = final_confidence(torch.from_numpy(out["confidence"][pos]), torch.from_numpy(agree))
     return normal, conf.numpy(), out["curvature"][pos]
+
+
+def last_pass(light_smoothing: bool, plane_vote: bool) -> str | None:
+    """The consensus step's last pass (:func:`fapc.consensus_batches.consensus_pass`'s
+    ``last``): the light smoothing, the plane vote, or none (only snapping)."""
+    return "light" if light_smoothing else "vote" if plane_vote else None
 
 
 def rerun_curved(builder: Any, model: Any, run: np.ndarray, out: dict[str, np.ndarray], *,

@@ -11,8 +11,9 @@ consensus step. The same noise figure also decides whether the light smoothing
 (:mod:`fapc.light`) runs: on lightly noisy clouds whose scatter is noise, not relief
 (``light_whiteness``, :func:`light_for_figure`), and how many draws of the far scale are
 averaged: on heavily noisy clouds and on noiseless ones (``heavy_draws``, ``clean_draws``,
-:func:`draws_for_figure`), and which weights the learned smoothing takes
-(:func:`smoother_for_figure`).
+:func:`draws_for_figure`), which weights the learned smoothing takes
+(:func:`smoother_for_figure`), and whether the plane vote (:mod:`fapc.vote`) ends the
+consensus step on noiseless clouds (``clean_vote``, :func:`vote_for_figure`).
 """
 
 from __future__ import annotations
@@ -120,6 +121,16 @@ def smoother_for_figure(figure: Any) -> str | None:
     return None
 
 
+def vote_for_figure(config: Any, figure: Any) -> bool:
+    """Whether the plane vote (:mod:`fapc.vote`) runs by default for a network with
+    ``config`` on a cloud whose noise figure is ``figure``: where the model sets
+    ``clean_vote``, the figure says noiseless (level ``none``) and the sampling has no scan
+    lines (as for ``clean_k_near``: a neighbouring scan line's plane can pass through a point
+    by chance)."""
+    return bool(getattr(config, "clean_vote", False) and figure.level == "none"
+                and figure.lines <= CLEAN_LINES_MAX)
+
+
 class Choices(NamedTuple):
     """What a patch network does on a cloud where the user chooses nothing."""
 
@@ -128,15 +139,17 @@ class Choices(NamedTuple):
     light: bool  # the light smoothing (light_for_figure)
     draws: int  # draws of the far scale averaged (draws_for_figure)
     smoother: str | None = None  # the learned smoothing's weights (smoother_for_figure)
+    vote: bool = False  # the plane vote as the consensus step's last pass (vote_for_figure)
 
 
 def choices_for_figure(config: Any, figure: Any) -> Choices:
     """The :class:`Choices` of a network with ``config`` on a cloud whose noise figure is
     ``figure`` (:func:`scale_for_figure`, :func:`edge_scale_for_figure`,
-    :func:`light_for_figure`, :func:`draws_for_figure`, :func:`smoother_for_figure`)."""
+    :func:`light_for_figure`, :func:`draws_for_figure`, :func:`smoother_for_figure`,
+    :func:`vote_for_figure`)."""
     return Choices(scale_for_figure(config, figure), edge_scale_for_figure(config, figure),
                    light_for_figure(config, figure), draws_for_figure(config, figure),
-                   smoother_for_figure(figure))
+                   smoother_for_figure(figure), vote_for_figure(config, figure))
 
 
 def choices_for(points: np.ndarray, net: Any) -> Choices:
@@ -147,7 +160,8 @@ def choices_for(points: np.ndarray, net: Any) -> Choices:
     c = net.config
     clean = getattr(c, "clean_k_near", 0) not in (0, c.k_near)
     if not (clean or getattr(c, "edge_k_near", 0) or getattr(c, "light_whiteness", 0)
-            or max(getattr(c, "heavy_draws", 0), getattr(c, "clean_draws", 0)) > 1):
+            or max(getattr(c, "heavy_draws", 0), getattr(c, "clean_draws", 0)) > 1
+            or getattr(c, "clean_vote", False)):
         return Choices(c.k_near, 0, False, 1)
     from fapc.noise import noise_figure
 

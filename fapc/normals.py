@@ -86,6 +86,7 @@ def estimate_normals(
     crease: bool = False,
     light_smoothing: bool | None = None,
     draws: int | None = None,
+    plane_vote: bool | None = None,
     tile_points: int | None = TILE_POINTS,
     progress: Callable[[int, int], None] | None = None,
 ) -> NormalsResult:
@@ -144,6 +145,12 @@ def estimate_normals(
             step's cost. None (default): the model decides by the cloud's noise figure
             (:func:`fapc.near_scale.draws_for_figure`: its ``heavy_draws`` where the cloud
             reads heavily noisy, its ``clean_draws`` where it reads noiseless, else 1).
+        plane_vote: for ``fa`` with ``consensus``: on noiseless data, a last consensus pass
+            lets the patch normals whose planes hold each point vote on its normal
+            (:mod:`fapc.vote`; one hop more with ``query_index``; not with
+            ``light_smoothing``). None (default): the model decides by the cloud's noise
+            figure (:func:`fapc.near_scale.vote_for_figure`: on where the cloud reads
+            noiseless and has no scan lines, if the model sets ``clean_vote``).
         tile_points: for ``fa``: a cloud of more finite points than this is done in tiles
             of at most this many, each with a halo (:mod:`fapc.tiles`), so memory stays that
             of one tile (about 3 GB on a CPU for the default 5 M); the answers are those of
@@ -164,6 +171,9 @@ def estimate_normals(
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if draws is not None and draws < 1:
         raise ValueError(f"draws must be at least 1, got {draws}")
+    if light_smoothing and plane_vote:
+        raise ValueError("light_smoothing and plane_vote are both a last consensus pass (one "
+                         "for lightly noisy clouds, one for noiseless ones): choose one")
     if tile_points is not None and tile_points < MIN_TILE_POINTS:
         raise ValueError(f"tile_points must be at least {MIN_TILE_POINTS} (or None), got {tile_points}")
     pts = as_points(points)
@@ -214,15 +224,19 @@ def estimate_normals(
             qi_f, expand = np.unique(dup[1][qi_f], return_inverse=True)
     if method == "fa" and getattr(net.config, "kind", "patch") != "shape":
         edge, light, n_draws = 0, bool(light_smoothing), draws or 1
+        vote = bool(plane_vote)
         smoother = consensus_model
         own_smoother = (consensus and consensus_model is None
                         and checkpoint.HEAVY_CONSENSUS_MODEL.exists())
-        if k is None or light_smoothing is None or draws is None or own_smoother:  # by noise
+        if (k is None or light_smoothing is None or draws is None or plane_vote is None
+                or own_smoother):  # chosen by the cloud's noise
             chosen = choices_for(finite, net)  # (fapc.near_scale)
             if k is None:
                 net, edge = net.with_near_scale(chosen.k), chosen.edge
             if light_smoothing is None:
-                light = chosen.light
+                light = chosen.light and not plane_vote
+            if plane_vote is None:
+                vote = chosen.vote and not light
             if draws is None:
                 n_draws = chosen.draws
             if consensus_model is None:
@@ -234,7 +248,7 @@ def estimate_normals(
                               query_index=qi_f, knn=knn, consensus=consensus,
                               consensus_model=smoother, crease=crease,
                               light_smoothing=light, progress=progress,
-                              edge_scale=edge, draws=n_draws)
+                              edge_scale=edge, draws=n_draws, plane_vote=vote)
     else:  # PCA, or a whole-shape model: one step
         if method == "pca":
             nrm, conf, curv = pca_normals(finite, k=k, query_index=qi_f)

@@ -41,6 +41,7 @@ class NormalsOptions:
     crease: bool = False  # fa: under light noise, points near a sharp edge take their face
     light_smoothing: bool | None = None  # fa: light noise: refit from nearest normals [model's choice]
     draws: int | None = None  # fa: far-scale draws averaged [the model's choice per cloud]
+    plane_vote: bool | None = None  # fa: noiseless: the plane vote [the model's choice per cloud]
     tile_points: int | None = TILE_POINTS  # fa: larger clouds in tiles (fapc.tiles); None: never
     from_mesh: str | None = None
     orient: str = "none"
@@ -192,7 +193,8 @@ def process_file(job: Job, opts: NormalsOptions, *,
                                    consensus_model=opts.consensus_model,
                                    crease=opts.crease,
                                    light_smoothing=opts.light_smoothing,
-                                   draws=opts.draws, tile_points=opts.tile_points, progress=progress)
+                                   draws=opts.draws, plane_vote=opts.plane_vote,
+                                   tile_points=opts.tile_points, progress=progress)
         except FapcError as e:
             raise FapcError(e.reason, path=job.input) from None
         if opts.orient != "none":

@@ -128,7 +128,7 @@ def _profile_fa(pts: np.ndarray, t: dict[str, float], *, dev: torch.device, mode
     from fapc import runtime
     from fapc.consensus import ConsensusSettings
     from fapc.consensus_batches import consensus_pass, crease_pass, neighbour_agreement_at
-    from fapc.fa_run import DrawSum, rerun_curved
+    from fapc.fa_run import DrawSum, last_pass, rerun_curved
     from fapc.frames import compute_frames
     from fapc.memory import trim_every
     from fapc.models.checkpoint import load_model
@@ -148,6 +148,7 @@ def _profile_fa(pts: np.ndarray, t: dict[str, float], *, dev: torch.device, mode
     chosen = choices_for(pts, net)  # as fapc normals picks them (a kNN stage)
     edge = chosen.edge
     light_smoothing = chosen.light if light_smoothing is None else light_smoothing
+    last = last_pass(light_smoothing, chosen.vote and not light_smoothing)  # as fapc normals
     net = net.with_near_scale(chosen.k)
     if dev.type == "cuda":
         builder: Any = TorchPatchBuilder(pts, net.config.patch, device=dev)
@@ -198,9 +199,9 @@ def _profile_fa(pts: np.ndarray, t: dict[str, float], *, dev: torch.device, mode
             t["network"] += now() - t0
         t0 = now()
         run = np.arange(n)
-        passes = ConsensusSettings.snap_passes + int(light_smoothing)
+        passes = ConsensusSettings.snap_passes + int(last is not None)
         normals, before = consensus_pass(b, normals, far, run, [run] * passes, n=n,
-                                         device=dev, batch_size=batch_size, light=light_smoothing,
+                                         device=dev, batch_size=batch_size, last=last,
                                          smoother_path=chosen.smoother)
         if crease:
             normals = crease_pass(b, normals, run, device=dev, batch_size=batch_size)

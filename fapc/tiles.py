@@ -15,9 +15,10 @@ halo around it, and keeps each tile's own answers, so the working memory is that
   ``reach`` is :data:`REACH` far-patch radii (the 99.5 % quantile over the tile of the
   distance to the ``k_far``-th nearest point of a ``1/far_stride`` subsample). A point's
   answer reads its patch (one far radius, and two near radii more for the smoothed far
-  positions), and each of the three snapping passes reads its candidates' patches (one far
-  radius more each); the confidence's, the light smoothing's and the crease step's near
-  neighbourhoods add less than a far radius: about 4.5 typical far radii in all.
+  positions), and each of the three snapping passes and the plane vote's pass reads its
+  candidates' patches (one far radius more each); the confidence's, the light smoothing's
+  and the crease step's near neighbourhoods add less than a far radius: about 5.5 typical
+  far radii in all.
 - **Same answers**: each tile takes its share of the whole cloud's far subsample
   (:func:`fapc.patches.far_subsample`), so where the halo covers every point a tile's
   answers read, they are those of one run over the whole cloud. A region much sparser than
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 
 TILE_POINTS = 5_000_000  # about 3 GB of working memory on a CPU
 MIN_TILE_POINTS = 1_000  # smaller tiles would be mostly halo
-REACH = 5.0  # far-patch radii of halo (see the module docstring)
+REACH = 6.0  # far-patch radii of halo (see the module docstring)
 RADIUS_SAMPLE = 4096  # points of a tile whose far radius sets its halo
 CHUNK = 1 << 22  # points per projection chunk (keeps temporaries near 100 MB)
 

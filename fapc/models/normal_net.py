@@ -88,6 +88,9 @@ class NormalNetConfig:
     # between them by the noise figure
     heavy_draws: int = 0
     clean_draws: int = 0
+    # the plane vote (fapc.vote) as the consensus step's last pass on noiseless clouds without
+    # scan lines; fapc.near_scale.vote_for_figure chooses it by the noise figure
+    clean_vote: bool = False
     extra: dict = field(default_factory=dict)
 
     @property
