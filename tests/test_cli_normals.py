@@ -346,17 +346,18 @@ def test_progress_reports_each_batch_up_to_the_whole_work():
 
     pts, _ = cube_surface(3000, seed=4)
     calls: list[tuple[int, int]] = []
-    full = estimate_normals(pts, device="cpu", batch_size=500, draws=1,
+    # the snapping passes alone (the plane vote's pass: test_plane_vote)
+    full = estimate_normals(pts, device="cpu", batch_size=500, draws=1, plane_vote=False,
                             progress=lambda d, t: calls.append((d, t))).normals
     done, totals = [d for d, _ in calls], {t for _, t in calls}
     # the network's points, then each consensus pass's, 500 at a time
     assert totals == {(1 + ConsensusSettings.snap_passes) * len(pts)}
     assert done == sorted(done) and done[-1] == len(pts) * (1 + ConsensusSettings.snap_passes)
     assert len(calls) == (1 + ConsensusSettings.snap_passes) * 6
-    same = estimate_normals(pts, device="cpu", batch_size=500, draws=1).normals
+    same = estimate_normals(pts, device="cpu", batch_size=500, draws=1, plane_vote=False).normals
     np.testing.assert_array_equal(full, same)  # no effect on results
     calls.clear()  # draws: each its share of the whole work
-    estimate_normals(pts, device="cpu", batch_size=500, draws=2,
+    estimate_normals(pts, device="cpu", batch_size=500, draws=2, plane_vote=False,
                      progress=lambda d, t: calls.append((d, t)))
     assert {t for _, t in calls} == {2 * (1 + ConsensusSettings.snap_passes) * len(pts)}
     assert [d for d, _ in calls] == sorted(d for d, _ in calls) and calls[-1][0] == calls[-1][1]

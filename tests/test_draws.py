@@ -92,8 +92,10 @@ def test_draws_are_separate_runs_combined_as_n_nT():
 
 def test_draws_lower_the_error_under_heavy_noise():
     pts, gt = _noisy_sphere(12_000, 0.03, seed=4)  # about half the point spacing
-    one = estimate_normals(pts, device="cpu", draws=1).normals
-    four = estimate_normals(pts, device="cpu", draws=4).normals
+    # without the plane vote, which on a cube's right-angled edges leaves one draw nearly
+    # exact (its draws, each snapped to a face, can only disagree)
+    one = estimate_normals(pts, device="cpu", draws=1, plane_vote=False).normals
+    four = estimate_normals(pts, device="cpu", draws=4, plane_vote=False).normals
     rmse = [float(np.sqrt(np.mean(_angle(n, gt) ** 2))) for n in (one, four)]
     assert rmse[1] < rmse[0] - 0.05, rmse
 
@@ -102,8 +104,10 @@ def test_draws_lower_the_error_at_the_edges_of_a_noiseless_cube():
     from test_consensus import cube_surface
 
     pts, gt = cube_surface(12_000, seed=11)  # sampled faces, exact normals: reads noiseless
-    one = estimate_normals(pts, device="cpu", draws=1).normals
-    four = estimate_normals(pts, device="cpu", draws=4).normals
+    # without the plane vote, which on a cube's right-angled edges leaves one draw nearly
+    # exact (its draws, each snapped to a face, can only disagree)
+    one = estimate_normals(pts, device="cpu", draws=1, plane_vote=False).normals
+    four = estimate_normals(pts, device="cpu", draws=4, plane_vote=False).normals
     rmse = [float(np.sqrt(np.mean(_angle(n, gt) ** 2))) for n in (one, four)]
     assert rmse[1] < rmse[0] - 0.1, rmse
 

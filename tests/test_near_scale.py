@@ -98,9 +98,9 @@ def _with_clean_scale(k: int):
     from fapc.models.normal_net import NormalNet
 
     base = load_model(None)[0]
-    # no edge scale, no light smoothing and no draws of its own choosing
+    # no edge scale, no light smoothing, no draws and no plane vote of its own choosing
     net = NormalNet(replace(base.config, clean_k_near=k, edge_k_near=0, light_whiteness=0.0,
-                            heavy_draws=0, clean_draws=0))
+                            heavy_draws=0, clean_draws=0, clean_vote=False))
     net.load_state_dict(base.state_dict())
     return net.eval()
 

@@ -172,6 +172,16 @@ def test_chosen_on_noiseless_clouds_without_scan_lines_only() -> None:
     assert not vote_for_figure(net.config, lined) and vote_for_figure(net.config, figs[0])
 
 
+def test_progress_counts_the_extra_pass() -> None:
+    pts, _ = cube_surface(3000, seed=14)
+    calls: list[tuple[int, int]] = []
+    estimate_normals(pts, device="cpu", batch_size=500, draws=1, plane_vote=True,
+                     progress=lambda d, t: calls.append((d, t)))
+    passes = ConsensusSettings.snap_passes + 1
+    assert {t for _, t in calls} == {(1 + passes) * len(pts)}
+    assert calls[-1][0] == (1 + passes) * len(pts)
+
+
 def test_tiles_cover_the_extra_hop() -> None:
     pts, _ = cube_surface(8000, seed=12)
     one = {"device": "cpu", "draws": 1, "plane_vote": True}
