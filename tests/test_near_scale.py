@@ -116,7 +116,8 @@ def test_a_noiseless_cloud_runs_at_the_clean_near_scale_a_noisy_one_at_the_train
         got = estimate_normals(pts, device="cpu", model=net).normals
         # (the shipped model would choose the light smoothing on the noisy cube: not this one)
         np.testing.assert_array_equal(got, estimate_normals(pts, device="cpu", k=k, draws=1,
-                                                            light_smoothing=False).normals)
+                                                            light_smoothing=False,
+                                                            plane_vote=False).normals)
     # an explicit k wins over the choice
     np.testing.assert_array_equal(estimate_normals(clean, device="cpu", model=net, k=32).normals,
                                   estimate_normals(clean, device="cpu",
