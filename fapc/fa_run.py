@@ -80,9 +80,7 @@ def fa_normals(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if draws < 1:
         raise ValueError(f"draws must be >= 1, got {draws}")
-    if light_smoothing and plane_vote:
-        raise ValueError("light_smoothing and plane_vote are both a last consensus pass (one "
-                         "for lightly noisy clouds, one for noiseless ones): choose one")
+    last = last_pass(light_smoothing, plane_vote)
     if isinstance(far_index, list):
         fars = far_index
     elif far_index is None or draws == 1:
@@ -100,7 +98,7 @@ def fa_normals(
     kwargs = dict(model=model, device=device, batch_size=batch_size, query_index=query_index,
                   seed=seed, far_index=fars[0], consensus=consensus,
                   consensus_model=consensus_model, crease=crease,
-                  last=last_pass(light_smoothing, plane_vote), edge_scale=edge_scale)
+                  last=last, edge_scale=edge_scale)
     if draws == 1:
         return _fa_draw(builder, progress=progress, **kwargs)
     total = DrawSum()
@@ -200,7 +198,14 @@ def _fa_draw(builder: Any, *, model: Any, device: torch.device, batch_size: int,
 
 def last_pass(light_smoothing: bool, plane_vote: bool) -> str | None:
     """The consensus step's last pass (:func:`fapc.consensus_batches.consensus_pass`'s
-    ``last``): the light smoothing, the plane vote, or none (only snapping)."""
+    ``last``): the light smoothing, the plane vote, or none (only snapping).
+
+    Raises:
+        ValueError: both asked for (each is the last pass).
+    """
+    if light_smoothing and plane_vote:
+        raise ValueError("light_smoothing and plane_vote are both a last consensus pass (one "
+                         "for lightly noisy clouds, one for noiseless ones): choose one")
     return "light" if light_smoothing else "vote" if plane_vote else None
 
 

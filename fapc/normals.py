@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from fapc.errors import FapcError
-from fapc.fa_run import fa_normals
+from fapc.fa_run import fa_normals, last_pass
 from fapc.models import checkpoint
 from fapc.near_scale import choices_for, with_near_scale
 from fapc.neighbors import distinct_points
@@ -171,9 +171,7 @@ def estimate_normals(
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if draws is not None and draws < 1:
         raise ValueError(f"draws must be at least 1, got {draws}")
-    if light_smoothing and plane_vote:
-        raise ValueError("light_smoothing and plane_vote are both a last consensus pass (one "
-                         "for lightly noisy clouds, one for noiseless ones): choose one")
+    last_pass(bool(light_smoothing), bool(plane_vote))  # both forced: a ValueError
     if tile_points is not None and tile_points < MIN_TILE_POINTS:
         raise ValueError(f"tile_points must be at least {MIN_TILE_POINTS} (or None), got {tile_points}")
     pts = as_points(points)
