@@ -130,6 +130,12 @@ def normals(
         "point vote on its normal (sharp CAD parts, meshes sampled exactly; not with "
         "--light-smoothing). Default: the model decides per cloud (on where the cloud reads "
         "noiseless and has no scan lines; fapc info --noise).")] = None,
+    exact_planes: Annotated[bool | None, typer.Option(
+        "--exact-planes/--no-exact-planes",
+        help="fa: last of all, each point whose mesh facet holds it exactly (a cloud sampled "
+        "without noise from a mesh, float64 or float32 coordinates) takes that plane's normal. "
+        "Default: the model decides per cloud (on where the cloud reads noiseless and has no "
+        "scan lines; fapc info --noise).")] = None,
     fields: Annotated[str, typer.Option(
         help="Comma-separated outputs: normals,confidence,curvature.")] = "normals,confidence,"
     "curvature",
@@ -200,8 +206,9 @@ def normals(
     if idle:  # steps of the FA pipeline's consensus stage: say so rather than do nothing quietly
         logging.getLogger("fapc").warning("%s: only with --method fa and the consensus step "
                                           "(on by default); ignored", ", ".join(idle))
-    if draws is not None and method != "fa":
-        logging.getLogger("fapc").warning("--draws: only with --method fa; ignored")
+    for flag, on in (("--draws", draws is not None), ("--exact-planes", exact_planes)):
+        if on and method != "fa":
+            logging.getLogger("fapc").warning("%s: only with --method fa; ignored", flag)
     from fapc.runtime import PRECISIONS
 
     if precision not in PRECISIONS:
@@ -226,7 +233,8 @@ def normals(
                           batch_size=batch_size, precision=precision, from_mesh=from_mesh,
                           consensus=consensus, consensus_model=consensus_model, crease=crease,
                           light_smoothing=light_smoothing, draws=draws,
-                          plane_vote=plane_vote, tile_points=tile_points or None,
+                          plane_vote=plane_vote, exact_planes=exact_planes,
+                          tile_points=tile_points or None,
                           fields=chosen,
                           drop_invalid=drop_invalid, strict=strict, overwrite=overwrite,
                           ascii=ascii, debug=debug)

@@ -104,7 +104,7 @@ def _info_one(file: Path, cloud: PointCloud, *, as_json: bool, duplicates: int,
         data["noise"] = noise.to_dict()
     if near_scale is not None:
         (data["fa_near_scale"], data["fa_edge_near_scale"], data["fa_light_smoothing"],
-         data["fa_draws"], smoother, data["fa_plane_vote"]) = near_scale
+         data["fa_draws"], smoother, data["fa_plane_vote"], data["fa_exact_planes"]) = near_scale
         data["fa_smoothing_weights"] = "heavy-noise" if smoother else "default"
     if as_json:
         typer.echo(json.dumps(data))
@@ -143,7 +143,7 @@ def _info_one(file: Path, cloud: PointCloud, *, as_json: bool, duplicates: int,
             row("whiteness", f"{noise.whiteness:.2f} (about 1.2 where the scatter is noise, "
                 "0.7 or less where it is relief finer than a 32-point neighbourhood)")
     if near_scale is not None:
-        k, edge, light, draws, smoother, vote = near_scale
+        k, edge, light, draws, smoother, vote, exact = near_scale
         at_edges = f", and {edge} at sharp edges (curved fits)" if edge else ""
         row("fa near scale", f"{k} nearest points{at_edges} (what fapc normals runs the "
             "shipped model at here: smaller on noiseless clouds without scan lines, and at "
@@ -161,6 +161,10 @@ def _info_one(file: Path, cloud: PointCloud, *, as_json: bool, duplicates: int,
         row("plane vote", ("on" if vote else "off") + " by default here (on where the model "
             "sets it, on noiseless clouds without scan lines; --plane-vote / --no-plane-vote "
             "override it)")
+        row("exact planes", ("on" if exact else "off") + " by default here (on where the "
+            "model sets it, on noiseless clouds without scan lines: each point whose mesh "
+            "facet holds it exactly takes that plane's normal; --exact-planes / "
+            "--no-exact-planes override it)")
     out.print(t)
 
 

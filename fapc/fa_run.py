@@ -38,6 +38,8 @@ def fa_normals(
     edge_scale: int = 0,
     draws: int = 1,
     plane_vote: bool = False,
+    exact_planes: bool = False,
+    resolution: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The FA network's normals at ``query_index`` (default all) of finite ``points (N, 3)``
     float64 (centred); ``far_index``: the far scale's subsample, if not the seeded one
@@ -63,13 +65,15 @@ def fa_normals(
     the model's ``edge_curvature``: at sharp edges) are run again at this near scale, before
     the consensus step (:func:`fapc.near_scale.near_scales_for` sets it for lightly noisy
     clouds); their confidence and curvature stay those of the first run.
+    ``exact_planes``: last of all, after the draws' average, each query whose facet holds it
+    exactly (a cloud sampled without noise from a mesh) takes that plane's normal
+    (:mod:`fapc.exact`; ``resolution``: the coordinates' rounding,
+    :func:`fapc.exact.coordinate_resolution` of the cloud as read).
     ``progress(done, total)``: after each batch, in points of work (the network's points,
     then each consensus pass's)."""
     from fapc.patches import (
         PatchBuilder,
         TorchPatchBuilder,
-        builder_with_far_index,
-        far_subsample,
     )
 
     if knn == "auto":
@@ -100,7 +104,24 @@ def fa_normals(
                   consensus_model=consensus_model, crease=crease,
                   last=last, edge_scale=edge_scale)
     if draws == 1:
-        return _fa_draw(builder, progress=progress, **kwargs)
+        result = _fa_draw(builder, progress=progress, **kwargs)
+    else:
+        result = _draws(builder, draws=draws, fars=fars, progress=progress, **kwargs)
+    if exact_planes:
+        qi = np.arange(n) if query_index is None else np.asarray(query_index, np.int64)
+        result = (exact_pass(builder, result[0], qi, device=device, batch_size=batch_size,
+                             resolution=resolution), *result[1:])
+    return result
+
+
+def _draws(builder: Any, *, draws: int, fars: list[Any],
+           progress: Callable[[int, int], None] | None, **kwargs: Any
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`fa_normals`' ``draws`` of the far scale, each with its own subsample (``fars``:
+    one per draw, None for the seeded one), combined by :class:`DrawSum`."""
+    from fapc.patches import builder_with_far_index, far_subsample
+
+    n, spec, seed = len(builder.points), builder.spec, kwargs["seed"]
     total = DrawSum()
     for d in range(draws):
         b = builder
@@ -115,6 +136,30 @@ def fa_normals(
 
         total.add(*_fa_draw(b, progress=part, **kwargs))
     return total.result()
+
+
+def exact_pass(builder: Any, normals: np.ndarray, query: np.ndarray, *,
+               device: torch.device, batch_size: int, resolution: float = 0.0) -> np.ndarray:
+    """:func:`fapc.exact.exact_planes` over the queries' ``normals (Q, 3)`` at the points
+    ``query (Q,)`` of ``builder``'s cloud, in batches (float64 throughout: the planes are
+    exact to the data's rounding); returns the new normals ``(Q, 3)`` float32."""
+    from fapc.exact import ExactSettings, exact_planes
+
+    k = ExactSettings().support_k
+    pts = torch.as_tensor(builder.points, device=device).double()  # (N, 3)
+    out = np.asarray(normals, np.float32).copy()
+    step = max(1, min(batch_size, 4096))  # (B, 66, 32) plane-point distances per batch
+    with torch.inference_mode():
+        for s in range(0, len(query), step):
+            trim_every(s // step)
+            idx = query[s:s + step]
+            support = torch.as_tensor(builder.nearest(builder.as_index(idx), k),
+                                      device=device).long()  # (B, k), the query first
+            new, _ = exact_planes(pts, torch.as_tensor(out[s:s + len(idx)], device=device),
+                                  query=torch.as_tensor(idx, device=device), support=support,
+                                  resolution=resolution)
+            out[s:s + len(idx)] = new.float().cpu().numpy()
+    return out
 
 
 class DrawSum:

@@ -13,7 +13,9 @@ consensus step. The same noise figure also decides whether the light smoothing
 averaged: on heavily noisy clouds and on noiseless ones (``heavy_draws``, ``clean_draws``,
 :func:`draws_for_figure`), which weights the learned smoothing takes
 (:func:`smoother_for_figure`), and whether the plane vote (:mod:`fapc.vote`) ends the
-consensus step on noiseless clouds (``clean_vote``, :func:`vote_for_figure`).
+consensus step on noiseless clouds (``clean_vote``, :func:`vote_for_figure`), and whether the
+exact planes (:mod:`fapc.exact`) end the estimate there (``clean_exact``,
+:func:`exact_for_figure`).
 """
 
 from __future__ import annotations
@@ -131,6 +133,15 @@ def vote_for_figure(config: Any, figure: Any) -> bool:
                 and figure.lines <= CLEAN_LINES_MAX)
 
 
+def exact_for_figure(config: Any, figure: Any) -> bool:
+    """Whether the exact planes (:mod:`fapc.exact`) run by default for a network with
+    ``config`` on a cloud whose noise figure is ``figure``: where the model sets
+    ``clean_exact``, the figure says noiseless (level ``none``) and the sampling has no scan
+    lines (a plane through a scan line holds the whole line)."""
+    return bool(getattr(config, "clean_exact", False) and figure.level == "none"
+                and figure.lines <= CLEAN_LINES_MAX)
+
+
 class Choices(NamedTuple):
     """What a patch network does on a cloud where the user chooses nothing."""
 
@@ -140,16 +151,18 @@ class Choices(NamedTuple):
     draws: int  # draws of the far scale averaged (draws_for_figure)
     smoother: str | None = None  # the learned smoothing's weights (smoother_for_figure)
     vote: bool = False  # the plane vote as the consensus step's last pass (vote_for_figure)
+    exact: bool = False  # the exact planes after the draws (exact_for_figure)
 
 
 def choices_for_figure(config: Any, figure: Any) -> Choices:
     """The :class:`Choices` of a network with ``config`` on a cloud whose noise figure is
     ``figure`` (:func:`scale_for_figure`, :func:`edge_scale_for_figure`,
     :func:`light_for_figure`, :func:`draws_for_figure`, :func:`smoother_for_figure`,
-    :func:`vote_for_figure`)."""
+    :func:`vote_for_figure`, :func:`exact_for_figure`)."""
     return Choices(scale_for_figure(config, figure), edge_scale_for_figure(config, figure),
                    light_for_figure(config, figure), draws_for_figure(config, figure),
-                   smoother_for_figure(figure), vote_for_figure(config, figure))
+                   smoother_for_figure(figure), vote_for_figure(config, figure),
+                   exact_for_figure(config, figure))
 
 
 def choices_for(points: np.ndarray, net: Any) -> Choices:
@@ -161,7 +174,7 @@ def choices_for(points: np.ndarray, net: Any) -> Choices:
     clean = getattr(c, "clean_k_near", 0) not in (0, c.k_near)
     if not (clean or getattr(c, "edge_k_near", 0) or getattr(c, "light_whiteness", 0)
             or max(getattr(c, "heavy_draws", 0), getattr(c, "clean_draws", 0)) > 1
-            or getattr(c, "clean_vote", False)):
+            or getattr(c, "clean_vote", False) or getattr(c, "clean_exact", False)):
         return Choices(c.k_near, 0, False, 1)
     from fapc.noise import noise_figure
 

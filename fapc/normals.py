@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from fapc.errors import FapcError
+from fapc.exact import coordinate_resolution
 from fapc.fa_run import fa_normals, last_pass
 from fapc.models import checkpoint
 from fapc.near_scale import choices_for, with_near_scale
@@ -87,6 +88,7 @@ def estimate_normals(
     light_smoothing: bool | None = None,
     draws: int | None = None,
     plane_vote: bool | None = None,
+    exact_planes: bool | None = None,
     tile_points: int | None = TILE_POINTS,
     progress: Callable[[int, int], None] | None = None,
 ) -> NormalsResult:
@@ -151,6 +153,12 @@ def estimate_normals(
             ``light_smoothing``). None (default): the model decides by the cloud's noise
             figure (:func:`fapc.near_scale.vote_for_figure`: on where the cloud reads
             noiseless and has no scan lines, if the model sets ``clean_vote``).
+        exact_planes: for ``fa``: last of all, each point whose mesh facet holds it exactly
+            (a cloud sampled without noise from a mesh, in float64 or float32 coordinates)
+            takes that plane's normal (:mod:`fapc.exact`). None (default): the model decides
+            by the cloud's noise figure (:func:`fapc.near_scale.exact_for_figure`: on where
+            the cloud reads noiseless and has no scan lines, if the model sets
+            ``clean_exact``).
         tile_points: for ``fa``: a cloud of more finite points than this is done in tiles
             of at most this many, each with a halo (:mod:`fapc.tiles`), so memory stays that
             of one tile (about 3 GB on a CPU for the default 5 M); the answers are those of
@@ -202,6 +210,7 @@ def estimate_normals(
         noun = "point" if len(finite) == 1 else "points"
         raise FapcError(f"only {len(finite)} {what} {noun}, fewer than k={need} (the "
                         "neighbourhood size)")
+    resolution = coordinate_resolution(finite) if exact_planes is not False else 0.0
     # centre the whole cloud in float64 first: georeferenced coordinates keep their precision
     finite = finite - finite.mean(axis=0)
     if query_index is not None:
@@ -222,12 +231,12 @@ def estimate_normals(
             qi_f, expand = np.unique(dup[1][qi_f], return_inverse=True)
     if method == "fa" and getattr(net.config, "kind", "patch") != "shape":
         edge, light, n_draws = 0, bool(light_smoothing), draws or 1
-        vote = bool(plane_vote)
+        vote, exact = bool(plane_vote), bool(exact_planes)
         smoother = consensus_model
         own_smoother = (consensus and consensus_model is None
                         and checkpoint.HEAVY_CONSENSUS_MODEL.exists())
         if (k is None or light_smoothing is None or draws is None or plane_vote is None
-                or own_smoother):  # chosen by the cloud's noise
+                or exact_planes is None or own_smoother):  # chosen by the cloud's noise
             chosen = choices_for(finite, net)  # (fapc.near_scale)
             if k is None:
                 net, edge = net.with_near_scale(chosen.k), chosen.edge
@@ -235,6 +244,8 @@ def estimate_normals(
                 light = chosen.light and not plane_vote
             if plane_vote is None:
                 vote = chosen.vote and not light
+            if exact_planes is None:
+                exact = chosen.exact
             if draws is None:
                 n_draws = chosen.draws
             if consensus_model is None:
@@ -246,7 +257,8 @@ def estimate_normals(
                               query_index=qi_f, knn=knn, consensus=consensus,
                               consensus_model=smoother, crease=crease,
                               light_smoothing=light, progress=progress,
-                              edge_scale=edge, draws=n_draws, plane_vote=vote)
+                              edge_scale=edge, draws=n_draws, plane_vote=vote,
+                              exact_planes=exact, resolution=resolution)
     else:  # PCA, or a whole-shape model: one step
         if method == "pca":
             nrm, conf, curv = pca_normals(finite, k=k, query_index=qi_f)

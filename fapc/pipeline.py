@@ -42,6 +42,7 @@ class NormalsOptions:
     light_smoothing: bool | None = None  # fa: light noise: refit from nearest normals [model's choice]
     draws: int | None = None  # fa: far-scale draws averaged [the model's choice per cloud]
     plane_vote: bool | None = None  # fa: noiseless: the plane vote [the model's choice per cloud]
+    exact_planes: bool | None = None  # fa: noiseless meshes: exact planes [the model's choice]
     tile_points: int | None = TILE_POINTS  # fa: larger clouds in tiles (fapc.tiles); None: never
     from_mesh: str | None = None
     orient: str = "none"
@@ -194,6 +195,7 @@ def process_file(job: Job, opts: NormalsOptions, *,
                                    crease=opts.crease,
                                    light_smoothing=opts.light_smoothing,
                                    draws=opts.draws, plane_vote=opts.plane_vote,
+                                   exact_planes=opts.exact_planes,
                                    tile_points=opts.tile_points, progress=progress)
         except FapcError as e:
             raise FapcError(e.reason, path=job.input) from None

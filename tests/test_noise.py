@@ -118,6 +118,9 @@ def test_cli_info_noise(tmp_path) -> None:
     # the plane vote: the model's choice on noiseless clouds without scan lines only
     assert json.loads(r.stdout)["fa_plane_vote"] == load_model(None)[0].config.clean_vote
     assert json.loads(line)["fa_plane_vote"] is False
+    # the exact planes: the same gate
+    assert json.loads(r.stdout)["fa_exact_planes"] == load_model(None)[0].config.clean_exact
+    assert json.loads(line)["fa_exact_planes"] is False
     write_cloud(tmp_path / "heavy.ply", PointCloud(noisy_plane(2.0 * SPACING, n=80)))
     r = runner.invoke(app, ["info", str(tmp_path / "heavy.ply"), "--noise", "--json"])
     heavy = json.loads(r.stdout)
@@ -128,9 +131,9 @@ def test_cli_info_noise(tmp_path) -> None:
     assert heavy["fa_smoothing_weights"] == (
         "heavy-noise" if HEAVY_CONSENSUS_MODEL.exists() else "default")
     assert json.loads(line)["fa_smoothing_weights"] == "default"  # light: as before
-    assert heavy["fa_plane_vote"] is False
+    assert heavy["fa_plane_vote"] is False and heavy["fa_exact_planes"] is False
     table = runner.invoke(app, ["info", str(tmp_path / "heavy.ply"), "--noise"]).stdout
-    assert "draws" in table and "plane vote" in table
+    assert "draws" in table and "plane vote" in table and "exact planes" in table
 
 
 def scan_lines(sigma: float, *, lines: int = 60, step: float = 0.002, gap: float = 0.02,

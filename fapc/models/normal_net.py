@@ -91,6 +91,9 @@ class NormalNetConfig:
     # the plane vote (fapc.vote) as the consensus step's last pass on noiseless clouds without
     # scan lines; fapc.near_scale.vote_for_figure chooses it by the noise figure
     clean_vote: bool = False
+    # exact planes (fapc.exact) after the draws on noiseless clouds without scan lines;
+    # fapc.near_scale.exact_for_figure chooses them by the noise figure
+    clean_exact: bool = False
     extra: dict = field(default_factory=dict)
 
     @property
