@@ -7,8 +7,9 @@ the query holds more than a line's worth of points by chance. For each query thi
 the planes through the query and two of its ``pair_k`` nearest points (pairs that are
 nearly collinear with it skipped) and counts each plane's inliers among the query's
 ``support_k`` nearest points (itself included): those within ``tol x spacing +
-resolution`` of it. Where the best plane holds at least ``min_inliers`` points
-(``min_inliers_rounded`` for rounded coordinates, whose tolerance is looser) and more
+resolution`` of it. Where the best plane counts (it holds at least ``min_inliers`` points,
+or ``min_tight`` within ``tol_tight x spacing``; ``min_inliers_rounded`` for rounded
+coordinates, whose tolerance is looser) and holds more
 than the plane through the query normal to its current normal, the query takes the best
 plane's normal (the sign kept with the current one). Where the facet holds too few points,
 or the surface is not a mesh (an analytic surface, noise of any size), no plane holds that
@@ -40,17 +41,20 @@ class ExactSettings:
     """Chosen on TRAIN only (`fapc/weights/EXPERIMENTS.md`, "Exact planes on noiseless
     clouds"): the held-out shapes noiseless."""
 
-    pair_k: int = 12  # planes through the query and two of its pair_k nearest points
-    support_k: int = 32  # inliers counted among the query's support_k nearest (itself too)
+    pair_k: int = 20  # planes through the query and two of its pair_k nearest points
+    support_k: int = 48  # inliers counted among the query's support_k nearest (itself too)
     # an inlier lies within tol x spacing (+ resolution) of the plane: float64 data sampled
     # on a facet lies within 1e-12 spacings of it, and 1e-6 also takes in the neighbouring
     # facets of a finely tessellated curve (dihedral angles of a few 1e-6 radians: the same
-    # normal); on a noisy cloud some plane through a query holds a fourth point this close
-    # by chance at about 2 % of queries, which the default's gate (noiseless clouds only,
-    # fapc.near_scale.exact_for_figure) keeps out
+    # normal). On a noisy cloud or an analytic surface some plane through a query holds a
+    # fourth point within 1e-6 spacings by chance at several percent of queries, a fifth
+    # hardly ever, and a fourth within 1e-9 hardly ever: so a plane counts where it holds
+    # min_inliers points within tol, or min_tight within tol_tight
     tol: float = 1e-6
-    min_inliers: int = 4  # the query, the two points and at least one more
-    min_inliers_rounded: int = 6  # the same where resolution > 0 (a looser tolerance)
+    min_inliers: int = 5
+    tol_tight: float = 1e-9
+    min_tight: int = 4  # the query, the two points and one more, exactly
+    min_inliers_rounded: int = 6  # within tol where resolution > 0 (tol_tight unused there)
     min_sin: float = 0.2  # pairs nearly collinear with the query (sine below) are skipped
     spacing_rank: int = 9  # the spacing: the distance to the query's 9th nearest point
 
@@ -59,9 +63,11 @@ class ExactSettings:
             raise ValueError(f"need 2 <= pair_k < support_k, got {self.pair_k}, {self.support_k}")
         if not self.spacing_rank < self.support_k:
             raise ValueError("spacing_rank must be below support_k")
-        if (self.tol <= 0 or min(self.min_inliers, self.min_inliers_rounded) < 3
+        if (not 0 < self.tol_tight <= self.tol
+                or min(self.min_inliers, self.min_tight, self.min_inliers_rounded) < 3
                 or not 0 < self.min_sin < 1):
-            raise ValueError("tol must be > 0, min_inliers >= 3 and 0 < min_sin < 1")
+            raise ValueError("need 0 < tol_tight <= tol, min_inliers (all three) >= 3 and "
+                             "0 < min_sin < 1")
 
 
 def coordinate_resolution(points: np.ndarray) -> float:
@@ -122,12 +128,17 @@ def exact_planes(
     size = cross.norm(dim=-1)  # (Q, P)
     usable = size > s.min_sin * a.norm(dim=-1) * b.norm(dim=-1)
     plane = cross / size.clamp_min(torch.finfo(size.dtype).tiny).unsqueeze(-1)  # (Q, P, 3)
-    count = ((plane @ local.transpose(1, 2)).abs() < tol).sum(-1) * usable  # (Q, P)
-    best_count, best = count.max(1)  # (Q,)
+    dist = (plane @ local.transpose(1, 2)).abs()  # (Q, P, S)
+    count = (dist < tol).sum(-1) * usable  # (Q, P)
+    if resolution > 0:
+        counts = count >= s.min_inliers_rounded
+    else:
+        tight = (dist < (s.tol_tight * spacing)[:, None, None]).sum(-1)  # (Q, P)
+        counts = (count >= s.min_inliers) | (tight >= s.min_tight)
+    best_count, best = torch.where(counts & usable, count, 0).max(1)  # (Q,)
     own = normals.to(local.dtype)
     own_count = ((local @ own.unsqueeze(2)).squeeze(2).abs() < tol[:, 0]).sum(1)  # (Q,)
-    need = s.min_inliers_rounded if resolution > 0 else s.min_inliers
-    changed = (best_count >= need) & (best_count > own_count) & (spacing > 0)
+    changed = (best_count > 0) & (best_count > own_count) & (spacing > 0)
     new = plane[torch.arange(len(query), device=points.device), best]  # (Q, 3)
     new = torch.where(((new * own).sum(1) < 0).unsqueeze(1), -new, new)
     return torch.where(changed.unsqueeze(1), new, own).to(normals.dtype), changed

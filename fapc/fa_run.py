@@ -148,7 +148,7 @@ def exact_pass(builder: Any, normals: np.ndarray, query: np.ndarray, *,
     k = ExactSettings().support_k
     pts = torch.as_tensor(builder.points, device=device).double()  # (N, 3)
     out = np.asarray(normals, np.float32).copy()
-    step = max(1, min(batch_size, 4096))  # (B, 66, 32) plane-point distances per batch
+    step = max(1, min(batch_size, 2048))  # (B, 190, 48) plane-point distances per batch
     with torch.inference_mode():
         for s in range(0, len(query), step):
             trim_every(s // step)
