@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fapc.eigen import sym3_eigh
 from fapc.gather import rows
 
 
@@ -43,6 +44,9 @@ class ExactSettings:
 
     pair_k: int = 20  # planes through the query and two of its pair_k nearest points
     support_k: int = 48  # inliers counted among the query's support_k nearest (itself too)
+    # tried first, a quarter of the cost: where these planes find nothing, the wider ones
+    first_pair_k: int = 12
+    first_support_k: int = 32
     # an inlier lies within tol x spacing (+ resolution) of the plane: float64 data sampled
     # on a facet lies within 1e-12 spacings of it, and 1e-6 also takes in the neighbouring
     # facets of a finely tessellated curve (dihedral angles of a few 1e-6 radians: the same
@@ -59,9 +63,11 @@ class ExactSettings:
     spacing_rank: int = 9  # the spacing: the distance to the query's 9th nearest point
 
     def __post_init__(self) -> None:
-        if not 2 <= self.pair_k < self.support_k:
-            raise ValueError(f"need 2 <= pair_k < support_k, got {self.pair_k}, {self.support_k}")
-        if not self.spacing_rank < self.support_k:
+        if not (2 <= self.pair_k < self.support_k and 2 <= self.first_pair_k < self.first_support_k
+                and self.first_support_k <= self.support_k):
+            raise ValueError(f"need 2 <= pair_k < support_k, got {self.pair_k}, {self.support_k} "
+                             f"({self.first_pair_k}, {self.first_support_k} first)")
+        if not self.spacing_rank < self.first_support_k:
             raise ValueError("spacing_rank must be below support_k")
         if (not 0 < self.tol_tight <= self.tol
                 or min(self.min_inliers, self.min_tight, self.min_inliers_rounded) < 3
@@ -83,6 +89,85 @@ def coordinate_resolution(points: np.ndarray) -> float:
     return float(4 * 2.0**-24 * np.abs(as32).max())
 
 
+def _check(points: torch.Tensor, query: torch.Tensor, support: torch.Tensor,
+           resolution: float, settings: ExactSettings) -> None:
+    if points.ndim != 2 or points.shape[1] != 3:
+        raise ValueError(f"points must have shape (N, 3), got {tuple(points.shape)}")
+    if query.ndim != 1:
+        raise ValueError(f"query must have shape (Q,), got {tuple(query.shape)}")
+    if support.ndim != 2 or len(support) != len(query) or support.shape[1] < settings.support_k:
+        raise ValueError(f"support must have shape (Q, >= {settings.support_k}), got "
+                         f"{tuple(support.shape)}")
+    if resolution < 0:
+        raise ValueError(f"resolution must be >= 0, got {resolution}")
+
+
+def _local(points: torch.Tensor, query: torch.Tensor, support: torch.Tensor,
+           settings: ExactSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """The support relative to each query ``(Q, S, 3)`` and the spacing ``(Q,)``."""
+    local = rows(points, support[:, :settings.support_k].long()) - points[query].unsqueeze(1)
+    return local, local[:, settings.spacing_rank].norm(dim=-1)
+
+
+def facet_planes(
+    points: torch.Tensor,
+    *,
+    query: torch.Tensor,
+    support: torch.Tensor,
+    resolution: float = 0.0,
+    settings: ExactSettings = ExactSettings(),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query's best plane that counts (module docstring), whatever its current normal.
+
+    Args:
+        points: ``(N, 3)`` (float64 for the default tolerances).
+        query: ``(Q,)`` indices into ``points``.
+        support: ``(Q, S)`` the queries' nearest points, nearest first, the query itself
+            first (``S >= settings.support_k``).
+        resolution: the coordinates' rounding, in their unit (:func:`coordinate_resolution`).
+
+    Returns:
+        ``planes (Q, 3)`` unit normals (arbitrary signs) and ``counts (Q,)`` their inliers,
+        0 where no plane counts (or the query's neighbours coincide with it).
+    """
+    s = settings
+    _check(points, query, support, resolution, s)
+    plane, count = _best_planes(points, query, support, resolution, s, s.first_pair_k,
+                                s.first_support_k)  # (Q, 3), (Q,)
+    wide = (count == 0).nonzero().squeeze(1)
+    if len(wide):  # the wider planes where the first find nothing
+        plane[wide], count[wide] = _best_planes(points, query[wide], support[wide], resolution,
+                                                s, s.pair_k, s.support_k)
+    return plane, count
+
+
+def _best_planes(points: torch.Tensor, query: torch.Tensor, support: torch.Tensor,
+                 resolution: float, s: ExactSettings, pair_k: int, support_k: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`facet_planes` from the pairs of the ``pair_k`` nearest, over the
+    ``support_k`` nearest."""
+    local = rows(points, support[:, :support_k].long()) - points[query].unsqueeze(1)
+    spacing = local[:, s.spacing_rank].norm(dim=-1)  # (Q,)
+    tol = (s.tol * spacing + resolution)[:, None, None]  # (Q, 1, 1)
+    pairs = torch.tensor(list(itertools.combinations(range(1, pair_k + 1), 2)),
+                         device=points.device)  # (P, 2)
+    a, b = local[:, pairs[:, 0]], local[:, pairs[:, 1]]  # (Q, P, 3) each
+    cross = torch.linalg.cross(a, b)  # (Q, P, 3)
+    size = cross.norm(dim=-1)  # (Q, P)
+    usable = size > s.min_sin * a.norm(dim=-1) * b.norm(dim=-1)
+    plane = cross / size.clamp_min(torch.finfo(size.dtype).tiny).unsqueeze(-1)  # (Q, P, 3)
+    dist = (plane @ local.transpose(1, 2)).abs()  # (Q, P, S)
+    count = (dist < tol).sum(-1)  # (Q, P)
+    if resolution > 0:
+        counts = count >= s.min_inliers_rounded
+    else:
+        tight = (dist < (s.tol_tight * spacing)[:, None, None]).sum(-1)  # (Q, P)
+        counts = (count >= s.min_inliers) | (tight >= s.min_tight)
+    best_count, best = torch.where(counts & usable, count, 0).max(1)  # (Q,)
+    best_count = torch.where(spacing > 0, best_count, 0)
+    return plane[torch.arange(len(query), device=points.device), best], best_count
+
+
 def exact_planes(
     points: torch.Tensor,
     normals: torch.Tensor,
@@ -91,54 +176,55 @@ def exact_planes(
     support: torch.Tensor,
     resolution: float = 0.0,
     settings: ExactSettings = ExactSettings(),
+    planes: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each query's normal from the exact plane through it, where one holds its facet.
+    """Each query's normal from the exact plane of its facet, where one is found.
 
     Args:
-        points: ``(N, 3)`` (float64 for the default ``tol``).
+        points: ``(N, 3)`` (float64 for the default tolerances).
         normals: ``(Q, 3)`` the queries' current unit normals.
         query: ``(Q,)`` indices into ``points``.
         support: ``(Q, S)`` the queries' nearest points, nearest first, the query itself
             first (``S >= settings.support_k``).
         resolution: the coordinates' rounding, in their unit (:func:`coordinate_resolution`).
+        planes, counts: :func:`facet_planes` at every point ``(N, 3)``, ``(N,)`` (read at
+            the queries and their support points; counts 0 where not known: they must be
+            known at the queries). Where the query's own planes find nothing, the facets
+            of support points whose planes hold the query (within ``tol_tight x spacing +
+            resolution``) give its normal: the top eigenvector of their summed ``n n^T``.
+            None: its own planes only.
 
     Returns:
-        ``normals (Q, 3)`` (the current one where no plane holds enough points; signs kept)
-        and ``changed (Q,)`` bool.
+        ``normals (Q, 3)`` (the current one where nothing is found; signs kept with it) and
+        ``changed (Q,)`` bool.
     """
     s = settings
-    if points.ndim != 2 or points.shape[1] != 3:
-        raise ValueError(f"points must have shape (N, 3), got {tuple(points.shape)}")
-    if query.ndim != 1 or normals.shape != (len(query), 3):
-        raise ValueError(f"query (Q,) and normals (Q, 3) expected, got {tuple(query.shape)} "
-                         f"and {tuple(normals.shape)}")
-    if support.ndim != 2 or len(support) != len(query) or support.shape[1] < s.support_k:
-        raise ValueError(f"support must have shape (Q, >= {s.support_k}), got "
-                         f"{tuple(support.shape)}")
-    if resolution < 0:
-        raise ValueError(f"resolution must be >= 0, got {resolution}")
-    sup = support[:, :s.support_k].long()
-    local = rows(points, sup) - points[query].unsqueeze(1)  # (Q, S, 3)
-    spacing = local[:, s.spacing_rank].norm(dim=-1)  # (Q,)
-    tol = (s.tol * spacing + resolution)[:, None, None]  # (Q, 1, 1)
-    pairs = torch.tensor(list(itertools.combinations(range(1, s.pair_k + 1), 2)),
-                         device=points.device)  # (P, 2)
-    a, b = local[:, pairs[:, 0]], local[:, pairs[:, 1]]  # (Q, P, 3) each
-    cross = torch.linalg.cross(a, b)  # (Q, P, 3)
-    size = cross.norm(dim=-1)  # (Q, P)
-    usable = size > s.min_sin * a.norm(dim=-1) * b.norm(dim=-1)
-    plane = cross / size.clamp_min(torch.finfo(size.dtype).tiny).unsqueeze(-1)  # (Q, P, 3)
-    dist = (plane @ local.transpose(1, 2)).abs()  # (Q, P, S)
-    count = (dist < tol).sum(-1) * usable  # (Q, P)
-    if resolution > 0:
-        counts = count >= s.min_inliers_rounded
+    _check(points, query, support, resolution, s)
+    if normals.shape != (len(query), 3):
+        raise ValueError(f"normals must have shape ({len(query)}, 3), got {tuple(normals.shape)}")
+    if (planes is None) != (counts is None):
+        raise ValueError("planes and counts go together")
+    if planes is None:
+        new, best_count = facet_planes(points, query=query, support=support,
+                                       resolution=resolution, settings=s)  # (Q, 3), (Q,)
     else:
-        tight = (dist < (s.tol_tight * spacing)[:, None, None]).sum(-1)  # (Q, P)
-        counts = (count >= s.min_inliers) | (tight >= s.min_tight)
-    best_count, best = torch.where(counts & usable, count, 0).max(1)  # (Q,)
+        new, best_count = planes[query].to(points.dtype), counts[query]
+    local, spacing = _local(points, query, support, s)  # (Q, S, 3), (Q,)
     own = normals.to(local.dtype)
-    own_count = ((local @ own.unsqueeze(2)).squeeze(2).abs() < tol[:, 0]).sum(1)  # (Q,)
-    changed = (best_count > 0) & (best_count > own_count) & (spacing > 0)
-    new = plane[torch.arange(len(query), device=points.device), best]  # (Q, 3)
+    tol = s.tol * spacing + resolution  # (Q,)
+    own_count = ((local @ own.unsqueeze(2)).squeeze(2).abs() < tol[:, None]).sum(1)  # (Q,)
+    changed = (best_count > 0) & (best_count > own_count)
+    if planes is not None and counts is not None:
+        sup = support[:, 1:s.support_k].long()  # (Q, S - 1) not the query itself
+        n_j = rows(planes.to(local.dtype), sup)  # (Q, S - 1, 3)
+        held = ((local[:, 1:] * n_j).sum(-1).abs()
+                < (s.tol_tight * spacing + resolution)[:, None]) & (rows(counts, sup) > 0)
+        held &= ~changed.unsqueeze(1) & (spacing > 0).unsqueeze(1)  # (Q, S - 1)
+        outer = (n_j * held.unsqueeze(-1).to(n_j.dtype)).transpose(1, 2) @ n_j  # (Q, 3, 3)
+        from_facets = held.any(1)
+        if from_facets.any():
+            new = torch.where(from_facets.unsqueeze(1), sym3_eigh(outer)[1][..., 2], new)
+            changed = changed | from_facets
     new = torch.where(((new * own).sum(1) < 0).unsqueeze(1), -new, new)
     return torch.where(changed.unsqueeze(1), new, own).to(normals.dtype), changed

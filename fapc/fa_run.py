@@ -141,23 +141,43 @@ def _draws(builder: Any, *, draws: int, fars: list[Any],
 def exact_pass(builder: Any, normals: np.ndarray, query: np.ndarray, *,
                device: torch.device, batch_size: int, resolution: float = 0.0) -> np.ndarray:
     """:func:`fapc.exact.exact_planes` over the queries' ``normals (Q, 3)`` at the points
-    ``query (Q,)`` of ``builder``'s cloud, in batches (float64 throughout: the planes are
-    exact to the data's rounding); returns the new normals ``(Q, 3)`` float32."""
-    from fapc.exact import ExactSettings, exact_planes
+    ``query (Q,)`` of ``builder``'s cloud, with the facet planes of the queries and their
+    support points (:func:`fapc.exact.facet_planes`, one hop), in batches (float64
+    throughout: the planes are exact to the data's rounding); returns the new normals
+    ``(Q, 3)`` float32."""
+    from fapc.exact import ExactSettings, exact_planes, facet_planes
 
     k = ExactSettings().support_k
+    n = len(builder.points)
     pts = torch.as_tensor(builder.points, device=device).double()  # (N, 3)
-    out = np.asarray(normals, np.float32).copy()
     step = max(1, min(batch_size, 2048))  # (B, 190, 48) plane-point distances per batch
+
+    def support_of(idx: np.ndarray) -> torch.Tensor:  # (B, k) nearest first, itself first
+        return torch.as_tensor(builder.nearest(builder.as_index(idx), k), device=device).long()
+
+    whole = len(query) == n
+    planes = torch.zeros(n, 3, dtype=torch.float64, device=device)
+    counts = torch.zeros(n, dtype=torch.long, device=device)
+    supports: list[torch.Tensor] = []  # the queries' support, kept for the second pass
     with torch.inference_mode():
-        for s in range(0, len(query), step):
+        if whole:
+            hop = np.arange(n)
+        else:  # the queries and their support points
+            for s in range(0, len(query), step):
+                supports.append(support_of(query[s:s + step]))
+            hop = np.unique(torch.cat(supports).cpu().numpy()) if supports else query
+        for s in range(0, len(hop), step):
             trim_every(s // step)
+            idx = torch.as_tensor(hop[s:s + step], device=device)
+            planes[idx], counts[idx] = facet_planes(pts, query=idx, support=support_of(hop[s:s + step]),
+                                                    resolution=resolution)
+        out = np.asarray(normals, np.float32).copy()
+        for b, s in enumerate(range(0, len(query), step)):
             idx = query[s:s + step]
-            support = torch.as_tensor(builder.nearest(builder.as_index(idx), k),
-                                      device=device).long()  # (B, k), the query first
+            support = support_of(idx) if whole else supports[b]
             new, _ = exact_planes(pts, torch.as_tensor(out[s:s + len(idx)], device=device),
                                   query=torch.as_tensor(idx, device=device), support=support,
-                                  resolution=resolution)
+                                  resolution=resolution, planes=planes, counts=counts)
             out[s:s + len(idx)] = new.float().cpu().numpy()
     return out
 

@@ -16,7 +16,7 @@ from scipy.spatial import cKDTree
 from test_light_smoothing import cube_surface
 from test_plane_vote import near_edge, rmse, tilt
 
-from fapc.exact import ExactSettings, coordinate_resolution, exact_planes
+from fapc.exact import ExactSettings, coordinate_resolution, exact_planes, facet_planes
 from fapc.models.checkpoint import load_model
 from fapc.models.normal_net import NormalNet
 from fapc.near_scale import choices_for, exact_for_figure
@@ -49,6 +49,28 @@ def test_each_point_takes_its_facets_normal() -> None:
     on_line = near_edge(pts, 1e-6)  # on the crease line both faces hold the point
     assert angle_deg(out[~on_line], gt[~on_line]).max() < 1e-6
     assert rmse(angle_deg(bent, gt)) > 5
+
+
+def test_a_point_without_planes_of_its_own_takes_the_facet_that_holds_it() -> None:
+    """The hop: where a query's own planes find nothing, the planes of its support points'
+    facets that hold it give its normal (the other face's, at an edge, do not hold it)."""
+    pts, gt = cube_surface(20000, seed=21)
+    _, idx = cKDTree(pts).query(pts, k=48)
+    p, sup, every = torch.from_numpy(pts), torch.from_numpy(idx), torch.arange(len(pts))
+    planes, counts = facet_planes(p, query=every, support=sup)
+    assert (counts > 0).float().mean() > 0.99
+    q = torch.from_numpy(np.flatnonzero(near_edge(pts, 0.01)))  # near an edge
+    blind = counts.clone()
+    blind[q] = 0  # as if their own planes found nothing
+    bent = torch.from_numpy(tilt(gt, pts, within=0.02, deg=40.0, seed=22))
+    out, changed = exact_planes(p, bent[q], query=q, support=sup[q], planes=planes,
+                                counts=blind)
+    assert changed.float().mean() > 0.95
+    on_line = near_edge(pts[q.numpy()], 1e-6)
+    err = angle_deg(out.numpy()[~on_line], gt[q.numpy()][~on_line])
+    assert err.max() < 1e-6, err.max()
+    alone, alone_changed = exact_planes(p, bent[q], query=q, support=sup[q])
+    assert torch.equal(alone_changed, counts[q] > 0)  # without the tables: its own planes
 
 
 def test_noisy_clouds_and_smooth_surfaces_are_left_alone() -> None:
