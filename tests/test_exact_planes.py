@@ -14,13 +14,12 @@ import torch
 from conftest import angle_deg
 from scipy.spatial import cKDTree
 from test_light_smoothing import cube_surface
-from test_plane_vote import near_edge, rmse, tilt
+from test_plane_vote import near_edge, rmse, three_levels, tilt
 
 from fapc.exact import ExactSettings, coordinate_resolution, exact_planes, facet_planes
 from fapc.models.checkpoint import load_model
 from fapc.models.normal_net import NormalNet
 from fapc.near_scale import choices_for, exact_for_figure
-from fapc.noise import noise_figure
 from fapc.normals import estimate_normals
 from fapc.testing import random_rotation
 
@@ -100,9 +99,7 @@ def test_the_result_moves_with_the_cloud(seed: int) -> None:
     pts, gt = cube_surface(8000, seed=seed)
     bent = tilt(gt, pts, within=0.03, deg=25.0, seed=7 + seed)
     out, changed = planes(pts, bent)
-    r = random_rotation(torch.Generator().manual_seed(11 + seed)).numpy()
-    if seed:
-        r = r @ np.diag([1.0, 1.0, -1.0])
+    r = random_rotation(torch.Generator().manual_seed(11 + seed), reflect=bool(seed)).numpy()
     perm = np.random.default_rng(seed + 2).permutation(len(pts))
     moved, moved_changed = planes(pts[perm] @ r.T + [3.0, -1.0, 2.0], bent[perm] @ r.T)
     np.testing.assert_array_equal(moved_changed, changed[perm])
@@ -179,11 +176,7 @@ def test_the_pipeline_gains_on_a_noiseless_cube_and_queries_agree() -> None:
 
 def test_chosen_on_noiseless_clouds_without_scan_lines_only() -> None:
     net = _copy(load_model(None)[0], True)
-    clean, _ = cube_surface(8000, seed=9)
-    light = clean + 0.002 * np.random.default_rng(10).normal(size=clean.shape)
-    heavy = clean + 0.03 * np.random.default_rng(11).normal(size=clean.shape)
-    figs = [noise_figure(p) for p in (clean, light, heavy)]
-    assert [f.level for f in figs] == ["none", "light", "heavy"]
+    (clean, light, heavy), figs = three_levels()
     assert [choices_for(p, net).exact for p in (clean, light, heavy)] == [True, False, False]
     assert not choices_for(clean, _copy(load_model(None)[0], False)).exact
     lined = replace(figs[0], lines=0.5)  # a cloud sampled along scan lines

@@ -122,9 +122,7 @@ def test_the_result_moves_with_the_cloud(seed: int) -> None:
     noisy = jitter(gt, 3.0, seed=7 + seed)
     out, gate = smooth(pts, noisy)
     assert gate.mean() > 0.9
-    r = random_rotation(torch.Generator().manual_seed(11 + seed)).numpy()
-    if seed:
-        r = r @ np.diag([1.0, 1.0, -1.0])
+    r = random_rotation(torch.Generator().manual_seed(11 + seed), reflect=bool(seed)).numpy()
     perm = np.random.default_rng(seed + 2).permutation(len(pts))
     moved, moved_gate = smooth(pts[perm] @ r.T + [3.0, -1.0, 2.0], noisy[perm] @ r.T)
     np.testing.assert_array_equal(moved_gate, gate[perm])

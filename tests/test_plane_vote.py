@@ -100,9 +100,7 @@ def test_the_result_moves_with_the_cloud(seed: int) -> None:
     bent = tilt(gt, pts, within=0.02, deg=20.0, seed=7 + seed)
     out, voted = vote(pts, bent, spreads_from=gt)
     assert voted.mean() > 0.9
-    r = random_rotation(torch.Generator().manual_seed(11 + seed)).numpy()
-    if seed:
-        r = r @ np.diag([1.0, 1.0, -1.0])
+    r = random_rotation(torch.Generator().manual_seed(11 + seed), reflect=bool(seed)).numpy()
     perm = np.random.default_rng(seed + 2).permutation(len(pts))
     moved, moved_voted = vote(pts[perm] @ r.T + [3.0, -1.0, 2.0], bent[perm] @ r.T,
                               spreads_from=gt[perm] @ r.T)
@@ -159,13 +157,19 @@ def test_the_pipeline_gains_on_a_noiseless_cube_and_queries_agree() -> None:
         estimate_normals(pts, consensus=False, plane_vote=False, **one).normals)
 
 
-def test_chosen_on_noiseless_clouds_without_scan_lines_only() -> None:
-    net = _copy(load_model(None)[0], True)
+def three_levels() -> tuple[list[np.ndarray], list]:
+    """A cube noiseless, lightly and heavily noisy, and their noise figures (checked)."""
     clean, _ = cube_surface(8000, seed=9)
     light = clean + 0.002 * np.random.default_rng(10).normal(size=clean.shape)
     heavy = clean + 0.03 * np.random.default_rng(11).normal(size=clean.shape)
     figs = [noise_figure(p) for p in (clean, light, heavy)]
     assert [f.level for f in figs] == ["none", "light", "heavy"]
+    return [clean, light, heavy], figs
+
+
+def test_chosen_on_noiseless_clouds_without_scan_lines_only() -> None:
+    net = _copy(load_model(None)[0], True)
+    (clean, light, heavy), figs = three_levels()
     assert [choices_for(p, net).vote for p in (clean, light, heavy)] == [True, False, False]
     assert not choices_for(clean, _copy(load_model(None)[0], False)).vote
     lined = replace(figs[0], lines=0.5)  # a cloud sampled along scan lines
