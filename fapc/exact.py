@@ -28,6 +28,7 @@ same result, moved (up to the rounding that ``tol`` absorbs).
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,6 +61,10 @@ class ExactSettings:
     min_tight: int = 4  # the query, the two points and one more, exactly
     min_inliers_rounded: int = 6  # within tol where resolution > 0 (tol_tight unused there)
     min_sin: float = 0.2  # pairs nearly collinear with the query (sine below) are skipped
+    # a change by less than this many degrees is not made: 0 gives every point its facet's
+    # normal; more leaves small departures from it (a smooth surface the facets approximate)
+    # and puts right only normals that took another facet's
+    min_change: float = 0.0
     spacing_rank: int = 9  # the spacing: the distance to the query's 9th nearest point
 
     def __post_init__(self) -> None:
@@ -69,6 +74,8 @@ class ExactSettings:
                              f"({self.first_pair_k}, {self.first_support_k} first)")
         if not self.spacing_rank < self.first_support_k:
             raise ValueError("spacing_rank must be below support_k")
+        if not 0 <= self.min_change < 90:
+            raise ValueError(f"min_change must be in [0, 90) degrees, got {self.min_change}")
         if (not 0 < self.tol_tight <= self.tol
                 or min(self.min_inliers, self.min_tight, self.min_inliers_rounded) < 3
                 or not 0 < self.min_sin < 1):
@@ -227,4 +234,6 @@ def exact_planes(
             new = torch.where(from_facets.unsqueeze(1), sym3_eigh(outer)[1][..., 2], new)
             changed = changed | from_facets
     new = torch.where(((new * own).sum(1) < 0).unsqueeze(1), -new, new)
+    if s.min_change > 0:  # (new . own) >= 0 now: the angle between them is below 90
+        changed &= (new * own).sum(1) < math.cos(math.radians(s.min_change))
     return torch.where(changed.unsqueeze(1), new, own).to(normals.dtype), changed

@@ -40,6 +40,7 @@ def fa_normals(
     plane_vote: bool = False,
     exact_planes: bool = False,
     resolution: float = 0.0,
+    exact_min_change: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The FA network's normals at ``query_index`` (default all) of finite ``points (N, 3)``
     float64 (centred); ``far_index``: the far scale's subsample, if not the seeded one
@@ -68,7 +69,8 @@ def fa_normals(
     ``exact_planes``: last of all, after the draws' average, each query whose facet holds it
     exactly (a cloud sampled without noise from a mesh) takes that plane's normal
     (:mod:`fapc.exact`; ``resolution``: the coordinates' rounding,
-    :func:`fapc.exact.coordinate_resolution` of the cloud as read).
+    :func:`fapc.exact.coordinate_resolution` of the cloud as read; ``exact_min_change``: a
+    change by fewer degrees is not made, :attr:`fapc.exact.ExactSettings.min_change`).
     ``progress(done, total)``: after each batch, in points of work (the network's points,
     then each consensus pass's)."""
     from fapc.patches import (
@@ -110,7 +112,7 @@ def fa_normals(
     if exact_planes:
         qi = np.arange(n) if query_index is None else np.asarray(query_index, np.int64)
         result = (exact_pass(builder, result[0], qi, device=device, batch_size=batch_size,
-                             resolution=resolution), *result[1:])
+                             resolution=resolution, min_change=exact_min_change), *result[1:])
     return result
 
 
@@ -139,15 +141,17 @@ def _draws(builder: Any, *, draws: int, fars: list[Any],
 
 
 def exact_pass(builder: Any, normals: np.ndarray, query: np.ndarray, *,
-               device: torch.device, batch_size: int, resolution: float = 0.0) -> np.ndarray:
+               device: torch.device, batch_size: int, resolution: float = 0.0,
+               min_change: float = 0.0) -> np.ndarray:
     """:func:`fapc.exact.exact_planes` over the queries' ``normals (Q, 3)`` at the points
     ``query (Q,)`` of ``builder``'s cloud, with the facet planes of the queries and their
     support points (:func:`fapc.exact.facet_planes`, one hop), in batches (float64
     throughout: the planes are exact to the data's rounding); returns the new normals
-    ``(Q, 3)`` float32."""
+    ``(Q, 3)`` float32; ``min_change``: :attr:`fapc.exact.ExactSettings.min_change`."""
     from fapc.exact import ExactSettings, exact_planes, facet_planes
 
-    k = ExactSettings().support_k
+    settings = ExactSettings(min_change=min_change)
+    k = settings.support_k
     n = len(builder.points)
     pts = torch.as_tensor(builder.points, device=device).double()  # (N, 3)
     step = max(1, min(batch_size, 2048))  # (B, 190, 48) plane-point distances per batch
@@ -177,7 +181,8 @@ def exact_pass(builder: Any, normals: np.ndarray, query: np.ndarray, *,
             support = support_of(idx) if whole else supports[b]
             new, _ = exact_planes(pts, torch.as_tensor(out[s:s + len(idx)], device=device),
                                   query=torch.as_tensor(idx, device=device), support=support,
-                                  resolution=resolution, planes=planes, counts=counts)
+                                  resolution=resolution, planes=planes, counts=counts,
+                                  settings=settings)
             out[s:s + len(idx)] = new.float().cpu().numpy()
     return out
 

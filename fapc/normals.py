@@ -158,7 +158,8 @@ def estimate_normals(
             takes that plane's normal (:mod:`fapc.exact`). None (default): the model decides
             by the cloud's noise figure (:func:`fapc.near_scale.exact_for_figure`: on where
             the cloud reads noiseless and has no scan lines, if the model sets
-            ``clean_exact``).
+            ``clean_exact``; there a change by fewer than the model's ``exact_min_change``
+            degrees is not made).
         tile_points: for ``fa``: a cloud of more finite points than this is done in tiles
             of at most this many, each with a halo (:mod:`fapc.tiles`), so memory stays that
             of one tile (about 3 GB on a CPU for the default 5 M); the answers are those of
@@ -232,6 +233,8 @@ def estimate_normals(
     if method == "fa" and getattr(net.config, "kind", "patch") != "shape":
         edge, light, n_draws = 0, bool(light_smoothing), draws or 1
         vote, exact = bool(plane_vote), bool(exact_planes)
+        # the model's own choice leaves small changes (its exact_min_change); forced, all
+        min_change = float(getattr(net.config, "exact_min_change", 0.0)) if exact_planes is None else 0.0
         smoother = consensus_model
         own_smoother = (consensus and consensus_model is None
                         and checkpoint.HEAVY_CONSENSUS_MODEL.exists())
@@ -258,7 +261,8 @@ def estimate_normals(
                               consensus_model=smoother, crease=crease,
                               light_smoothing=light, progress=progress,
                               edge_scale=edge, draws=n_draws, plane_vote=vote,
-                              exact_planes=exact, resolution=resolution)
+                              exact_planes=exact, resolution=resolution,
+                              exact_min_change=min_change)
     else:  # PCA, or a whole-shape model: one step
         if method == "pca":
             nrm, conf, curv = pca_normals(finite, k=k, query_index=qi_f)

@@ -48,6 +48,17 @@ def test_each_point_takes_its_facets_normal() -> None:
     on_line = near_edge(pts, 1e-6)  # on the crease line both faces hold the point
     assert angle_deg(out[~on_line], gt[~on_line]).max() < 1e-6
     assert rmse(angle_deg(bent, gt)) > 5
+    # with a least change: the normals 40 deg off come back, those 0.05 deg off stay
+    _, idx = cKDTree(pts).query(pts, k=48)
+    kept, kept_changed = exact_planes(torch.from_numpy(pts), torch.from_numpy(bent),
+                                      query=torch.arange(len(pts)),
+                                      support=torch.from_numpy(idx),
+                                      settings=ExactSettings(min_change=10.0))
+    off = angle_deg(bent, gt) > 10.0
+    np.testing.assert_array_equal(kept_changed.numpy(), changed & off)
+    np.testing.assert_array_equal(kept.numpy()[~off], bent[~off])
+    edge = off & ~on_line
+    assert angle_deg(kept.numpy()[edge], gt[edge]).max() < 1e-6
 
 
 def test_a_point_without_planes_of_its_own_takes_the_facet_that_holds_it() -> None:
@@ -142,10 +153,12 @@ def test_refuses_bad_inputs() -> None:
         ExactSettings(pair_k=60)
     with pytest.raises(ValueError, match="tol"):
         ExactSettings(tol_tight=1e-3)
+    with pytest.raises(ValueError, match="min_change"):
+        ExactSettings(min_change=90.0)
 
 
-def _copy(base: NormalNet, on: bool) -> NormalNet:
-    net = NormalNet(replace(base.config, clean_exact=on))
+def _copy(base: NormalNet, on: bool, *, min_change: float = 0.0) -> NormalNet:
+    net = NormalNet(replace(base.config, clean_exact=on, exact_min_change=min_change))
     net.load_state_dict(base.state_dict())
     return net.eval()
 
@@ -166,6 +179,15 @@ def test_the_pipeline_gains_on_a_noiseless_cube_and_queries_agree() -> None:
         estimate_normals(pts, model=_copy(base, True), **one).normals, on)
     np.testing.assert_array_equal(
         estimate_normals(pts, model=_copy(base, False), **one).normals, off)
+    # a model's least change applies to its own choice only; forced, every change is made
+    least = _copy(base, True, min_change=15.0)
+    small = estimate_normals(pts, model=least, **one).normals
+    moved = angle_deg(on, off) > 15.0
+    assert 0 < moved.sum() < len(pts)
+    np.testing.assert_array_equal(small[~moved], off[~moved])
+    assert angle_deg(small[moved], on[moved]).max() < 1e-4
+    np.testing.assert_array_equal(
+        estimate_normals(pts, model=least, exact_planes=True, **one).normals, on)
     # float32 input: the same planes, within the rounding
     f32 = estimate_normals(pts.astype(np.float32), exact_planes=True, **one).normals
     assert rmse(angle_deg(f32, gt)) < 0.5

@@ -94,6 +94,9 @@ class NormalNetConfig:
     # exact planes (fapc.exact) after the draws on noiseless clouds without scan lines;
     # fapc.near_scale.exact_for_figure chooses them by the noise figure
     clean_exact: bool = False
+    # where clean_exact turns them on, a change by fewer degrees is not made
+    # (fapc.exact.ExactSettings.min_change; --exact-planes, forced, makes every change)
+    exact_min_change: float = 0.0
     extra: dict = field(default_factory=dict)
 
     @property
