@@ -133,9 +133,10 @@ def normals(
     exact_planes: Annotated[bool | None, typer.Option(
         "--exact-planes/--no-exact-planes",
         help="fa: last of all, each point whose mesh facet holds it exactly (a cloud sampled "
-        "without noise from a mesh, float64 or float32 coordinates) takes that plane's normal. "
-        "Default: the model decides per cloud (on where the cloud reads noiseless and has no "
-        "scan lines; fapc info --noise).")] = None,
+        "without noise from a mesh, float64 or float32 coordinates) takes that plane's normal: "
+        "for clouds whose facets are the truth (CAD parts, low-poly models). Default: the "
+        "model decides per cloud (the shipped model: off; a model file's clean_exact turns it "
+        "on where the cloud reads noiseless without scan lines; fapc info --noise).")] = None,
     fields: Annotated[str, typer.Option(
         help="Comma-separated outputs: normals,confidence,curvature.")] = "normals,confidence,"
     "curvature",
