@@ -129,8 +129,7 @@ def vote_for_figure(config: Any, figure: Any) -> bool:
     ``clean_vote``, the figure says noiseless (level ``none``) and the sampling has no scan
     lines (as for ``clean_k_near``: a neighbouring scan line's plane can pass through a point
     by chance)."""
-    return bool(getattr(config, "clean_vote", False) and figure.level == "none"
-                and figure.lines <= CLEAN_LINES_MAX)
+    return bool(getattr(config, "clean_vote", False)) and _noiseless_without_lines(figure)
 
 
 def exact_for_figure(config: Any, figure: Any) -> bool:
@@ -138,8 +137,13 @@ def exact_for_figure(config: Any, figure: Any) -> bool:
     ``config`` on a cloud whose noise figure is ``figure``: where the model sets
     ``clean_exact``, the figure says noiseless (level ``none``) and the sampling has no scan
     lines (a plane through a scan line holds the whole line)."""
-    return bool(getattr(config, "clean_exact", False) and figure.level == "none"
-                and figure.lines <= CLEAN_LINES_MAX)
+    return bool(getattr(config, "clean_exact", False)) and _noiseless_without_lines(figure)
+
+
+def _noiseless_without_lines(figure: Any) -> bool:
+    """The figure says noiseless (level ``none``) and at most ``CLEAN_LINES_MAX`` of the
+    neighbourhoods are scan lines: where the noiseless-only steps run by default."""
+    return figure.level == "none" and figure.lines <= CLEAN_LINES_MAX
 
 
 class Choices(NamedTuple):

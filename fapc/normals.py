@@ -211,7 +211,7 @@ def estimate_normals(
         noun = "point" if len(finite) == 1 else "points"
         raise FapcError(f"only {len(finite)} {what} {noun}, fewer than k={need} (the "
                         "neighbourhood size)")
-    resolution = coordinate_resolution(finite) if exact_planes is not False else 0.0
+    as_read = finite  # the coordinates' rounding is that of the cloud as read
     # centre the whole cloud in float64 first: georeferenced coordinates keep their precision
     finite = finite - finite.mean(axis=0)
     if query_index is not None:
@@ -261,7 +261,8 @@ def estimate_normals(
                               consensus_model=smoother, crease=crease,
                               light_smoothing=light, progress=progress,
                               edge_scale=edge, draws=n_draws, plane_vote=vote,
-                              exact_planes=exact, resolution=resolution,
+                              exact_planes=exact,
+                              resolution=coordinate_resolution(as_read) if exact else 0.0,
                               exact_min_change=min_change)
     else:  # PCA, or a whole-shape model: one step
         if method == "pca":

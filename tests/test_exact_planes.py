@@ -1,8 +1,8 @@
 """The exact planes (:mod:`fapc.exact`): on a cloud sampled without noise from a mesh each
 normal becomes its facet's; noisy clouds and smooth surfaces are left alone; the result
-moves with the cloud; float32 coordinates are covered by their rounding; the model's
-choice runs it on noiseless clouds without scan lines only; it reaches the pipeline, the
-tiles and the CLI."""
+moves with the cloud; float32 coordinates are covered by their rounding; it reaches the
+pipeline, the tiles and the CLI (the model's choice, on noiseless clouds without scan lines
+only, shares the plane vote's gate test in ``test_plane_vote``)."""
 
 from __future__ import annotations
 
@@ -14,12 +14,11 @@ import torch
 from conftest import angle_deg
 from scipy.spatial import cKDTree
 from test_light_smoothing import cube_surface
-from test_plane_vote import near_edge, rmse, three_levels, tilt
+from test_plane_vote import near_edge, rmse, tilt
 
 from fapc.exact import ExactSettings, coordinate_resolution, exact_planes, facet_planes
 from fapc.models.checkpoint import load_model
 from fapc.models.normal_net import NormalNet
-from fapc.near_scale import choices_for, exact_for_figure
 from fapc.normals import estimate_normals
 from fapc.testing import random_rotation
 
@@ -194,15 +193,6 @@ def test_the_pipeline_gains_on_a_noiseless_cube_and_queries_agree() -> None:
     # the CUDA path's neighbour search (torch), here on the CPU
     torch_knn = estimate_normals(pts, exact_planes=True, knn="torch", **one).normals
     assert rmse(angle_deg(torch_knn, gt)) < 0.5
-
-
-def test_chosen_on_noiseless_clouds_without_scan_lines_only() -> None:
-    net = _copy(load_model(None)[0], True)
-    (clean, light, heavy), figs = three_levels()
-    assert [choices_for(p, net).exact for p in (clean, light, heavy)] == [True, False, False]
-    assert not choices_for(clean, _copy(load_model(None)[0], False)).exact
-    lined = replace(figs[0], lines=0.5)  # a cloud sampled along scan lines
-    assert not exact_for_figure(net.config, lined) and exact_for_figure(net.config, figs[0])
 
 
 def test_tiles_agree_with_one_run() -> None:

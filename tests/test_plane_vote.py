@@ -17,7 +17,7 @@ from test_light_smoothing import cube_surface
 from fapc.consensus import ConsensusSettings, spread
 from fapc.models.checkpoint import load_model
 from fapc.models.normal_net import NormalNet
-from fapc.near_scale import choices_for, vote_for_figure
+from fapc.near_scale import choices_for, exact_for_figure, vote_for_figure
 from fapc.noise import noise_figure
 from fapc.normals import estimate_normals
 from fapc.testing import random_rotation
@@ -167,13 +167,25 @@ def three_levels() -> tuple[list[np.ndarray], list]:
     return [clean, light, heavy], figs
 
 
-def test_chosen_on_noiseless_clouds_without_scan_lines_only() -> None:
-    net = _copy(load_model(None)[0], True)
+@pytest.mark.parametrize(("field", "choice", "for_figure"),
+                         [("clean_vote", "vote", vote_for_figure),
+                          ("clean_exact", "exact", exact_for_figure)])
+def test_chosen_on_noiseless_clouds_without_scan_lines_only(field, choice, for_figure) -> None:
+    """The plane vote and the exact planes (:mod:`fapc.exact`) share the gate."""
+    base = load_model(None)[0]
+
+    def copy(on: bool) -> NormalNet:
+        net = NormalNet(replace(base.config, **{field: on}))
+        net.load_state_dict(base.state_dict())
+        return net.eval()
+
+    net = copy(True)
     (clean, light, heavy), figs = three_levels()
-    assert [choices_for(p, net).vote for p in (clean, light, heavy)] == [True, False, False]
-    assert not choices_for(clean, _copy(load_model(None)[0], False)).vote
+    assert [getattr(choices_for(p, net), choice) for p in (clean, light, heavy)] == [
+        True, False, False]
+    assert not getattr(choices_for(clean, copy(False)), choice)
     lined = replace(figs[0], lines=0.5)  # a cloud sampled along scan lines
-    assert not vote_for_figure(net.config, lined) and vote_for_figure(net.config, figs[0])
+    assert not for_figure(net.config, lined) and for_figure(net.config, figs[0])
 
 
 def test_progress_counts_the_extra_pass() -> None:
